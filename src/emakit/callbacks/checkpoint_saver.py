@@ -1,0 +1,114 @@
+"""CheckpointSaver: periodic, atomic checkpoints that carry the published (EMA) weights as the model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emakit.checkpoint import build_checkpoint, save_checkpoint_file
+from emakit.core.callback import Callback
+from emakit.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from emakit.core.logger import Logger
+    from emakit.core.state import State
+
+__all__ = ["CheckpointSaver"]
+
+LATEST = "latest.pt"
+
+
+class CheckpointSaver(Callback):
+    """Write ``ep{E}-ba{B}.pt`` into ``folder`` every ``save_interval`` and at the end of training.
+
+    Each file's ``state.model`` holds the weights algorithms publish (the EMA weights once the EMA has
+    started) under canonical names; the training weights, optimizer, scheduler, algorithm, RNG and
+    timestamp state sit beside them, so a run resumed from it continues exactly. ``latest.pt`` is a
+    symbolic link to the newest file. Only rank 0 writes.
+
+    Args:
+        folder: where checkpoints go (created if missing).
+        save_interval: ``'Nep'`` or ``'Nba'``, N > 0.
+        num_checkpoints_to_keep: how many of the newest files to keep; -1 keeps all.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        save_interval: str | Time = "1ep",
+        num_checkpoints_to_keep: int = -1,
+    ) -> None:
+        if not isinstance(folder, (str, os.PathLike)) or str(folder) == "":
+            raise TypeError(f"folder must be a non-empty path, got {folder!r}")
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"folder {str(self.folder)!r} exists and is not a directory")
+        self.save_interval = Time.coerce(save_interval, "save_interval", (TimeUnit.BATCH, TimeUnit.EPOCH))
+        if self.save_interval.value <= 0:
+            raise ValueError(f"save_interval must be greater than 0, got {str(self.save_interval)!r}")
+        if (
+            isinstance(num_checkpoints_to_keep, bool)
+            or not isinstance(num_checkpoints_to_keep, int)
+            or (num_checkpoints_to_keep < 1 and num_checkpoints_to_keep != -1)
+        ):
+            raise ValueError(
+                f"num_checkpoints_to_keep must be -1 (keep all) or a positive int, got {num_checkpoints_to_keep!r}"
+            )
+        self.num_checkpoints_to_keep = num_checkpoints_to_keep
+        self.saved: list[str] = []
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if state.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.folder, os.W_OK):
+                raise PermissionError(f"checkpoint folder {str(self.folder)!r} is not writable")
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        if self.save_interval.unit == TimeUnit.BATCH and state.timestamp.batch % int(self.save_interval.value) == 0:
+            self.save(state)
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        if self.save_interval.unit == TimeUnit.EPOCH and state.timestamp.epoch % int(self.save_interval.value) == 0:
+            self.save(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self._filename(state) not in self.saved:
+            self.save(state)
+
+    @staticmethod
+    def _filename(state: State) -> str:
+        return f"ep{state.timestamp.epoch}-ba{state.timestamp.batch}.pt"
+
+    def save(self, state: State) -> Path | None:
+        """Write a checkpoint of ``state`` now; returns its path (None on ranks other than 0)."""
+        if state.rank != 0:
+            return None
+        name = self._filename(state)
+        checkpoint = build_checkpoint(state, publish=True)
+        checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
+        path = save_checkpoint_file(checkpoint, self.folder / name)
+        if name not in self.saved:
+            self.saved.append(name)
+        self._point_latest(name)
+        self._rotate()
+        return path
+
+    def _point_latest(self, name: str) -> None:
+        link = self.folder / LATEST
+        tmp = self.folder / f".{LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+
+    def _rotate(self) -> None:
+        if self.num_checkpoints_to_keep == -1:
+            return
+        while len(self.saved) > self.num_checkpoints_to_keep:
+            (self.folder / self.saved.pop(0)).unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": list(self.saved)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = [str(s) for s in state.get("saved", [])]

@@ -1,0 +1,396 @@
+"""Trainer: a training loop small enough to read, that runs algorithms and callbacks at events.
+
+See :class:`emakit.core.Event` for the loop as pseudocode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emakit.callbacks.checkpoint_saver import CheckpointSaver
+from emakit.callbacks.progress import ProgressBar
+from emakit.checkpoint import apply_checkpoint, build_checkpoint, load_checkpoint_file, save_checkpoint_file
+from emakit.core.algorithm import Algorithm
+from emakit.core.callback import Callback
+from emakit.core.engine import Engine
+from emakit.core.event import Event
+from emakit.core.logger import InMemoryLogger, Logger, LoggerDestination
+from emakit.core.state import State
+from emakit.functional import unwrap_model
+from emakit.rng import capture_rng, loader_generators, restore_rng
+from emakit.time import Time, TimeUnit
+
+__all__ = ["Trainer", "evaluate"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return 1
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "batches must be (inputs, targets) pairs unless the model defines loss(outputs, batch); "
+        f"got a {type(batch).__name__}"
+    )
+
+
+def _as_list(value: Any, name: str, kind: type) -> list[Any]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, kind) else list(value)
+    for item in items:
+        if not isinstance(item, kind):
+            raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(item).__name__}")
+    return items
+
+
+def _forward_and_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[Any, torch.Tensor, Any]:
+    """Return (outputs, loss, targets or None). Uses ``model.loss(outputs, batch)`` when the model has one."""
+    model_loss = getattr(unwrap_model(model), "loss", None)
+    if callable(model_loss):
+        outputs = model(batch)
+        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) == 2 else None
+        return outputs, model_loss(outputs, batch), targets
+    inputs, targets = _split(batch)
+    outputs = model(inputs)
+    return outputs, loss_fn(outputs, targets), targets
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn | None = None, device: torch.device | None = None
+) -> dict[str, float]:
+    """Mean loss (and accuracy, for class logits with integer targets) of ``model`` over ``dataloader``.
+
+    The model is put in eval mode and returned to its previous mode; the global torch RNG is left as it
+    was, so evaluating does not change what training does next.
+    """
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    rng = torch.get_rng_state()
+    model.eval()
+    total_loss, total_correct, total, counted = 0.0, 0, 0, 0
+    try:
+        for raw in dataloader:
+            batch = _to_device(raw, device)
+            n = _batch_size(batch)
+            outputs, loss, targets = _forward_and_loss(model, batch, loss_fn)
+            total_loss += float(loss) * n
+            total += n
+            if (
+                isinstance(outputs, torch.Tensor)
+                and isinstance(targets, torch.Tensor)
+                and outputs.dim() == 2
+                and targets.dim() == 1
+                and not targets.is_floating_point()
+            ):
+                total_correct += int((outputs.argmax(dim=1) == targets).sum())
+                counted += n
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    if total == 0:
+        raise ValueError("eval_dataloader yielded no batches")
+    metrics = {"eval/loss": total_loss / total}
+    if counted:
+        metrics["eval/accuracy"] = total_correct / counted
+    return metrics
+
+
+class Trainer:
+    """Train ``model`` on ``train_dataloader`` for ``max_duration``, running algorithms and callbacks.
+
+    Args:
+        model: any ``nn.Module``. If it defines ``loss(outputs, batch)``, the loop calls ``model(batch)``
+            and that loss; otherwise batches are ``(inputs, targets)`` and the loss is
+            ``loss_fn(model(inputs), targets)``.
+        train_dataloader: an iterable of batches (usually a DataLoader).
+        max_duration: total training time, ``'Nep'``, ``'Nba'`` or ``'Nsp'``.
+        algorithms: e.g. ``[EMA(half_life='50ba')]``; run before callbacks at each event.
+        callbacks: extra callbacks; a CheckpointSaver is added for ``save_folder`` and a ProgressBar for
+            ``progress_bar=True``.
+        optimizers: an optimizer or a list; default ``SGD(lr=0.1)`` over the trainable parameters.
+        schedulers: a learning-rate scheduler or a list, stepped after every batch.
+        loss_fn: default ``torch.nn.functional.cross_entropy``.
+        eval_dataloader, eval_interval: evaluate every ``eval_interval`` (``'Nep'``/``'Nba'``; default
+            ``'1ep'``), on the EMA weights once an EMA has started.
+        save_folder, save_interval, save_num_checkpoints_to_keep: see :class:`CheckpointSaver`.
+        load_path: a checkpoint to resume from.
+        device: ``'cpu'``, ``'cuda'``, ... (default: CUDA when available).
+        seed: seeds python, numpy and torch before training.
+        progress_bar: show a tqdm bar on rank 0.
+        loggers: destinations with ``log_metrics(metrics, step)``; an :class:`InMemoryLogger` is always
+            attached as ``trainer.metrics``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataloader: Iterable[Any],
+        max_duration: str | Time,
+        algorithms: Sequence[Algorithm] | Algorithm = (),
+        callbacks: Sequence[Callback] | Callback = (),
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        schedulers: Any = None,
+        loss_fn: LossFn | None = None,
+        eval_dataloader: Iterable[Any] | None = None,
+        eval_interval: str | Time | None = None,
+        save_folder: str | os.PathLike[str] | None = None,
+        save_interval: str | Time = "1ep",
+        save_num_checkpoints_to_keep: int = -1,
+        load_path: str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        seed: int | None = None,
+        progress_bar: bool = True,
+        loggers: Sequence[LoggerDestination] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(train_dataloader, Iterable):
+            raise TypeError(f"train_dataloader must be iterable, got {type(train_dataloader).__name__}")
+        if eval_dataloader is not None and not isinstance(eval_dataloader, Iterable):
+            raise TypeError(f"eval_dataloader must be iterable, got {type(eval_dataloader).__name__}")
+        duration = Time.coerce(max_duration, "max_duration", (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE))
+        if duration.value <= 0:
+            raise ValueError(f"max_duration must be greater than 0, got {str(duration)!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if not isinstance(progress_bar, bool):
+            raise TypeError(f"progress_bar must be a bool, got {progress_bar!r}")
+        self.device = self._resolve_device(device)
+
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        self.seed = seed
+
+        algorithm_list = _as_list(algorithms, "algorithms", Algorithm)
+        if sum(1 for a in algorithm_list if a.averages_model) > 1:
+            warnings.warn(
+                "more than one model-averaging algorithm given ("
+                + ", ".join(type(a).__name__ for a in algorithm_list if a.averages_model)
+                + "): model-averaging methods do not compose well; use one of EMA or SWA",
+                stacklevel=2,
+            )
+        callback_list = _as_list(callbacks, "callbacks", Callback)
+        if save_folder is not None:
+            callback_list.append(CheckpointSaver(save_folder, save_interval, save_num_checkpoints_to_keep))
+        if progress_bar:
+            callback_list.append(ProgressBar())
+
+        if eval_interval is not None and eval_dataloader is None:
+            raise ValueError(f"eval_interval={eval_interval!r} was given without an eval_dataloader")
+        self.eval_interval: Time | None = None
+        if eval_dataloader is not None:
+            self.eval_interval = Time.coerce(
+                eval_interval if eval_interval is not None else "1ep",
+                "eval_interval",
+                (TimeUnit.EPOCH, TimeUnit.BATCH),
+            )
+            if self.eval_interval.value <= 0:
+                raise ValueError(f"eval_interval must be greater than 0, got {str(self.eval_interval)!r}")
+
+        model.to(self.device)
+        self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
+        self.metrics = InMemoryLogger()
+        self.logger = Logger([self.metrics, *loggers])
+        batches_per_epoch: int | None
+        try:
+            batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            batches_per_epoch = None
+        self.state = State(
+            model=model,
+            max_duration=duration,
+            train_dataloader=train_dataloader,
+            eval_dataloader=eval_dataloader,
+            algorithms=algorithm_list,
+            callbacks=callback_list,
+            device=self.device,
+            batches_per_epoch=batches_per_epoch,
+        )
+        self.engine = Engine(self.state, self.logger)
+        self.engine.run_event(Event.INIT)
+
+        if optimizers is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizers = torch.optim.SGD(trainable, lr=0.1) if trainable else []
+        self.state.optimizers = _as_list(optimizers, "optimizers", torch.optim.Optimizer)
+        self.state.schedulers = (
+            [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
+        )
+        for sch in self.state.schedulers:
+            if not (callable(getattr(sch, "step", None)) and callable(getattr(sch, "state_dict", None))):
+                raise TypeError(f"schedulers must have step() and state_dict(), got {type(sch).__name__}")
+
+        if load_path is not None:
+            self.load_checkpoint(load_path)
+
+    @staticmethod
+    def _resolve_device(device: str | torch.device | None) -> torch.device:
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} was asked for but CUDA is not available")
+        return resolved
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint whose ``state.model`` is the training weights (EMA weights in its EMA state)."""
+        return save_checkpoint_file(build_checkpoint(self.state, publish=False), path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Resume from ``path``: weights, optimizers, schedulers, algorithms, callbacks, timestamp, RNG."""
+        checkpoint = load_checkpoint_file(path)
+        apply_checkpoint(self.state, checkpoint, source=f"checkpoint {str(path)!r}")
+        restore_rng(checkpoint["state"]["rng"]["now"], loader_generators(self.state.train_dataloader))
+        self.engine.run_event(Event.AFTER_LOAD)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        """Train until ``max_duration``. Afterwards ``state.model`` holds the training weights."""
+        state = self.state
+        state.model.train()
+        self.engine.run_event(Event.FIT_START)
+        while not state.is_done or self._epoch_end_pending():
+            self._train_epoch()
+        self.engine.run_event(Event.FIT_END)
+
+    def _epoch_end_pending(self) -> bool:
+        """True when every batch of the epoch has run but EPOCH_END has not (a resume at the last batch)."""
+        bpe, done = self.state.batches_per_epoch, self.state.timestamp.batch_in_epoch
+        return bpe is not None and done > 0 and done >= bpe
+
+    def _epoch_iterator(self) -> Iterator[Any]:
+        """An iterator over this epoch's remaining batches; replays the epoch's shuffle when resuming."""
+        state = self.state
+        loader = state.train_dataloader
+        assert loader is not None
+        generators = loader_generators(loader)
+        skip = state.timestamp.batch_in_epoch
+        if skip == 0:
+            state.epoch_start_rng = capture_rng(generators)
+            self.engine.run_event(Event.EPOCH_START)
+            return iter(loader)
+        now = capture_rng(generators)
+        if state.epoch_start_rng is not None:
+            restore_rng(state.epoch_start_rng, generators)
+        iterator = iter(loader)
+        for _ in range(skip):
+            if next(iterator, None) is None:
+                break
+        restore_rng(now, generators)
+        return iterator
+
+    def _train_epoch(self) -> None:
+        state = self.state
+        ts = state.timestamp
+        batches_before = ts.batch_in_epoch
+        for batch in self._epoch_iterator():
+            self._train_batch(batch)
+            if state.is_done:
+                break
+        if ts.batch_in_epoch == 0 and batches_before == 0:
+            raise ValueError("train_dataloader yielded no batches")
+        epoch_complete = not state.is_done or (
+            state.batches_per_epoch is not None and ts.batch_in_epoch >= state.batches_per_epoch
+        )
+        if epoch_complete:
+            ts.advance_epoch()
+            self.engine.run_event(Event.EPOCH_END)
+            if self._eval_due(TimeUnit.EPOCH):
+                self._run_eval()
+            self.engine.run_event(Event.EPOCH_CHECKPOINT)
+
+    def _train_batch(self, raw_batch: Any) -> None:
+        state = self.state
+        batch = _to_device(raw_batch, self.device)
+        state.batch = batch
+        self.engine.run_event(Event.BATCH_START)
+        for opt in state.optimizers:
+            opt.zero_grad(set_to_none=True)
+        outputs, loss, _ = _forward_and_loss(state.model, batch, self.loss_fn)
+        loss.backward()
+        for opt in state.optimizers:
+            opt.step()
+        for sch in state.schedulers:
+            sch.step()
+        state.outputs, state.loss = outputs, loss.detach()
+        state.timestamp.advance_batch(_batch_size(batch))
+        loss_value = float(state.loss)
+        if not math.isfinite(loss_value):
+            warnings.warn(f"training loss is {loss_value} at batch {state.timestamp.batch}", stacklevel=2)
+        self.logger.log_metrics({"train/loss": loss_value}, step=state.timestamp.batch)
+        self.engine.run_event(Event.BATCH_END)
+        if self._eval_due(TimeUnit.BATCH):
+            self._run_eval()
+        self.engine.run_event(Event.BATCH_CHECKPOINT)
+
+    def _eval_due(self, unit: TimeUnit) -> bool:
+        interval = self.eval_interval
+        if interval is None or interval.unit != unit:
+            return False
+        return self.state.timestamp.get(unit) % int(interval.value) == 0
+
+    def _run_eval(self) -> dict[str, float]:
+        state = self.state
+        assert state.eval_dataloader is not None
+        self.engine.run_event(Event.EVAL_START)
+        try:
+            metrics = evaluate(state.model, state.eval_dataloader, self.loss_fn, self.device)
+            state.eval_metrics = metrics
+            self.logger.log_metrics(metrics, step=state.timestamp.batch)
+        finally:
+            state.model.train()
+            self.engine.run_event(Event.EVAL_END)  # puts the training weights back, even after an error
+        return metrics
+
+    def eval(self, dataloader: Iterable[Any] | None = None) -> dict[str, float]:
+        """Evaluate now (on the EMA weights once an EMA has started) and return the metrics."""
+        if dataloader is not None:
+            self.state.eval_dataloader = dataloader
+        if self.state.eval_dataloader is None:
+            raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval()")
+        was_training = self.state.model.training
+        try:
+            return self._run_eval()
+        finally:
+            self.state.model.train(was_training)
