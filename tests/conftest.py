@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models and datasets that train in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyNet(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear: parameters, float buffers and an integer buffer."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 8, d_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def make_data(n: int = 64, d_in: int = 4, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def make_loader(n: int = 64, batch_size: int = 8, seed: int = 0, shuffle: bool = False) -> DataLoader:
+    return DataLoader(make_data(n, seed=seed), batch_size=batch_size, shuffle=shuffle)
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+@pytest.fixture
+def tiny_model() -> TinyNet:
+    return make_model()
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    return make_loader()
