@@ -2,20 +2,23 @@
 
 The EMA algorithm keeps its averages here. Each named tensor is a view into its group's buffer, so the
 whole EMA can be saved, loaded, copied or blended group by group, and a model whose own tensors share
-the same layout can be blended with one kernel per group.
+the same layout (see :mod:`emakit.flatten`) can be blended with one kernel per group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from emakit.functional import copy_tensors_, is_averaged, lerp_tensors_
+from emakit.functional import UpdatePlan, _is_dense, copy_tensors_, is_averaged
 
-__all__ = ["FlatStorage", "check_state_matches", "storage_dtype"]
+__all__ = ["ALIGN_ELEMENTS", "FlatStorage", "check_state_matches", "packed_offsets", "storage_dtype"]
 
-_ALIGN_BYTES = 64
+#: Tensors start at multiples of this many elements, whatever the dtype, so that an fp32 EMA of a bf16 model
+#: has the model's element offsets (32 bytes of bf16, 64 of fp32: aligned for vector loads either way).
+ALIGN_ELEMENTS = 16
 
 
 def storage_dtype(dtype: torch.dtype, fp32_ema: bool) -> torch.dtype:
@@ -53,6 +56,11 @@ def check_state_matches(state: Mapping[str, object], reference: Mapping[str, tor
 class FlatStorage:
     """Copies of named tensors, each a view into one flat buffer per (device, dtype).
 
+    Within a buffer, tensors are packed in ``names`` order, each starting at a multiple of
+    :data:`ALIGN_ELEMENTS` elements, in one segment per source dtype. Sources that are themselves views into
+    one buffer (a model flattened by :func:`emakit.flatten.flatten_model_`) are stored with the same
+    relative element offsets instead, so that :meth:`blend` updates each segment with one kernel.
+
     Args:
         sources: the tensors to copy, by name; the order is kept.
         fp32_ema: keep fp16/bf16 floating tensors in fp32.
@@ -61,28 +69,40 @@ class FlatStorage:
     def __init__(self, sources: Mapping[str, torch.Tensor], *, fp32_ema: bool = True) -> None:
         self.names: list[str] = list(sources)
         self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        layout: dict[tuple[torch.device, torch.dtype], list[tuple[str, int, torch.Size]]] = {}
-        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        candidates: dict[tuple[torch.device, torch.dtype, torch.dtype], list[str]] = {}
         for name, src in sources.items():
             dtype = storage_dtype(src.dtype, fp32_ema) if is_averaged(src) else src.dtype
-            key = (src.device, dtype)
-            align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-            offset = -(-sizes.get(key, 0) // align) * align
-            layout.setdefault(key, []).append((name, offset, src.shape))
-            sizes[key] = offset + src.numel()
+            candidates.setdefault((src.device, dtype, src.dtype), []).append(name)
+        # (buffer key, [(name, offset within the segment)], segment length)
+        segments: list[tuple[tuple[torch.device, torch.dtype], list[tuple[str, int]], int]] = []
+        for (device, dtype, _), names in candidates.items():
+            for entries, length in _segments([(n, sources[n]) for n in names]):
+                segments.append(((device, dtype), entries, length))
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        placed: list[tuple[tuple[torch.device, torch.dtype], int, list[tuple[str, int]]]] = []
+        for key, entries, length in segments:
+            start = _align(sizes.get(key, 0))
+            placed.append((key, start, entries))
+            sizes[key] = start + length
+        for key, size in sizes.items():
+            self.buffers[key] = torch.zeros(size, dtype=key[1], device=key[0])
         self.tensors: dict[str, torch.Tensor] = {}
-        for key, entries in layout.items():
-            device, dtype = key
-            buffer = torch.zeros(sizes[key], dtype=dtype, device=device)
-            self.buffers[key] = buffer
-            for name, offset, shape in entries:
-                self.tensors[name] = buffer[offset : offset + shape.numel()].view(shape)
+        for key, start, entries in placed:
+            for name, offset in entries:
+                src = sources[name]
+                if src.layout == torch.strided and _is_dense(src):  # keep channels-last layouts
+                    self.tensors[name] = self.buffers[key].as_strided(src.shape, src.stride(), start + offset)
+                else:
+                    self.tensors[name] = self.buffers[key][start + offset : start + offset + src.numel()].view(
+                        src.shape
+                    )
+        self.tensors = {n: self.tensors[n] for n in self.names}
         self.averaged: list[str] = [n for n in self.names if is_averaged(self.tensors[n])]
         self.copied: list[str] = [n for n in self.names if not is_averaged(self.tensors[n])]
-        self._averaged_views = [self.tensors[n] for n in self.averaged]
-        self._copied_views = [self.tensors[n] for n in self.copied]
-        self._averaged_index = [self.names.index(n) for n in self.averaged]
-        self._copied_index = [self.names.index(n) for n in self.copied]
+        self._views = [self.tensors[n] for n in self.names]
+        self._blended = [is_averaged(t) for t in self._views]
+        self._plan: UpdatePlan | None = None
+        self._plan_reader: Callable[[], Sequence[torch.Tensor]] | None = None
         self.copy_from([sources[n] for n in self.names])
 
     @property
@@ -92,26 +112,55 @@ class FlatStorage:
 
     def views(self) -> list[torch.Tensor]:
         """The stored tensors in ``names`` order."""
-        return [self.tensors[n] for n in self.names]
+        return list(self._views)
 
-    @torch.no_grad()
-    def blend(self, sources: Sequence[torch.Tensor], weight: float) -> None:
+    def _update_plan(self, sources: Sequence[torch.Tensor], blended: Sequence[bool]) -> UpdatePlan:
+        if len(sources) != len(self._views):
+            raise ValueError(f"expected {len(self._views)} source tensors (one per name), got {len(sources)}")
+        return UpdatePlan(self._views, sources, blended, protected=self._views, watch_targets=False)
+
+    def current_flat_sources(self) -> list[torch.Tensor] | None:
+        """The flat spans of the training weights that the current update plan blends from, if the plan is
+        made of flat groups only and still current; None otherwise. Lets whole-model checks read a few
+        buffers instead of every tensor."""
+        plan = self._plan
+        if plan is None or not plan.reusable or not plan.is_current():
+            return None
+        return [group.source for group in plan.flat if group.averaged]
+
+    def blend(self, sources: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]], weight: float) -> None:
         """``stored <- stored + weight * (source - stored)`` for floating tensors; copy the others.
 
-        ``sources`` are in ``names`` order.
+        ``sources`` are in ``names`` order, or a callable returning them: then the pairing (an
+        :class:`~emakit.functional.UpdatePlan`) is kept between calls with the same callable. For a flattened
+        model the callable is not even called while the plan is current: the update is one kernel per
+        segment and no per-tensor Python work. Otherwise it is called, and its tensors are checked against the
+        plan's instead of being paired again.
         """
-        lerp_tensors_(self._averaged_views, [sources[i] for i in self._averaged_index], weight)
-        copy_tensors_(self._copied_views, [sources[i] for i in self._copied_index])
+        if not callable(sources):
+            self._update_plan(sources, self._blended).run(weight)
+            return
+        plan, fresh = self._plan, None
+        if plan is not None and self._plan_reader is sources:
+            fresh = sources() if plan.loose else None
+            if plan.is_current(fresh):
+                plan.run(weight)
+                return
+        self._plan = self._plan_reader = plan = None  # release its spans before the new plan counts references
+        plan = self._update_plan(sources() if fresh is None else fresh, self._blended)
+        plan.snapshot()
+        self._plan, self._plan_reader = plan, sources
+        plan.run(weight)
 
     @torch.no_grad()
     def copy_from(self, sources: Sequence[torch.Tensor]) -> None:
         """Overwrite the stored tensors with ``sources`` (in ``names`` order)."""
-        copy_tensors_(self.views(), sources)
+        self._update_plan(sources, [False] * len(self._views)).run(1.0)
 
     @torch.no_grad()
     def copy_to(self, targets: Sequence[torch.Tensor]) -> None:
         """Write the stored tensors into ``targets`` (in ``names`` order), casting as needed."""
-        copy_tensors_(targets, self.views())
+        copy_tensors_(targets, self._views)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name (views; clone them to keep a snapshot)."""
@@ -121,3 +170,53 @@ class FlatStorage:
         """Copy ``state`` into the storage after checking names, shapes and kinds of dtype."""
         check_state_matches(state, self.tensors, what)
         self.copy_from([state[n] for n in self.names])
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+
+
+def packed_offsets(numels: Sequence[int]) -> tuple[list[int], int]:
+    """Element offsets placing tensors of ``numels`` elements in order, each at a multiple of ALIGN_ELEMENTS.
+
+    Returns the offsets and the total length. :class:`FlatStorage` and :func:`emakit.flatten.flatten_model_`
+    both use it, so a model flattened after its EMA storage was built still shares the storage's layout.
+    """
+    offsets, end = [], 0
+    for n in numels:
+        start = _align(end)
+        offsets.append(start)
+        end = start + n
+    return offsets, end
+
+
+def _segments(items: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[list[tuple[str, int]], int]]:
+    """Split same-kind sources into segments: one per source buffer they share (mirrored), one packed."""
+    by_buffer: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for name, src in items:
+        if src.numel() > 0 and src.layout == torch.strided and src.device.type != "meta" and _is_dense(src):
+            by_buffer.setdefault(src.untyped_storage().data_ptr(), []).append((name, src))
+    out: list[tuple[list[tuple[str, int]], int]] = []
+    mirrored: set[str] = set()
+    for group in by_buffer.values():
+        mirror = _mirror(group) if len(group) > 1 else None
+        if mirror is not None:
+            out.append(mirror)
+            mirrored.update(name for name, _ in group)
+    rest = [(name, src) for name, src in items if name not in mirrored]
+    if rest:
+        offsets, length = packed_offsets([src.numel() for _, src in rest])
+        out.append(([(name, off) for (name, _), off in zip(rest, offsets, strict=True)], length))
+    return out
+
+
+def _mirror(group: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[tuple[str, int]], int] | None:
+    """Offsets copying the sources' own layout within their buffer, if it is compact and non-overlapping."""
+    spans = sorted((int(src.storage_offset()), int(src.storage_offset()) + src.numel(), name) for name, src in group)
+    if any(start < end for (_, end, _), (start, _, _) in itertools.pairwise(spans)):
+        return None
+    low, high = spans[0][0], spans[-1][1]
+    _, packed = packed_offsets([src.numel() for _, src in group])
+    if high - low > packed + packed // 8 + ALIGN_ELEMENTS:  # mostly foreign tensors in between: pack instead
+        return None
+    return [(name, start - low) for start, _, name in spans], high - low
