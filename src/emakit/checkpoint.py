@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,11 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "apply_checkpoint",
     "build_checkpoint",
+    "list_checkpoints",
     "load_checkpoint_file",
     "model_state_dict",
+    "newest_loadable_checkpoint",
+    "remove_stale_temporaries",
     "save_checkpoint_file",
 ]
 
@@ -161,10 +167,17 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return checkpoint
 
 
-def apply_checkpoint(state: State, checkpoint: dict[str, Any], source: str = "checkpoint") -> None:
+def apply_checkpoint(
+    state: State,
+    checkpoint: dict[str, Any],
+    source: str = "checkpoint",
+    load_optimizers: Callable[[], None] | None = None,
+) -> None:
     """Load ``checkpoint`` into ``state``: training weights into the model, then everything else.
 
     Everything is checked before anything is changed, so a mismatched checkpoint leaves the run untouched.
+    ``load_optimizers`` replaces loading ``saved["optimizers"]`` one by one (sharded checkpoints keep one
+    optimizer state keyed by parameter name, see :mod:`emakit.distributed`).
     """
     saved = checkpoint["state"]
     algorithms_saved: dict[str, Any] = saved["algorithms"]
@@ -192,10 +205,10 @@ def apply_checkpoint(state: State, checkpoint: dict[str, Any], source: str = "ch
                 f"{source}: tensor {name!r} has shape {shape} in the checkpoint, {tuple(current[key].shape)} in the model"
             )
     for what, expected, got in (
-        ("optimizers", len(state.optimizers), len(saved["optimizers"])),
+        ("optimizers", len(state.optimizers), len(saved["optimizers"]) if load_optimizers is None else None),
         ("schedulers", len(state.schedulers), len(saved["schedulers"])),
     ):
-        if expected != got:
+        if got is not None and expected != got:
             raise ValueError(f"{source}: checkpoint has {got} {what}, the trainer has {expected}")
     missing_algorithms = [n for n in names if n not in algorithms_saved]
     if missing_algorithms:
@@ -205,8 +218,11 @@ def apply_checkpoint(state: State, checkpoint: dict[str, Any], source: str = "ch
     for name, algorithm in zip(names, state.algorithms, strict=True):
         algorithm.load_state_dict(algorithms_saved[name])
     module.load_state_dict({own[name]: model_state[name] for name in own})
-    for opt, opt_state in zip(state.optimizers, saved["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
+    if load_optimizers is not None:
+        load_optimizers()
+    else:
+        for opt, opt_state in zip(state.optimizers, saved["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
     for sch, sch_state in zip(state.schedulers, saved["schedulers"], strict=True):
         sch.load_state_dict(sch_state)
     callbacks_saved: dict[str, Any] = saved.get("callbacks", {})
@@ -215,3 +231,48 @@ def apply_checkpoint(state: State, checkpoint: dict[str, Any], source: str = "ch
             cb.load_state_dict(callbacks_saved[name])
     state.timestamp.load_state_dict(saved["timestamp"])
     state.epoch_start_rng = saved["rng"]["epoch_start"]
+
+
+_CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint files ``ep{E}-ba{B}.pt`` in ``folder``, oldest first (by batch, then epoch)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found: list[tuple[int, int, Path]] = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(2)), int(match.group(1)), path))
+    return [path for _, _, path in sorted(found)]
+
+
+def newest_loadable_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``folder`` that reads back whole, with its contents; None if there is none.
+
+    A truncated or corrupt newer file (a crash mid-write on a filesystem without atomic rename, a disk
+    error) is reported with a warning and skipped.
+    """
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint_file(path)
+        except ValueError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files that writes interrupted by a crash left in ``folder``; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(".") and p.name.endswith(".tmp") and (p.is_file() or p.is_symlink())
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -10,6 +10,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,40 @@ from torch import nn
 
 from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
-from emakit.checkpoint import apply_checkpoint, build_checkpoint, load_checkpoint_file, save_checkpoint_file
+from emakit.checkpoint import (
+    apply_checkpoint,
+    build_checkpoint,
+    load_checkpoint_file,
+    newest_loadable_checkpoint,
+    save_checkpoint_file,
+)
 from emakit.core.algorithm import Algorithm
 from emakit.core.callback import Callback
 from emakit.core.engine import Engine
 from emakit.core.event import Event
 from emakit.core.logger import InMemoryLogger, Logger, LoggerDestination
 from emakit.core.state import State
+from emakit.distributed import (
+    DEFAULT_TIMEOUT,
+    all_reduce_sum,
+    barrier,
+    build_sharded_checkpoint,
+    check_parallelism,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_sharded_checkpoint,
+    is_sharded_model,
+    load_sharded_checkpoint,
+    newest_sharded_checkpoint,
+    note_peer_failure,
+    prepare_model,
+    resolve_device,
+    resolve_parallelism,
+    save_sharded_checkpoint,
+    set_sampler_epoch,
+    shard_dataloader,
+)
 from emakit.functional import unwrap_model
 from emakit.rng import capture_rng, loader_generators, restore_rng
 from emakit.time import Time, TimeUnit
@@ -88,12 +116,17 @@ def _forward_and_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[An
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataloader: Iterable[Any], loss_fn: LossFn | None = None, device: torch.device | None = None
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    loss_fn: LossFn | None = None,
+    device: torch.device | None = None,
+    all_reduce: bool = False,
 ) -> dict[str, float]:
     """Mean loss (and accuracy, for class logits with integer targets) of ``model`` over ``dataloader``.
 
     The model is put in eval mode and returned to its previous mode; the global torch RNG is left as it
-    was, so evaluating does not change what training does next.
+    was, so evaluating does not change what training does next. With ``all_reduce`` every rank of the
+    process group calls this on its part of the data and all get the metrics of the whole.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -120,6 +153,9 @@ def evaluate(
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
+    if all_reduce:
+        sums = all_reduce_sum([total_loss, total_correct, total, counted], device)
+        total_loss, total_correct, total, counted = sums[0], int(sums[1]), int(sums[2]), int(sums[3])
     if total == 0:
         raise ValueError("eval_dataloader yielded no batches")
     metrics = {"eval/loss": total_loss / total}
@@ -146,12 +182,20 @@ class Trainer:
         eval_dataloader, eval_interval: evaluate every ``eval_interval`` (``'Nep'``/``'Nba'``; default
             ``'1ep'``), on the EMA weights once an EMA has started.
         save_folder, save_interval, save_num_checkpoints_to_keep: see :class:`CheckpointSaver`.
-        load_path: a checkpoint to resume from.
+        load_path: a checkpoint to resume from, or ``'latest'``: the newest readable checkpoint in
+            ``save_folder`` (unreadable newer files are reported and skipped).
+        autoresume: resume from the newest readable checkpoint in ``save_folder`` if there is one, else
+            start fresh; for jobs that are restarted after a crash or preemption.
         device: ``'cpu'``, ``'cuda'``, ... (default: CUDA when available).
         seed: seeds python, numpy and torch before training.
         progress_bar: show a tqdm bar on rank 0.
-        loggers: destinations with ``log_metrics(metrics, step)``; an :class:`InMemoryLogger` is always
-            attached as ``trainer.metrics``.
+        loggers: destinations with ``log_metrics(metrics, step)`` (rank 0 only); an :class:`InMemoryLogger`
+            is always attached as ``trainer.metrics``.
+        parallelism: ``None``, ``'ddp'`` or ``'fsdp'`` (FSDP2 ``fully_shard``, with a shard-local EMA and
+            DCP checkpoint directories). Under ``torchrun`` the process group is joined automatically
+            and None means ``'ddp'`` when there are several processes; see :mod:`emakit.distributed`.
+        dist_timeout: seconds (or a timedelta) a collective waits for the other ranks before the run
+            fails, so a dead or stuck rank ends the launch instead of hanging it (default 10 minutes).
     """
 
     def __init__(
@@ -170,10 +214,13 @@ class Trainer:
         save_interval: str | Time = "1ep",
         save_num_checkpoints_to_keep: int = -1,
         load_path: str | os.PathLike[str] | None = None,
+        autoresume: bool = False,
         device: str | torch.device | None = None,
         seed: int | None = None,
         progress_bar: bool = True,
         loggers: Sequence[LoggerDestination] = (),
+        parallelism: str | None = None,
+        dist_timeout: float | timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,9 +235,27 @@ class Trainer:
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if not isinstance(autoresume, bool):
+            raise TypeError(f"autoresume must be a bool, got {autoresume!r}")
+        if (autoresume or load_path == "latest") and save_folder is None:
+            what = "autoresume=True" if autoresume else "load_path='latest'"
+            raise ValueError(f"{what} needs save_folder: it resumes from the newest checkpoint there")
+        if load_path is not None and not isinstance(load_path, (str, os.PathLike)):
+            raise TypeError(f"load_path must be a path or 'latest', got {load_path!r}")
         if not isinstance(progress_bar, bool):
             raise TypeError(f"progress_bar must be a bool, got {progress_bar!r}")
+        scheduler_list = (
+            [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
+        )
+        for sch in scheduler_list:
+            if not (callable(getattr(sch, "step", None)) and callable(getattr(sch, "state_dict", None))):
+                raise TypeError(f"schedulers must have step() and state_dict(), got {type(sch).__name__}")
+        check_parallelism(parallelism)
         self.device = self._resolve_device(device)
+        distributed = init_distributed(self.device, dist_timeout)  # joins torchrun's process group
+        self.device = resolve_device(self.device)
+        rank, world_size = get_rank(), get_world_size()
+        self.parallelism = resolve_parallelism(parallelism, distributed, world_size)
 
         if seed is not None:
             random.seed(seed)
@@ -225,9 +290,15 @@ class Trainer:
                 raise ValueError(f"eval_interval must be greater than 0, got {str(self.eval_interval)!r}")
 
         model.to(self.device)
+        # Wrapped before INIT, so that the EMA follows (and the optimizers hold) the DDP/FSDP parameters.
+        given_optimizers = _as_list(optimizers, "optimizers", torch.optim.Optimizer)
+        model = prepare_model(model, self.parallelism, self.device, given_optimizers)
+        train_dataloader = self._shard_loader(train_dataloader, "train_dataloader", world_size, rank)
+        if eval_dataloader is not None:
+            eval_dataloader = self._shard_loader(eval_dataloader, "eval_dataloader", world_size, rank)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         self.metrics = InMemoryLogger()
-        self.logger = Logger([self.metrics, *loggers])
+        self.logger = Logger([self.metrics, *(loggers if rank == 0 else ())])
         batches_per_epoch: int | None
         try:
             batches_per_epoch = len(train_dataloader)  # type: ignore[arg-type]
@@ -242,6 +313,8 @@ class Trainer:
             callbacks=callback_list,
             device=self.device,
             batches_per_epoch=batches_per_epoch,
+            rank=rank,
+            world_size=world_size,
         )
         self.engine = Engine(self.state, self.logger)
         self.engine.run_event(Event.INIT)
@@ -250,14 +323,20 @@ class Trainer:
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizers = torch.optim.SGD(trainable, lr=0.1) if trainable else []
         self.state.optimizers = _as_list(optimizers, "optimizers", torch.optim.Optimizer)
-        self.state.schedulers = (
-            [] if schedulers is None else (list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers])
-        )
-        for sch in self.state.schedulers:
-            if not (callable(getattr(sch, "step", None)) and callable(getattr(sch, "state_dict", None))):
-                raise TypeError(f"schedulers must have step() and state_dict(), got {type(sch).__name__}")
+        self.state.schedulers = scheduler_list
 
-        if load_path is not None:
+        self.resumed_from: str | None = None
+        if load_path == "latest" or (autoresume and load_path is None):
+            assert save_folder is not None
+            sharded = newest_sharded_checkpoint(save_folder) if is_sharded_model(self.state.model) else None
+            found = newest_loadable_checkpoint(save_folder) if sharded is None else None
+            if sharded is not None:  # FSDP runs write DCP directories
+                self.load_checkpoint(sharded)
+            elif found is not None:
+                self._resume(found[1], str(found[0]))
+            elif load_path == "latest":
+                raise FileNotFoundError(f"load_path='latest': no readable checkpoint in {str(save_folder)!r}")
+        elif load_path is not None:
             self.load_checkpoint(load_path)
 
     @staticmethod
@@ -268,20 +347,48 @@ class Trainer:
             resolved = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+        if resolved.type == "meta":
+            raise ValueError("device='meta' holds no data to train; use 'cpu' or 'cuda'")
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} was asked for but CUDA is not available")
         return resolved
 
+    def _shard_loader(self, loader: Iterable[Any], what: str, world_size: int, rank: int) -> Iterable[Any]:
+        """``loader`` split across the ranks with a seeded DistributedSampler (unchanged in one process)."""
+        return shard_dataloader(loader, world_size=world_size, rank=rank, seed=self.seed, what=what)
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Write a checkpoint whose ``state.model`` is the training weights (EMA weights in its EMA state)."""
-        return save_checkpoint_file(build_checkpoint(self.state, publish=False), path)
+        """Write a checkpoint whose ``state.model`` is the training weights (EMA weights in its EMA state).
+
+        Call it on every rank: a sharded (FSDP) run writes the DCP directory ``path`` from all ranks;
+        otherwise rank 0 writes the file.
+        """
+        if is_sharded_model(self.state.model):
+            return save_sharded_checkpoint(build_sharded_checkpoint(self.state, publish=False), path)
+        written = Path(path)
+        if self.state.rank == 0:
+            written = save_checkpoint_file(build_checkpoint(self.state, publish=False), path)
+        barrier()
+        return written
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Resume from ``path``: weights, optimizers, schedulers, algorithms, callbacks, timestamp, RNG."""
-        checkpoint = load_checkpoint_file(path)
-        apply_checkpoint(self.state, checkpoint, source=f"checkpoint {str(path)!r}")
+        """Resume from ``path``: weights, optimizers, schedulers, algorithms, callbacks, timestamp, RNG.
+
+        ``path`` is a checkpoint file or a DCP checkpoint directory (written by an FSDP run).
+        """
+        if is_sharded_checkpoint(path):
+            checkpoint, load_optimizers = load_sharded_checkpoint(self.state, path)
+            self._resume(checkpoint, str(path), load_optimizers)
+        else:
+            self._resume(load_checkpoint_file(path), str(path))
+
+    def _resume(
+        self, checkpoint: dict[str, Any], source: str, load_optimizers: Callable[[], None] | None = None
+    ) -> None:
+        apply_checkpoint(self.state, checkpoint, source=f"checkpoint {source!r}", load_optimizers=load_optimizers)
         restore_rng(checkpoint["state"]["rng"]["now"], loader_generators(self.state.train_dataloader))
+        self.resumed_from = source
         self.engine.run_event(Event.AFTER_LOAD)
 
     # ------------------------------------------------------------------ the loop
@@ -290,8 +397,12 @@ class Trainer:
         state = self.state
         state.model.train()
         self.engine.run_event(Event.FIT_START)
-        while not state.is_done or self._epoch_end_pending():
-            self._train_epoch()
+        try:
+            while not state.is_done or self._epoch_end_pending():
+                self._train_epoch()
+        except RuntimeError as e:
+            note_peer_failure(e, state.rank, state.world_size)
+            raise
         self.engine.run_event(Event.FIT_END)
 
     def _epoch_end_pending(self) -> bool:
@@ -305,6 +416,7 @@ class Trainer:
         loader = state.train_dataloader
         assert loader is not None
         generators = loader_generators(loader)
+        set_sampler_epoch(loader, state.timestamp.epoch)  # a DistributedSampler shuffles by epoch
         skip = state.timestamp.batch_in_epoch
         if skip == 0:
             state.epoch_start_rng = capture_rng(generators)
@@ -354,7 +466,7 @@ class Trainer:
         for sch in state.schedulers:
             sch.step()
         state.outputs, state.loss = outputs, loss.detach()
-        state.timestamp.advance_batch(_batch_size(batch))
+        state.timestamp.advance_batch(_batch_size(batch) * state.world_size)  # samples over all ranks
         loss_value = float(state.loss)
         if not math.isfinite(loss_value):
             warnings.warn(f"training loss is {loss_value} at batch {state.timestamp.batch}", stacklevel=2)
@@ -375,7 +487,9 @@ class Trainer:
         assert state.eval_dataloader is not None
         self.engine.run_event(Event.EVAL_START)
         try:
-            metrics = evaluate(state.model, state.eval_dataloader, self.loss_fn, self.device)
+            metrics = evaluate(
+                state.model, state.eval_dataloader, self.loss_fn, self.device, all_reduce=state.world_size > 1
+            )
             state.eval_metrics = metrics
             self.logger.log_metrics(metrics, step=state.timestamp.batch)
         finally:
@@ -386,7 +500,8 @@ class Trainer:
     def eval(self, dataloader: Iterable[Any] | None = None) -> dict[str, float]:
         """Evaluate now (on the EMA weights once an EMA has started) and return the metrics."""
         if dataloader is not None:
-            self.state.eval_dataloader = dataloader
+            state = self.state
+            self.state.eval_dataloader = self._shard_loader(dataloader, "dataloader", state.world_size, state.rank)
         if self.state.eval_dataloader is None:
             raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval()")
         was_training = self.state.model.training

@@ -90,9 +90,7 @@ def test_constructor_rejects_values_beyond_float_range() -> None:
 
 @pytest.mark.parametrize("unit", INT_UNITS)
 def test_constructor_rejects_fractional_integer_units(unit: str) -> None:
-    with pytest.raises(
-        ValueError, match=r"1\.5 is not a whole number: 'ba', 'ep' and 'sp' take whole numbers"
-    ):
+    with pytest.raises(ValueError, match=r"1\.5 is not a whole number: 'ba', 'ep' and 'sp' take whole numbers"):
         Time(1.5, unit)
 
 
@@ -314,9 +312,7 @@ def test_coerce_accepts_time_and_string() -> None:
 
 
 def test_coerce_prefixes_parse_errors() -> None:
-    with pytest.raises(
-        ValueError, match=r"^half_life: '1\.5ep' is not a time: 'ba', 'ep' and 'sp' take whole"
-    ):
+    with pytest.raises(ValueError, match=r"^half_life: '1\.5ep' is not a time: 'ba', 'ep' and 'sp' take whole"):
         Time.coerce("1.5ep", "half_life")
     with pytest.raises(ValueError, match=f"^half_life: '10xx' is not a time: .*{UNITS_LISTED}$"):
         Time.coerce("10xx", "half_life")
@@ -648,9 +644,7 @@ def test_reached_integer_units() -> None:
 
 
 def test_reached_errors() -> None:
-    with pytest.raises(
-        ValueError, match=r"'0\.5dur' is a fraction of max_duration, but max_duration is None"
-    ):
+    with pytest.raises(ValueError, match=r"'0\.5dur' is a fraction of max_duration, but max_duration is None"):
         reached(Timestamp(), Time(0.5, "dur"), None, None)
     with pytest.raises(TypeError, match="target must be a Time"):
         reached(Timestamp(), "5ba", None, None)  # type: ignore[arg-type]
@@ -662,9 +656,7 @@ def test_reached_errors() -> None:
     st.integers(min_value=0, max_value=600),
     st.integers(min_value=0, max_value=500),
 )
-def test_property_reached_duration_matches_batch_count(
-    max_batches: int, done: int, target_batches: int
-) -> None:
+def test_property_reached_duration_matches_batch_count(max_batches: int, done: int, target_batches: int) -> None:
     """Reaching k/N of an N-batch run happens exactly when k batches are done."""
     ts = Timestamp(batch=done, batch_in_epoch=done)
     target = Time(target_batches / max_batches, "dur")

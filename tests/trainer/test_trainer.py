@@ -351,6 +351,8 @@ def test_ddp_style_prefixes_are_not_saved(tmp_path: Path) -> None:
         ({"optimizers": "sgd"}, TypeError, r"optimizers must hold Optimizer instances, got str"),
         ({"eval_interval": "1ep"}, ValueError, r"eval_interval='1ep' was given without an eval_dataloader"),
         ({"device": "tpu9"}, ValueError, r"device must be a torch device such as 'cpu' or 'cuda', got 'tpu9'"),
+        ({"device": "meta"}, ValueError, r"device='meta' holds no data to train; use 'cpu' or 'cuda'"),
+        ({"schedulers": 3}, TypeError, r"schedulers must have step\(\) and state_dict\(\), got int"),
         ({"seed": -1}, ValueError, r"seed must be a non-negative int or None, got -1"),
         ({"loss_fn": 3}, TypeError, r"loss_fn must be callable, got 3"),
     ],

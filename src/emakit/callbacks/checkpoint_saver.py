@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emakit.checkpoint import build_checkpoint, save_checkpoint_file
+from emakit.checkpoint import build_checkpoint, remove_stale_temporaries, save_checkpoint_file
 from emakit.core.callback import Callback
+from emakit.distributed import build_sharded_checkpoint, is_sharded_model, save_sharded_checkpoint
 from emakit.time import Time, TimeUnit
 
 if TYPE_CHECKING:
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointSaver"]
 
 LATEST = "latest.pt"
+LATEST_SHARDED = "latest"
 
 
 class CheckpointSaver(Callback):
@@ -26,6 +30,9 @@ class CheckpointSaver(Callback):
     started) under canonical names; the training weights, optimizer, scheduler, algorithm, RNG and
     timestamp state sit beside them, so a run resumed from it continues exactly. ``latest.pt`` is a
     symbolic link to the newest file. Only rank 0 writes.
+
+    A sharded (FSDP) run writes DCP directories ``ep{E}-ba{B}/`` instead, every rank its own shards, with
+    ``latest`` linking to the newest; see :mod:`emakit.distributed`.
 
     Args:
         folder: where checkpoints go (created if missing).
@@ -60,9 +67,17 @@ class CheckpointSaver(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if state.rank == 0:
+            self.check_writable()
+            remove_stale_temporaries(self.folder)
+
+    def check_writable(self) -> None:
+        """Fail before training, not at the first save, if ``folder`` cannot hold checkpoints."""
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(self.folder, os.W_OK):
-                raise PermissionError(f"checkpoint folder {str(self.folder)!r} is not writable")
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".write-probe.", suffix=".tmp"):
+                pass
+        except OSError as e:
+            raise ValueError(f"save_folder {str(self.folder)!r} is not a writable folder: {e.strerror or e}") from e
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self.save_interval.unit == TimeUnit.BATCH and state.timestamp.batch % int(self.save_interval.value) == 0:
@@ -78,34 +93,51 @@ class CheckpointSaver(Callback):
 
     @staticmethod
     def _filename(state: State) -> str:
-        return f"ep{state.timestamp.epoch}-ba{state.timestamp.batch}.pt"
+        suffix = "" if is_sharded_model(state.model) else ".pt"  # sharded runs write DCP directories
+        return f"ep{state.timestamp.epoch}-ba{state.timestamp.batch}{suffix}"
 
     def save(self, state: State) -> Path | None:
-        """Write a checkpoint of ``state`` now; returns its path (None on ranks other than 0)."""
-        if state.rank != 0:
-            return None
+        """Write a checkpoint of ``state`` now; returns its path (None on ranks other than 0).
+
+        For a sharded model every rank must call this (each writes its shards); otherwise only rank 0 writes.
+        Every rank keeps the same ``saved`` list.
+        """
+        sharded = is_sharded_model(state.model)
         name = self._filename(state)
-        checkpoint = build_checkpoint(state, publish=True)
-        checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
-        path = save_checkpoint_file(checkpoint, self.folder / name)
+        path: Path | None = None
+        if sharded:
+            checkpoint = build_sharded_checkpoint(state, publish=True)
+            checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
+            path = save_sharded_checkpoint(checkpoint, self.folder / name)
+        elif state.rank == 0:
+            checkpoint = build_checkpoint(state, publish=True)
+            checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
+            path = save_checkpoint_file(checkpoint, self.folder / name)
         if name not in self.saved:
             self.saved.append(name)
-        self._point_latest(name)
-        self._rotate()
-        return path
+        if state.rank == 0:
+            self._point_latest(name, LATEST_SHARDED if sharded else LATEST)
+        self._rotate(delete=state.rank == 0)
+        return path if state.rank == 0 else None
 
-    def _point_latest(self, name: str) -> None:
-        link = self.folder / LATEST
-        tmp = self.folder / f".{LATEST}.{os.getpid()}.tmp"
+    def _point_latest(self, name: str, latest: str = LATEST) -> None:
+        link = self.folder / latest
+        tmp = self.folder / f".{latest}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         os.symlink(name, tmp)
         os.replace(tmp, link)
 
-    def _rotate(self) -> None:
+    def _rotate(self, delete: bool = True) -> None:
         if self.num_checkpoints_to_keep == -1:
             return
         while len(self.saved) > self.num_checkpoints_to_keep:
-            (self.folder / self.saved.pop(0)).unlink(missing_ok=True)
+            old = self.folder / self.saved.pop(0)
+            if not delete:
+                continue
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": list(self.saved)}

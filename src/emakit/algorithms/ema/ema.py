@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,6 +13,8 @@ from torch import nn
 
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
+from emakit.distributed import all_reduce_sum, is_sharded_model, local_tensor, reshard_model, sharded_like
+from emakit.flatten import flatten_model_
 from emakit.functional import named_tensors, tensor_slots, unwrap_model, validate_smoothing
 from emakit.storage import FlatStorage, check_state_matches
 from emakit.time import Time, TimeUnit, reached
@@ -49,6 +51,15 @@ class EMA(Algorithm):
             ``smoothing``).
         fp32_ema: keep the average of fp16/bf16 tensors in fp32 (default). A 16-bit average stops moving
             once ``1 - smoothing`` is below the dtype's resolution; False keeps the model's dtype.
+        skip_nonfinite: before each update, check the training weights for NaN/Inf and skip the update
+            (with a warning, counted in ``num_skipped_nonfinite``) if any is found, so one bad step
+            cannot poison the average. Off by default: the check reads the weights once more.
+        flatten_model: at :meth:`attach`, re-point the model's parameters and buffers as views into one
+            buffer per (device, dtype) (:func:`emakit.flatten.flatten_model_`; Parameter objects and so
+            optimizers are unaffected), so that each update is one kernel per buffer instead of one per
+            tensor. Off by default because it changes where the model's tensors live; worth it for models
+            of many small tensors. ``model.to(...)`` or replacing a parameter afterwards undoes it, and the
+            update falls back to the grouped path.
 
     The Trainer evaluates on the EMA weights once the average has started, and
     :class:`~emakit.callbacks.CheckpointSaver` saves them as the checkpoint's model weights (the training
@@ -64,6 +75,8 @@ class EMA(Algorithm):
         ema_start: str | Time = "0.0dur",
         update_interval: str | Time | None = None,
         fp32_ema: bool = True,
+        skip_nonfinite: bool = False,
+        flatten_model: bool = False,
     ) -> None:
         explicit_half_life = half_life is not None and not isinstance(half_life, _DefaultHalfLife)
         if smoothing is not None and explicit_half_life:
@@ -103,12 +116,23 @@ class EMA(Algorithm):
         if self.ema_start.unit == TimeUnit.DURATION and self.ema_start.value > 1:
             raise ValueError(f"ema_start in 'dur' must be in [0, 1], got {str(self.ema_start)!r}")
         self.fp32_ema = fp32_ema
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        self.skip_nonfinite = skip_nonfinite
+        self.num_skipped_nonfinite = 0
+        if not isinstance(flatten_model, bool):
+            raise TypeError(f"flatten_model must be a bool, got {flatten_model!r}")
+        self.flatten_model = flatten_model
+        #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
+        self._live_reader: Callable[[], list[torch.Tensor]] | None = None
 
         self.num_updates = 0
         self.start_count: int | None = None
         self._model: nn.Module | None = None
         self._names: list[str] = []
         self._slots: list[tuple[dict, str]] = []
+        #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
+        self._sharded = False
         self._storage: FlatStorage | None = None
         self._backup: FlatStorage | None = None
         self._swapped: nn.Module | None = None
@@ -155,8 +179,29 @@ class EMA(Algorithm):
         params = named_tensors(model, include_buffers=False)
         self._names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
         self._slots = tensor_slots(model, self._names)
+        self._sharded = is_sharded_model(model)
+        if self.flatten_model and not self._sharded:
+            flatten_model_(model)
+        self._live_reader = self._live
+
+    def _model_tensors(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The tracked tensors as the model holds them: DTensors for sharded parameters (after resharding)."""
+        model = self._model if model is None else model
+        assert model is not None
+        reshard_model(model)
+        slots = self._slots if model is self._model else tensor_slots(model, self._names)
+        return [table[key] for table, key in slots]
+
+    def _as_model_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (this rank's shards) as DTensors sharded like the model's, for sharded checkpoints."""
+        if not self._sharded:
+            return dict(tensors)
+        like = dict(zip(self._names, self._model_tensors(), strict=True))
+        return {name: sharded_like(t, like[name]) if name in like else t for name, t in tensors.items()}
 
     def _live(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        if self._sharded:  # read and write this rank's shards, in place
+            return [local_tensor(t) for t in self._model_tensors(model)]
         if model is None or model is self._model:
             return [table[key] for table, key in self._slots]
         return [table[key] for table, key in tensor_slots(model, self._names)]
@@ -184,7 +229,10 @@ class EMA(Algorithm):
         """Blend the training weights into the average once (the Trainer calls this at update events)."""
         self._require_started()
         assert self._storage is not None
-        self._storage.blend(self._training_tensors(), 1.0 - self.smoothing)
+        source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
+        if source is None or self._sharded or self._swapped is not None:  # a reusable plan only for plain models
+            source = self._training_tensors()
+        self._storage.blend(source, 1.0 - self.smoothing)
         self.num_updates += 1
 
     # ------------------------------------------------------------------ events
@@ -202,9 +250,10 @@ class EMA(Algorithm):
         elif event in (Event.BATCH_END, Event.EPOCH_END):
             count = state.timestamp.get(self.update_interval.unit)
             if not self.started:
-                if reached(state.timestamp, self.ema_start, state.max_duration, state.batches_per_epoch):
+                due = reached(state.timestamp, self.ema_start, state.max_duration, state.batches_per_epoch)
+                if due and self._finite_or_skip(count, logger):
                     self._initialise(count)
-            elif count % int(self.update_interval.value) == 0:
+            elif count % int(self.update_interval.value) == 0 and self._finite_or_skip(count, logger):
                 self.update()
         elif event == Event.EVAL_START:
             if self.started:
@@ -217,6 +266,44 @@ class EMA(Algorithm):
                     stacklevel=2,
                 )
             self.get_training_model(state.model)
+
+    def _finite_or_skip(self, count: int, logger: Logger) -> bool:
+        """With ``skip_nonfinite``, False (and a warning) when the training weights hold NaN or Inf."""
+        if not self.skip_nonfinite:
+            return True
+        finite = self._training_weights_finite()
+        if self._sharded:  # each rank sees its shards only; all must skip together or the shards drift apart
+            device = next((t.device for t in self._training_tensors()), torch.device("cpu"))
+            finite = all_reduce_sum([0.0 if finite else 1.0], device)[0] == 0.0
+        if finite:
+            return True
+        self.num_skipped_nonfinite += 1
+        unit = "batch" if self.update_interval.unit == TimeUnit.BATCH else "epoch"
+        warnings.warn(
+            f"EMA update at {unit} {count} skipped: the training weights contain NaN or Inf "
+            f"({self.num_skipped_nonfinite} skipped so far)",
+            stacklevel=2,
+        )
+        logger.log_metrics({"ema/num_skipped_nonfinite": float(self.num_skipped_nonfinite)}, step=count)
+        return False
+
+    def _training_weights_finite(self) -> bool:
+        """Whether every floating training weight is finite (NaN and Inf propagate through min and max)."""
+        spans = None
+        if self._storage is not None and self._swapped is None and not self._sharded:
+            spans = self._storage.current_flat_sources()  # flattened model: a few buffers, one pass each
+        if spans is None:
+            spans = [t for t in self._training_tensors() if t.is_floating_point() and t.numel() > 0]
+            if not spans:
+                return True
+            # The max-abs norm is Inf/NaN exactly when a value is; unlike the 2-norm it cannot overflow.
+            norms = torch._foreach_norm(spans, float("inf"))
+            return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+        for span in spans:
+            low, high = torch.aminmax(span)
+            if not (bool(low.isfinite()) and bool(high.isfinite())):
+                return False
+        return True
 
     def _check_start(self, max_duration: Time) -> None:
         if self.ema_start.unit == max_duration.unit and self.ema_start > max_duration:
@@ -267,6 +354,12 @@ class EMA(Algorithm):
 
     def _build_ema_model(self) -> nn.Module:
         assert self._model is not None and self._storage is not None
+        if self._sharded:
+            raise RuntimeError(
+                "ema_model is not available for a sharded (FSDP) model: each rank holds only its shards of the "
+                "average. Use emakit.distributed.export_ema_weights(ema, path) to write the whole EMA to one file, "
+                "or ema.get_ema_model(model) to run the sharded model on the EMA weights"
+            )
         module = unwrap_model(self._model)
         memo: dict[int, Any] = {}
         for (table, key), name in zip(tensor_slots(module, self._names), self._names, strict=True):
@@ -285,7 +378,10 @@ class EMA(Algorithm):
             "start_count": self.start_count,
             "num_updates": self.num_updates,
             "smoothing": self.smoothing,
-            "ema": self._storage.state_dict() if self.started and self._storage is not None else None,
+            "num_skipped_nonfinite": self.num_skipped_nonfinite,
+            "ema": self._as_model_tensors(self._storage.state_dict())
+            if self.started and self._storage is not None
+            else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,8 +396,11 @@ class EMA(Algorithm):
                 raise RuntimeError("attach the EMA to its model (Trainer INIT or ema.attach) before loading its state")
             if not isinstance(ema, Mapping):
                 raise ValueError("EMA state is marked started but holds no 'ema' tensors")
-            live = dict(zip(self._names, self._live(), strict=True))
+            live = dict(zip(self._names, self._model_tensors() if self._sharded else self._live(), strict=True))
             check_state_matches(ema, live, "EMA state")
+            if self._sharded:  # keep this rank's shards
+                ema = {name: local_tensor(t) for name, t in ema.items()}
+                live = dict(zip(self._names, self._live(), strict=True))
             saved_smoothing = state.get("smoothing")
             if isinstance(saved_smoothing, float) and not math.isclose(saved_smoothing, self.smoothing):
                 warnings.warn(
@@ -318,21 +417,24 @@ class EMA(Algorithm):
             self._ema_model = None
             self.start_count = None
         self.num_updates = int(state["num_updates"])
+        self.num_skipped_nonfinite = int(state.get("num_skipped_nonfinite", 0))
 
     def checkpoint_model_state(
         self, model_state: dict[str, Any], algorithm_state: dict[str, Any], publish: bool
     ) -> dict[str, Any]:
         model_state = dict(model_state)
         if self._backup is not None and self._swapped is not None and self._is_own(self._swapped):
-            for name, tensor in zip(self._names, self._backup.views(), strict=True):
+            backup = self._as_model_tensors(dict(zip(self._names, self._backup.views(), strict=True)))
+            for name, tensor in backup.items():
                 if name in model_state:
                     model_state[name] = tensor
         if publish and self.started:
             assert self._storage is not None
             replaced = [n for n in self._names if n in model_state]
             algorithm_state["training_weights"] = {n: model_state[n] for n in replaced}
+            ema = self._as_model_tensors(self._storage.tensors)
             for name in replaced:
-                model_state[name] = self._storage.tensors[name]
+                model_state[name] = ema[name]
         return model_state
 
     def restore_model_state(self, model_state: dict[str, Any], algorithm_state: dict[str, Any]) -> dict[str, Any]:
