@@ -581,28 +581,28 @@ def _after_batches(n: int, samples_per_batch: int = 4, batches_per_epoch: int | 
 
 
 def test_progress_in_batches() -> None:
-    max_duration = Time.parse("10ba")
-    assert progress(_after_batches(0), max_duration, None) == 0.0
-    assert progress(_after_batches(5), max_duration, None) == 0.5
-    assert progress(_after_batches(15), max_duration, None) == 1.5
-    assert reached(_after_batches(5), Time.parse("0.5dur"), max_duration, None)
-    assert not reached(_after_batches(4), Time.parse("0.5dur"), max_duration, None)
+    run_length = Time.parse("10ba")
+    assert progress(_after_batches(0), run_length, None) == 0.0
+    assert progress(_after_batches(5), run_length, None) == 0.5
+    assert progress(_after_batches(15), run_length, None) == 1.5
+    assert reached(_after_batches(5), Time.parse("0.5dur"), run_length, None)
+    assert not reached(_after_batches(4), Time.parse("0.5dur"), run_length, None)
 
 
 def test_progress_in_samples() -> None:
-    max_duration = Time(100, "sp")
-    assert progress(_after_batches(5, samples_per_batch=4), max_duration, None) == 0.2
-    assert reached(_after_batches(5, samples_per_batch=4), Time(0.2, "dur"), max_duration, None)
-    assert not reached(_after_batches(4, samples_per_batch=4), Time(0.2, "dur"), max_duration, None)
+    run_length = Time(100, "sp")
+    assert progress(_after_batches(5, samples_per_batch=4), run_length, None) == 0.2
+    assert reached(_after_batches(5, samples_per_batch=4), Time(0.2, "dur"), run_length, None)
+    assert not reached(_after_batches(4, samples_per_batch=4), Time(0.2, "dur"), run_length, None)
 
 
 def test_progress_in_epochs() -> None:
-    max_duration = Time(1, "ep")
-    assert progress(_after_batches(4, batches_per_epoch=8), max_duration, 8) == 0.5
-    assert progress(_after_batches(8, batches_per_epoch=8), max_duration, 8) == 1.0
+    run_length = Time(1, "ep")
+    assert progress(_after_batches(4, batches_per_epoch=8), run_length, 8) == 0.5
+    assert progress(_after_batches(8, batches_per_epoch=8), run_length, 8) == 1.0
     # epochs unknown length: only completed epochs count
-    assert progress(_after_batches(4, batches_per_epoch=8), max_duration, None) == 0.0
-    assert progress(_after_batches(4, batches_per_epoch=8), max_duration, 0) == 0.0
+    assert progress(_after_batches(4, batches_per_epoch=8), run_length, None) == 0.0
+    assert progress(_after_batches(4, batches_per_epoch=8), run_length, 0) == 0.0
     two = Time(2, "ep")
     assert progress(_after_batches(12, batches_per_epoch=8), two, 8) == 0.75
     assert progress(_after_batches(12, batches_per_epoch=8), two, None) == 0.5

@@ -97,11 +97,11 @@ def test_algorithms_run_before_callbacks() -> None:
 
 
 def test_max_duration_units() -> None:
-    for duration, batches, samples in (("3ba", 3, 24), ("2ep", 8, 64), ("20sp", 3, 24)):
-        trainer = Trainer(make_model(0), make_loader(n=32), duration, progress_bar=False)
+    for length, batches, samples in (("3ba", 3, 24), ("2ep", 8, 64), ("20sp", 3, 24)):
+        trainer = Trainer(make_model(0), make_loader(n=32), length, progress_bar=False)
         trainer.fit()
-        assert trainer.state.timestamp.batch == batches, duration
-        assert trainer.state.timestamp.sample == samples, duration
+        assert trainer.state.timestamp.batch == batches, length
+        assert trainer.state.timestamp.sample == samples, length
 
 
 def test_model_with_its_own_loss() -> None:
