@@ -43,12 +43,14 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "apply_checkpoint",
     "build_checkpoint",
+    "check_checkpoint_format",
     "list_checkpoints",
     "load_checkpoint_file",
     "model_state_dict",
     "newest_loadable_checkpoint",
     "remove_stale_temporaries",
     "save_checkpoint_file",
+    "unreadable_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "emakit.checkpoint"
@@ -155,16 +157,25 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {first_line}") from e
+        raise unreadable_checkpoint(path, e) from e
+    check_checkpoint_format(checkpoint, f"checkpoint {str(path)!r}")
+    return checkpoint
+
+
+def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) -> ValueError:
+    """The error for a checkpoint that cannot be read with ``weights_only``, quoting the cause's first line."""
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return ValueError(f"checkpoint {str(path)!r} cannot be read safely: {first_line}")
+
+
+def check_checkpoint_format(checkpoint: object, source: str) -> None:
+    """Raise ValueError unless ``checkpoint`` is a dict in the format and version this emakit writes."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not an emakit checkpoint (no 'format': {CHECKPOINT_FORMAT!r} entry)")
+        raise ValueError(f"{source} is not an emakit checkpoint (no 'format': {CHECKPOINT_FORMAT!r} entry)")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
-            f"checkpoint {str(path)!r} has format version {checkpoint.get('version')!r}; "
-            f"this emakit reads version {CHECKPOINT_VERSION}"
+            f"{source} has format version {checkpoint.get('version')!r}; this emakit reads version {CHECKPOINT_VERSION}"
         )
-    return checkpoint
 
 
 def apply_checkpoint(

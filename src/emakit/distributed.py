@@ -35,12 +35,12 @@ import torch.distributed as dist
 from torch import nn
 
 from emakit.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     build_checkpoint,
+    check_checkpoint_format,
     load_checkpoint_file,
     model_state_dict,
     save_checkpoint_file,
+    unreadable_checkpoint,
 )
 from emakit.functional import canonical_name, unwrap_model
 
@@ -564,18 +564,8 @@ def read_sharded_checkpoint(
             dcp.load(flat, storage_reader=reader, planner=planner, no_dist=True)
     except CheckpointException as e:  # a BaseException: give callers an ordinary error naming the cause
         cause = next(iter(e.failures.values()))[0] if e.failures else e
-        first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {first_line}") from cause
+        raise unreadable_checkpoint(path, cause) from cause
     return _nest({fqn: planner.state_dict[fqn] for fqn in flat}, paths)
-
-
-def _check_format(checkpoint: Mapping[str, Any], source: str) -> None:
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} is not an emakit checkpoint (no 'format': {CHECKPOINT_FORMAT!r} entry)")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{source} has format version {checkpoint.get('version')!r}; this emakit reads version {CHECKPOINT_VERSION}"
-        )
 
 
 def load_sharded_checkpoint(state: State, path: str | os.PathLike[str]) -> tuple[dict[str, Any], Callable[[], None]]:
@@ -601,7 +591,7 @@ def load_sharded_checkpoint(state: State, path: str | os.PathLike[str]) -> tuple
 
     reshard_model(state.model)
     checkpoint = read_sharded_checkpoint(path, state.model, keep)
-    _check_format(checkpoint, source)
+    check_checkpoint_format(checkpoint, source)
     saved = checkpoint["state"]
     # DCP stores no empty dicts: give back the ones a checkpoint may have had.
     saved.setdefault("schedulers", [])
@@ -675,7 +665,7 @@ def _ema_weights_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         )
 
     checkpoint = read_sharded_checkpoint(path, keep=lambda keys: wanted(keys, False))
-    _check_format(checkpoint, source)
+    check_checkpoint_format(checkpoint, source)
     found = weights_in(checkpoint)
     if found is None:
         checkpoint = read_sharded_checkpoint(path, keep=lambda keys: wanted(keys, True))

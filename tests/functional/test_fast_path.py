@@ -82,6 +82,20 @@ class Reference:
                 assert torch.equal(tensors[name], expected), name
 
 
+def train_alongside(
+    model: nn.Module, opt: torch.optim.Optimizer, ema: EMA, reference: nn.Module, reference_opt: torch.optim.Optimizer
+) -> Reference:
+    """Three identical training steps on ``model`` (followed by ``ema``) and on a plain ``reference`` model
+    (followed by the per-tensor :class:`Reference` EMA, which is returned)."""
+    ema_ref = Reference(reference)
+    for step in range(3):
+        train_step(model, opt, step)
+        train_step(reference, reference_opt, step)
+        ema.update()
+        ema_ref.update(reference)
+    return ema_ref
+
+
 def started_ema(model: nn.Module, **kwargs: object) -> EMA:
     ema = EMA(smoothing=SMOOTHING, **kwargs)  # type: ignore[arg-type]
     ema.attach(model)
@@ -563,12 +577,7 @@ def test_flattened_model_under_torch_compile_trains_like_eager() -> None:
     opt_a = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_b = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     ema = started_ema(compiled, flatten_model=True)
-    ema_ref = Reference(reference)
-    for step in range(3):
-        train_step(compiled, opt_a, step)
-        train_step(reference, opt_b, step)
-        ema.update()
-        ema_ref.update(reference)
+    ema_ref = train_alongside(compiled, opt_a, ema, reference, opt_b)
     assert is_flattened(model)
     ema_ref.assert_matches(ema.ema_tensors)
 
@@ -589,12 +598,7 @@ def test_flattened_model_under_ddp_keeps_its_views(tmp_path: Path, flatten_first
         opt_a = torch.optim.Adam(ddp.parameters(), lr=0.01)
         opt_b = torch.optim.Adam(reference.parameters(), lr=0.01)
         ema = started_ema(ddp, flatten_model=not flatten_first)
-        ema_ref = Reference(reference)
-        for step in range(3):
-            train_step(ddp, opt_a, step)
-            train_step(reference, opt_b, step)
-            ema.update()
-            ema_ref.update(reference)
+        ema_ref = train_alongside(ddp, opt_a, ema, reference, opt_b)
         assert is_flattened(model)
         plan = plan_of(ema)
         assert plan is not None and not plan.loose
