@@ -149,22 +149,31 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _once(fn: Update, inner: int) -> float:
+def _once(fn: Update, inner: int, finish: Update | None = None) -> float:
     _sync()
     start = time.perf_counter()
     for _ in range(inner):
         fn()
+    if finish is not None:
+        finish()
     _sync()
     return (time.perf_counter() - start) / inner
 
 
-def time_interleaved(fns: dict[str, Update], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, sampled in rounds of one sample each, in shuffled order."""
+def time_interleaved(
+    fns: dict[str, Update], repeats: int, warmup: int = 1, finish: dict[str, Update] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, sampled in rounds of one sample each, in shuffled order.
+
+    ``finish[name]``, if given, runs at the end of each of that function's samples, inside the timing (to
+    wait for work the function left running).
+    """
+    finish = finish or {}
     inner: dict[str, int] = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
-        estimate = min(_once(fn, 1) for _ in range(3))
+        estimate = min(_once(fn, 1, finish.get(name)) for _ in range(3))
         inner[name] = max(1, min(1000, int(_TARGET_SAMPLE_S / max(estimate, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
@@ -172,7 +181,7 @@ def time_interleaved(fns: dict[str, Update], repeats: int, warmup: int = 1) -> d
     for _ in range(repeats):
         shuffle(order)  # no row always runs just after the same other row (cache contents, clock ramps)
         for name in order:
-            samples[name].append(_once(fns[name], inner[name]))
+            samples[name].append(_once(fns[name], inner[name], finish.get(name)))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -397,7 +406,13 @@ def bench_shape(shape: str, args: argparse.Namespace) -> list[Table]:
 
 
 # ------------------------------------------------------------------ share of a training step
-def _step_fn(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, momentum: float) -> Update:
+def _resnet_case(quick: bool, batch: int) -> tuple[str, Callable[[], nn.Module], tuple[int, ...], int]:
+    """(label, model factory, input shape, classes) for timing training steps of the ResNet-like model."""
+    side, size = (32, 2) if quick else (224, batch)
+    return f"resnet50-like, {size} x 3x{side}x{side}", lambda: build_model("resnet", quick), (size, 3, side, side), 1000
+
+
+def _step_fn(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, momentum: float = 0.0) -> Update:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=momentum)
     model.train()
 
@@ -420,16 +435,8 @@ def bench_step_share(args: argparse.Namespace) -> Table:
         ("demo CNN, 16 x 1x8x8, SGD", demo_cnn, (16, 1, 8, 8), 10, 0.0),
     ]
     if "resnet" in args.shapes:
-        side, size = (32, 2) if args.quick else (224, 8)
-        cases.append(
-            (
-                f"resnet50-like, {size} x 3x{side}x{side}, SGD momentum",
-                lambda: build_model("resnet", args.quick),
-                (size, 3, side, side),
-                1000,
-                0.9,
-            )
-        )
+        label, make, input_shape, classes = _resnet_case(args.quick, batch=8)
+        cases.append((f"{label}, SGD momentum", make, input_shape, classes, 0.9))
     for label, make, input_shape, classes, momentum in cases:
         torch.manual_seed(0)
         batch = torch.randn(*input_shape)
@@ -444,6 +451,68 @@ def bench_step_share(args: argparse.Namespace) -> Table:
             share = medians["update"] / (medians["step"] + medians["update"])
             name = f"{label}; EMA({'flatten_model=True' if flatten else 'default'})"
             table.rows.append((name, medians["step"] * 1e3, medians["update"] * 1e3, 100 * share))
+    return table
+
+
+# ------------------------------------------------------------------ overlapping the update with the next step
+def _then(first: Update, second: Update) -> Update:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+def _mlp(width: int = 2048, depth: int = 8) -> nn.Module:
+    """Big weights, little arithmetic per weight at small batches: the update is a visible part of a step."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def bench_overlap(args: argparse.Namespace) -> Table:
+    """What the update still adds to a training step with ``EMA(overlap=True)``, against the update in the step."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    how = "CUDA side stream" if device.type == "cuda" else "worker thread"
+    table = Table(
+        f"EMA update overlapped with the next step ({how}), update_interval 1, flatten_model=True",
+        ("model", "step ms", "update ms", "step+update ms", "step+overlapped ms", "exposed ms"),
+    )
+    width, depth, mlp_batch = (256, 2, 4) if args.quick else (2048, 8, 32)
+    cases: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], int]] = [
+        ("demo CNN, 16 x 1x8x8", demo_cnn, (16, 1, 8, 8), 10),
+        (f"MLP {depth} x {width}x{width}, batch {mlp_batch}", lambda: _mlp(width, depth), (mlp_batch, width), 10),
+    ]
+    if "resnet" in args.shapes and (device.type == "cuda" or args.quick):  # on CPU its step is seconds of noise
+        cases.append(_resnet_case(args.quick, batch=64))
+    for label, make, input_shape, classes in cases:
+        batch = torch.randn(*input_shape, device=device)
+        labels = torch.randint(0, classes, (input_shape[0],), device=device)
+        steps, emas = [], []
+        for overlap in (None, False, True):  # no EMA, the update in the step, the update overlapped
+            torch.manual_seed(0)
+            model = make().to(device)
+            steps.append(_step_fn(model, batch, labels))
+            steps[-1]()
+            emas.append(None if overlap is None else _started_ema(model, flatten_model=True, overlap=overlap))
+        sync_ema, overlap_ema = emas[1], emas[2]
+        assert sync_ema is not None and overlap_ema is not None
+        medians = time_interleaved(
+            {
+                "step": steps[0],
+                "update": sync_ema.update,
+                "sync": _then(steps[1], sync_ema.update),
+                "overlap": _then(steps[2], overlap_ema.update),
+            },
+            args.repeats,
+            finish={"overlap": overlap_ema.wait},
+        )
+        ms = {name: seconds * 1e3 for name, seconds in medians.items()}
+        table.rows.append((label, ms["step"], ms["update"], ms["sync"], ms["overlap"], ms["overlap"] - ms["step"]))
+    table.notes.append(
+        "exposed = (step+overlapped) - step, a difference of medians: noisy when the update is a small part of a step"
+    )
     return table
 
 
@@ -546,6 +615,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-peers", action="store_true", help="skip the peer libraries")
     parser.add_argument("--no-step", action="store_true", help="skip the training-step share")
     parser.add_argument("--no-mixed", action="store_true", help="skip the fp32-EMA-of-bf16 table")
+    parser.add_argument("--no-overlap", action="store_true", help="skip the overlapped-update table")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return parser
 
@@ -566,9 +636,9 @@ def run(args: argparse.Namespace) -> Iterator[Table | str]:
         yield bench_step_share(args)
     if not args.no_mixed and "resnet" in args.shapes:
         yield bench_mixed(args)
+    if not args.no_overlap:
+        yield bench_overlap(args)
     yield bench_cuda(args)
-    if torch.cuda.is_available():
-        yield "CUDA side-stream update: not implemented (see the README's Speed section)."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

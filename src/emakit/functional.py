@@ -315,10 +315,11 @@ def _storage_id(tensor: torch.Tensor) -> int:
 class _FlatGroup:
     """One kernel's worth of pairs: ``target`` and ``source`` are 1-D spans of one buffer each (detached)."""
 
-    __slots__ = ("averaged", "same", "source", "target")
+    __slots__ = ("averaged", "phase", "same", "source", "target")
 
-    def __init__(self, averaged: bool, target: torch.Tensor, source: torch.Tensor) -> None:
+    def __init__(self, averaged: bool, phase: int, target: torch.Tensor, source: torch.Tensor) -> None:
         self.averaged = averaged
+        self.phase = phase
         self.target = target
         self.source = source
         self.same = target.dtype == source.dtype and target.device == source.device
@@ -391,6 +392,9 @@ class UpdatePlan:
         averaged: per pair, blend (True) or copy (False).
         protected: tensors that a flat group must not write into unless they are its own targets.
         watch_targets: also watch the targets' buffers (False when the caller owns them).
+        phases: per pair, a small integer; pairs of different phases never share a kernel, so that
+            ``run(weight, phase)`` can update them at different moments (an overlapped EMA updates the
+            parameters later than the buffers). Default: all in phase 0.
     """
 
     def __init__(
@@ -401,16 +405,19 @@ class UpdatePlan:
         *,
         protected: Sequence[torch.Tensor] = (),
         watch_targets: bool = True,
+        phases: Sequence[int] | None = None,
     ) -> None:
         self.registrations = registration_count()
         self.flat: list[_FlatGroup] = []
-        self.loose: list[tuple[bool, list[torch.Tensor], list[torch.Tensor]]] = []
-        groups: dict[tuple[bool, bool, tuple[object, ...]], list[int]] = {}
-        for i, (t, s, avg) in enumerate(zip(targets, sources, averaged, strict=True)):
+        self.loose: list[tuple[bool, int, list[torch.Tensor], list[torch.Tensor]]] = []
+        if phases is None:
+            phases = [0] * len(targets)
+        groups: dict[tuple[bool, int, bool, tuple[object, ...]], list[int]] = {}
+        for i, (t, s, avg, phase) in enumerate(zip(targets, sources, averaged, phases, strict=True)):
             if t.numel() > 0:
-                groups.setdefault((avg, _is_plain(t) and _is_plain(s), _group_key(t, s)), []).append(i)
+                groups.setdefault((avg, phase, _is_plain(t) and _is_plain(s), _group_key(t, s)), []).append(i)
         loose_index: list[int] = []
-        for (avg, plain, _), index in groups.items():
+        for (avg, phase, plain, _), index in groups.items():
             leftover: list[int] = index
             if (
                 plain
@@ -427,9 +434,9 @@ class UpdatePlan:
                         if span is None:
                             leftover += members
                         else:
-                            self.flat.append(_FlatGroup(avg, *span))
+                            self.flat.append(_FlatGroup(avg, phase, *span))
             if leftover:
-                self.loose.append((avg, [targets[i] for i in leftover], [sources[i] for i in leftover]))
+                self.loose.append((avg, phase, [targets[i] for i in leftover], [sources[i] for i in leftover]))
                 loose_index += leftover
         # What the loose pairs' sources were, to re-validate them against freshly read sources (see is_current).
         self._loose_index = loose_index
@@ -479,9 +486,12 @@ class UpdatePlan:
                 return False
         return self._use_counts() == self._counts
 
-    def run(self, weight: float) -> None:
-        """Blend averaged pairs (``t <- t + weight * (s - t)``) and copy the others."""
+    def run(self, weight: float, phase: int | None = None) -> None:
+        """Blend averaged pairs (``t <- t + weight * (s - t)``) and copy the others: all of them, or the
+        pairs of one ``phase``."""
         for group in self.flat:  # detached spans: no autograd bookkeeping to switch off
+            if phase is not None and group.phase != phase:
+                continue
             if not group.averaged or weight == 1.0:
                 group.target.copy_(group.source)
             elif weight != 0.0:
@@ -491,7 +501,9 @@ class UpdatePlan:
                     _lerp_cast_flat(group.target, group.source, weight)
         if self.loose:
             with torch.no_grad():
-                for avg, dst, src in self.loose:
+                for avg, pair_phase, dst, src in self.loose:
+                    if phase is not None and pair_phase != phase:
+                        continue
                     if avg:
                         lerp_tensors_(dst, src, weight)
                     else:

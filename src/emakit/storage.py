@@ -103,6 +103,7 @@ class FlatStorage:
         self._blended = [is_averaged(t) for t in self._views]
         self._plan: UpdatePlan | None = None
         self._plan_reader: Callable[[], Sequence[torch.Tensor]] | None = None
+        self._plan_phases: Sequence[int] | None = None
         self.copy_from([sources[n] for n in self.names])
 
     @property
@@ -114,10 +115,12 @@ class FlatStorage:
         """The stored tensors in ``names`` order."""
         return list(self._views)
 
-    def _update_plan(self, sources: Sequence[torch.Tensor], blended: Sequence[bool]) -> UpdatePlan:
+    def _update_plan(
+        self, sources: Sequence[torch.Tensor], blended: Sequence[bool], phases: Sequence[int] | None = None
+    ) -> UpdatePlan:
         if len(sources) != len(self._views):
             raise ValueError(f"expected {len(self._views)} source tensors (one per name), got {len(sources)}")
-        return UpdatePlan(self._views, sources, blended, protected=self._views, watch_targets=False)
+        return UpdatePlan(self._views, sources, blended, protected=self._views, watch_targets=False, phases=phases)
 
     def current_flat_sources(self) -> list[torch.Tensor] | None:
         """The flat spans of the training weights that the current update plan blends from, if the plan is
@@ -128,29 +131,38 @@ class FlatStorage:
             return None
         return [group.source for group in plan.flat if group.averaged]
 
+    def prepare(
+        self,
+        sources: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]],
+        phases: Sequence[int] | None = None,
+    ) -> UpdatePlan:
+        """The update plan pairing the stored tensors with ``sources``; ``plan.run(weight)`` blends.
+
+        ``sources`` are in ``names`` order, or a callable returning them: then the plan is kept between calls
+        with the same callable (and the same ``phases`` object). For a flattened model the callable is not
+        even called while the plan is current: the update is one kernel per segment and no per-tensor Python
+        work. Otherwise it is called, and its tensors are checked against the plan's instead of being paired
+        again. ``phases`` splits the pairs for :meth:`UpdatePlan.run` (see :class:`UpdatePlan`).
+        """
+        if not callable(sources):
+            return self._update_plan(sources, self._blended, phases)
+        plan, fresh = self._plan, None
+        if plan is not None and self._plan_reader is sources and self._plan_phases is phases:
+            fresh = sources() if plan.loose else None
+            if plan.is_current(fresh):
+                return plan
+        self._plan = self._plan_reader = plan = None  # release its spans before the new plan counts references
+        plan = self._update_plan(sources() if fresh is None else fresh, self._blended, phases)
+        plan.snapshot()
+        self._plan, self._plan_reader, self._plan_phases = plan, sources, phases
+        return plan
+
     def blend(self, sources: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]], weight: float) -> None:
         """``stored <- stored + weight * (source - stored)`` for floating tensors; copy the others.
 
-        ``sources`` are in ``names`` order, or a callable returning them: then the pairing (an
-        :class:`~emakit.functional.UpdatePlan`) is kept between calls with the same callable. For a flattened
-        model the callable is not even called while the plan is current: the update is one kernel per
-        segment and no per-tensor Python work. Otherwise it is called, and its tensors are checked against the
-        plan's instead of being paired again.
+        ``sources`` as for :meth:`prepare`, which keeps the pairing between calls with the same callable.
         """
-        if not callable(sources):
-            self._update_plan(sources, self._blended).run(weight)
-            return
-        plan, fresh = self._plan, None
-        if plan is not None and self._plan_reader is sources:
-            fresh = sources() if plan.loose else None
-            if plan.is_current(fresh):
-                plan.run(weight)
-                return
-        self._plan = self._plan_reader = plan = None  # release its spans before the new plan counts references
-        plan = self._update_plan(sources() if fresh is None else fresh, self._blended)
-        plan.snapshot()
-        self._plan, self._plan_reader = plan, sources
-        plan.run(weight)
+        self.prepare(sources).run(weight)
 
     @torch.no_grad()
     def copy_from(self, sources: Sequence[torch.Tensor]) -> None:

@@ -51,6 +51,11 @@ def test_quick_run_prints_parseable_tables(capsys: pytest.CaptureFixture[str]) -
     assert len(checks) == len(bench.SHAPES) and all(len(parsed[t]) == 3 for t in checks)
     (share,) = [t for t in parsed if t.startswith("EMA update as a share")]
     assert len(parsed[share]) == 4 and all(0 < row[2] < 100 for _, row in parsed[share])
+    (overlap,) = [t for t in parsed if t.startswith("EMA update overlapped with the next step")]
+    assert [name.split(",")[0].split(" ")[0] for name, _ in parsed[overlap]] == ["demo", "MLP", "resnet50-like"]
+    for _, (step, update, with_update, with_overlap, exposed) in parsed[overlap]:
+        assert min(step, update, with_update, with_overlap) > 0
+        assert exposed == pytest.approx(with_overlap - step, abs=0.1)  # cells keep 0.1 to 0.001 ms
 
 
 def test_options_are_validated(capsys: pytest.CaptureFixture[str]) -> None:

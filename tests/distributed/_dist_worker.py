@@ -73,11 +73,11 @@ def loaders(single_process: bool) -> tuple[DataLoader, DataLoader]:
 
 
 def make_trainer(
-    parallelism: str | None, single_process: bool = False, duration: str = "2ep", **kwargs: Any
+    parallelism: str | None, single_process: bool = False, duration: str = "2ep", overlap: bool = False, **kwargs: Any
 ) -> tuple[Trainer, EMA]:
     model = make_net()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)  # created before sharding: the Trainer re-points it
-    ema = EMA(half_life="2ba")
+    ema = EMA(half_life="2ba", overlap=overlap)
     train, evaluation = loaders(single_process)
     trainer = Trainer(
         model,
@@ -156,6 +156,16 @@ def main(out: Path, single_checkpoint: Path) -> None:
     }
     export_ema_weights(fsdp, out / "fsdp_ema_export.pt")
     record_["fsdp"]["update_is_local"] = check_update_is_local(fsdp_ema, fsdp.state.model, rank)
+
+    for parallelism in ("ddp", "fsdp"):  # the update overlapped with the next step on a worker thread
+        overlapped, overlapped_ema = make_trainer(parallelism, overlap=True)
+        overlapped.fit()
+        record_[f"{parallelism}_overlap"] = {
+            "ema": gathered(overlapped_ema.state_dict()["ema"]),
+            "weights": model_weights(overlapped.state.model),
+            "eval": eval_history(overlapped),
+            "overlap": type(overlapped_ema._overlap).__name__,
+        }
 
     resumed, resumed_ema = make_trainer(
         "fsdp", save_folder=out / "fsdp_resumed_ckpt", save_interval="2ba", load_path=out / "fsdp_ckpt" / "ep0-ba2"

@@ -131,6 +131,17 @@ def test_fsdp_ema_gathered_equals_the_ddp_ema(launch: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_overlapped_update_gives_the_same_run_on_two_ranks(launch: dict[str, Any], parallelism: str) -> None:
+    for rank in launch["ranks"]:
+        overlapped, plain = rank[f"{parallelism}_overlap"], rank[parallelism]
+        assert overlapped["overlap"] == "ThreadOverlap"
+        assert_close(overlapped["ema"], plain["ema"], exact=True)
+        assert_close(overlapped["weights"], plain["weights"], exact=True)
+        assert overlapped["eval"] == plain["eval"]
+
+
+@pytest.mark.slow
 def test_fsdp_ema_keeps_about_half_the_bytes_on_each_of_two_ranks(launch: dict[str, Any]) -> None:
     full_bytes = launch["ranks"][0]["ddp"]["ema_nbytes"]  # a DDP rank holds the whole average
     shards = [r["fsdp"]["ema_local_numel"] for r in launch["ranks"]]

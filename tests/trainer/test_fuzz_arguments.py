@@ -50,7 +50,18 @@ def works_or_value_type_error(fn: Any, *args: Any, **kwargs: Any) -> None:
 @SETTINGS
 @given(
     kwargs=st.dictionaries(
-        st.sampled_from(["half_life", "smoothing", "ema_start", "update_interval", "fp32_ema", "skip_nonfinite"]),
+        st.sampled_from(
+            [
+                "half_life",
+                "smoothing",
+                "ema_start",
+                "update_interval",
+                "fp32_ema",
+                "skip_nonfinite",
+                "flatten_model",
+                "overlap",
+            ]
+        ),
         anything,
         max_size=4,
     )

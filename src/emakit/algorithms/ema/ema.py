@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -15,7 +16,8 @@ from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.distributed import all_reduce_sum, is_sharded_model, local_tensor, reshard_model, sharded_like
 from emakit.flatten import flatten_model_
-from emakit.functional import named_tensors, tensor_slots, unwrap_model, validate_smoothing
+from emakit.functional import is_averaged, named_tensors, tensor_slots, unwrap_model, validate_smoothing
+from emakit.overlap import Overlap, make_overlap
 from emakit.storage import FlatStorage, check_state_matches
 from emakit.time import Time, TimeUnit, reached
 
@@ -32,6 +34,9 @@ class _DefaultHalfLife(str):
 
 _DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
 _UPDATE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH)
+#: Update phases with ``overlap=True``: buffers (and copied tensors) at once, floating parameters alongside the
+#: next step. BatchNorm's forward and DDP's broadcast write buffers; only the optimizer step writes parameters.
+_NOW, _ALONGSIDE = 0, 1
 
 
 class EMA(Algorithm):
@@ -60,6 +65,13 @@ class EMA(Algorithm):
             tensor. Off by default because it changes where the model's tensors live; worth it for models
             of many small tensors. ``model.to(...)`` or replacing a parameter afterwards undoes it, and the
             update falls back to the grouped path.
+        overlap: run the parameters' part of each update alongside the next training step instead of in
+            it: on a CUDA side stream for CUDA models, on a worker thread for CPU models. Buffers are still
+            blended at once (the next forward writes them). Any ``torch.optim.Optimizer`` step waits for
+            the pending update before it writes the weights, and so do this EMA's own methods (swaps,
+            checkpoints, ``ema_model``, ``state_dict``). Off by default; see :mod:`emakit.overlap`. Code
+            that writes the weights outside an optimizer step, or reads a kept reference to ``ema_model``,
+            calls :meth:`wait` first.
 
     The Trainer evaluates on the EMA weights once the average has started, and
     :class:`~emakit.callbacks.CheckpointSaver` saves them as the checkpoint's model weights (the training
@@ -77,6 +89,7 @@ class EMA(Algorithm):
         fp32_ema: bool = True,
         skip_nonfinite: bool = False,
         flatten_model: bool = False,
+        overlap: bool = False,
     ) -> None:
         explicit_half_life = half_life is not None and not isinstance(half_life, _DefaultHalfLife)
         if smoothing is not None and explicit_half_life:
@@ -123,6 +136,13 @@ class EMA(Algorithm):
         if not isinstance(flatten_model, bool):
             raise TypeError(f"flatten_model must be a bool, got {flatten_model!r}")
         self.flatten_model = flatten_model
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
+        self.overlap = overlap
+        self._overlap: Overlap | None = None
+        #: Per tracked tensor, when it is blended with ``overlap`` (_NOW or _ALONGSIDE); a tuple kept as one
+        #: object, so that the storage keeps its update plan between updates.
+        self._phases: tuple[int, ...] | None = None
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
 
@@ -161,6 +181,7 @@ class EMA(Algorithm):
         """The averaged tensors by canonical name (live views of the EMA storage)."""
         self._require_started()
         assert self._storage is not None
+        self.wait()
         return self._storage.state_dict()
 
     def _require_started(self) -> None:
@@ -183,6 +204,32 @@ class EMA(Algorithm):
         if self.flatten_model and not self._sharded:
             flatten_model_(model)
         self._live_reader = self._live
+        if self.overlap:
+            self._setup_overlap(params)
+
+    def _setup_overlap(self, params: Mapping[str, torch.Tensor]) -> None:
+        tensors = self._live()
+        self._phases = tuple(
+            _ALONGSIDE if name in params and is_averaged(t) else _NOW
+            for name, t in zip(self._names, tensors, strict=True)
+        )
+        devices = sorted({str(t.device) for t, p in zip(tensors, self._phases, strict=True) if p == _ALONGSIDE})
+        if len(devices) > 1:
+            raise ValueError(
+                f"overlap=True needs the model's trainable parameters on one device, found {', '.join(devices)}"
+            )
+        if self._overlap is None and devices:
+            self._overlap = make_overlap(torch.device(devices[0]))
+
+    def wait(self) -> None:
+        """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
+
+        On CUDA the current stream waits for the side stream (the host does not block); on CPU this joins the
+        worker thread and re-raises its error, if any. The Trainer, optimizer steps and this EMA's methods
+        call it where needed.
+        """
+        if self._overlap is not None:
+            self._overlap.wait()
 
     def _model_tensors(self, model: nn.Module | None = None) -> list[torch.Tensor]:
         """The tracked tensors as the model holds them: DTensors for sharded parameters (after resharding)."""
@@ -216,6 +263,7 @@ class EMA(Algorithm):
         return self._model is not None and unwrap_model(model) is unwrap_model(self._model)
 
     def _initialise(self, count: int) -> None:
+        self.wait()
         sources = dict(zip(self._names, self._training_tensors(), strict=True))
         if self._storage is None:
             self._storage = FlatStorage(sources, fp32_ema=self.fp32_ema)
@@ -229,10 +277,17 @@ class EMA(Algorithm):
         """Blend the training weights into the average once (the Trainer calls this at update events)."""
         self._require_started()
         assert self._storage is not None
+        self.wait()
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._sharded or self._swapped is not None:  # a reusable plan only for plain models
             source = self._training_tensors()
-        self._storage.blend(source, 1.0 - self.smoothing)
+        weight = 1.0 - self.smoothing
+        if self._overlap is None:
+            self._storage.blend(source, weight)
+        else:
+            plan = self._storage.prepare(source, self._phases)
+            plan.run(weight, _NOW)
+            self._overlap.launch(functools.partial(plan.run, weight, _ALONGSIDE))
         self.num_updates += 1
 
     # ------------------------------------------------------------------ events
@@ -244,6 +299,8 @@ class EMA(Algorithm):
         return event in (Event.INIT, Event.BATCH_START, Event.EVAL_START, Event.EVAL_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_END:
+            self.wait()  # fit() returns a finished average
         if event == Event.INIT:
             self._check_start(state.max_duration)
             self.attach(state.model)
@@ -320,6 +377,7 @@ class EMA(Algorithm):
         """
         self._require_started()
         assert self._storage is not None
+        self.wait()
         if self._swapped is not None:
             if unwrap_model(self._swapped) is unwrap_model(model):
                 return model
@@ -335,6 +393,7 @@ class EMA(Algorithm):
         if self._swapped is None or unwrap_model(self._swapped) is not unwrap_model(model):
             return model
         assert self._backup is not None
+        self.wait()
         self._backup.copy_to(self._live(model))
         self._backup = None
         self._swapped = None
@@ -348,6 +407,7 @@ class EMA(Algorithm):
         shared with the training model. fp16/bf16 models give an fp32 ``ema_model`` unless ``fp32_ema=False``.
         """
         self._require_started()
+        self.wait()
         if self._ema_model is None:
             self._ema_model = self._build_ema_model()
         return self._ema_model
@@ -373,6 +433,7 @@ class EMA(Algorithm):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        self.wait()
         return {
             "started": self.started,
             "start_count": self.start_count,
@@ -387,6 +448,7 @@ class EMA(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
+        self.wait()
         for key in ("started", "start_count", "num_updates", "ema"):
             if key not in state:
                 raise ValueError(f"EMA state has no {key!r} entry; keys: {sorted(state)}")
@@ -422,6 +484,7 @@ class EMA(Algorithm):
     def checkpoint_model_state(
         self, model_state: dict[str, Any], algorithm_state: dict[str, Any], publish: bool
     ) -> dict[str, Any]:
+        self.wait()
         model_state = dict(model_state)
         if self._backup is not None and self._swapped is not None and self._is_own(self._swapped):
             backup = self._as_model_tensors(dict(zip(self._names, self._backup.views(), strict=True)))
