@@ -17,6 +17,7 @@ sides are views into one flat buffer each (see :mod:`emakit.flatten`), a whole g
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -489,25 +490,40 @@ class UpdatePlan:
     def run(self, weight: float, phase: int | None = None) -> None:
         """Blend averaged pairs (``t <- t + weight * (s - t)``) and copy the others: all of them, or the
         pairs of one ``phase``."""
-        for group in self.flat:  # detached spans: no autograd bookkeeping to switch off
-            if phase is not None and group.phase != phase:
-                continue
-            if not group.averaged or weight == 1.0:
-                group.target.copy_(group.source)
-            elif weight != 0.0:
-                if group.same:
-                    group.target.lerp_(group.source, weight)
+        _run_groups(self._flat_of(phase), self._loose_of(phase), weight)
+
+    def bound(self, weight: float, phase: int | None = None) -> Callable[[], None]:
+        """``run(weight, phase)`` as a call to make later, perhaps on another thread, over the memory the
+        tensors hold now: the loose pairs' sources are detached here, so re-pointing a parameter
+        (``param.data = ...``) before the call does not change what it reads."""
+        loose = [(avg, dst, [s.detach() for s in src]) for avg, dst, src in self._loose_of(phase)]
+        return functools.partial(_run_groups, self._flat_of(phase), loose, weight)
+
+    def _flat_of(self, phase: int | None) -> list[_FlatGroup]:
+        return [g for g in self.flat if phase is None or g.phase == phase]
+
+    def _loose_of(self, phase: int | None) -> list[tuple[bool, list[torch.Tensor], list[torch.Tensor]]]:
+        return [(avg, dst, src) for avg, p, dst, src in self.loose if phase is None or p == phase]
+
+
+def _run_groups(
+    flat: Sequence[_FlatGroup], loose: Sequence[tuple[bool, list[torch.Tensor], list[torch.Tensor]]], weight: float
+) -> None:
+    for group in flat:  # detached spans: no autograd bookkeeping to switch off
+        if not group.averaged or weight == 1.0:
+            group.target.copy_(group.source)
+        elif weight != 0.0:
+            if group.same:
+                group.target.lerp_(group.source, weight)
+            else:
+                _lerp_cast_flat(group.target, group.source, weight)
+    if loose:
+        with torch.no_grad():
+            for avg, dst, src in loose:
+                if avg:
+                    lerp_tensors_(dst, src, weight)
                 else:
-                    _lerp_cast_flat(group.target, group.source, weight)
-        if self.loose:
-            with torch.no_grad():
-                for avg, pair_phase, dst, src in self.loose:
-                    if phase is not None and pair_phase != phase:
-                        continue
-                    if avg:
-                        lerp_tensors_(dst, src, weight)
-                    else:
-                        copy_tensors_(dst, src)
+                    copy_tensors_(dst, src)
 
 
 def _pair(

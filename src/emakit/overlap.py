@@ -1,10 +1,10 @@
 """Overlapping an EMA update with the next training step.
 
-An update reads the weights and reads and writes the average. Nothing in the next step's forward and
-backward writes the parameters, so the parameters' part of the update can run while that forward and
-backward run, and only the next optimizer step (which writes the parameters) has to wait for it. Buffers
-are different: BatchNorm's forward and DDP's buffer broadcast write them, so the EMA blends buffers before
-it hands the parameters' part over.
+An update reads the weights and reads and writes the average. In ordinary training the next step's
+forward and backward only read the parameters, so the parameters' part of the update can run while they
+run, and only the next optimizer step (which writes the parameters) has to wait for it. Buffers are
+different: BatchNorm's forward and DDP's buffer broadcast write them, so the EMA blends buffers (and the
+few parameters a forward writes) before it hands the parameters' part over.
 
 Two ways to run the parameters' part alongside the step:
 
@@ -14,10 +14,14 @@ Two ways to run the parameters' part alongside the step:
 - :class:`ThreadOverlap`, for CPU tensors: one worker thread runs the kernels (torch releases the GIL
   inside them) while the main thread goes on; waiting joins it and re-raises its error, if any.
 
-Every overlap installs a global optimizer step pre-hook, so any ``torch.optim.Optimizer`` step (the
-Trainer's, or one in a hand-written loop) waits for the pending update before it writes the weights.
-Everything else that reads the average or writes the weights (evaluation swaps, checkpoints,
-``ema_model``, ``state_dict``) waits through the EMA's own methods.
+A global optimizer step pre-hook makes every ``torch.optim.Optimizer`` step (the Trainer's, or one in a
+hand-written loop) wait for the pending update before it writes the weights. Everything else that reads
+the average or writes the weights (evaluation swaps, checkpoints, ``ema_model``, ``state_dict``) waits
+through the EMA's own methods. Code that writes the parameters in other ways while an update is pending
+must call the EMA's ``wait()`` first: two-step optimizers such as SAM change the weights in a method other
+than ``step()``, and ``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` steps inside backward hooks.
+(``nn.Embedding(max_norm=...)`` renormalises its weight in the forward; the EMA blends such weights at
+once instead.)
 """
 
 from __future__ import annotations
@@ -33,25 +37,30 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 __all__ = ["Overlap", "StreamOverlap", "ThreadOverlap", "make_overlap"]
 
 
+_live: weakref.WeakSet[Overlap] = weakref.WeakSet()
+_hooked = False
+
+
+def _wait_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for overlap in list(_live):
+        overlap.wait()
+
+
 class Overlap:
     """Runs one piece of work at a time alongside the caller; :meth:`wait` makes its results visible.
 
-    Subclasses implement :meth:`_start` and :meth:`_finish`; the base class keeps track of the pending work
-    and makes every optimizer step wait for it.
+    Subclasses implement :meth:`_start` and :meth:`_finish`. The base class keeps track of the pending work,
+    and one global optimizer step pre-hook (installed once, never removed: removing a hook while torch loops
+    over the hooks would break the loop) makes every optimizer step wait for every live overlap.
     """
 
     def __init__(self) -> None:
+        global _hooked
         self._pending = False
-        ref = weakref.ref(self)
-
-        def wait_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            me = ref()
-            if me is not None:
-                me.wait()
-
-        # Kept while this object lives: removing a hook from inside a hook call would break torch's loop.
-        handle = register_optimizer_step_pre_hook(wait_before_step)
-        weakref.finalize(self, handle.remove)
+        if not _hooked:
+            register_optimizer_step_pre_hook(_wait_before_step)
+            _hooked = True
+        _live.add(self)
 
     @property
     def pending(self) -> bool:
@@ -92,10 +101,15 @@ class StreamOverlap(Overlap):
             work()
             self._done = self.stream.record_event()
 
-    def _finish(self) -> None:
+    def wait(self) -> None:
+        """Make the current stream wait for the last work. Done on every call, not only the first after a
+        launch, so that a reader on another stream is ordered too (a no-op on the GPU once the work is done)."""
+        self._pending = False
         if self._done is not None:
             torch.cuda.current_stream(self.device).wait_event(self._done)
-            self._done = None
+
+    def _finish(self) -> None:
+        pass
 
 
 class ThreadOverlap(Overlap):
@@ -108,7 +122,11 @@ class ThreadOverlap(Overlap):
         weakref.finalize(self, self._executor.shutdown, wait=True)
 
     def _start(self, work: Callable[[], None]) -> None:
-        self._future = self._executor.submit(work)
+        try:
+            self._future = self._executor.submit(work)
+        except RuntimeError:  # the interpreter is shutting down and takes no new work: run it here
+            self._future = None
+            work()
 
     def _finish(self) -> None:
         future, self._future = self._future, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,13 +139,20 @@ def test_every_reader_and_writer_waits(tmp_path: Path, flatten: bool, optimizer:
     assert_same_run(deferred, sync)
 
 
-def test_buffers_are_blended_before_the_next_forward() -> None:
-    """BatchNorm's forward writes its running statistics: the EMA must have read them already."""
+def started_with_deferred_overlap() -> tuple[TinyNet, EMA, DeferredOverlap]:
+    """A started EMA(smoothing=0.5, overlap=True) of a TinyNet whose overlapped work waits to be waited for."""
     model = make_model(0)
     ema = EMA(smoothing=0.5, overlap=True)
     ema.attach(model)
-    ema._overlap = DeferredOverlap()
+    deferred = DeferredOverlap()
+    ema._overlap = deferred
     ema._initialise(0)
+    return model, ema, deferred
+
+
+def test_buffers_are_blended_before_the_next_forward() -> None:
+    """BatchNorm's forward writes its running statistics: the EMA must have read them already."""
+    model, ema, _ = started_with_deferred_overlap()
     before = {n: t.clone() for n, t in ema.ema_tensors.items()}
     model.train()
     with torch.no_grad():
@@ -164,11 +172,7 @@ def test_buffers_are_blended_before_the_next_forward() -> None:
 
 
 def test_optimizer_step_waits_for_the_pending_update() -> None:
-    model = make_model(0)
-    ema = EMA(smoothing=0.5, overlap=True)
-    ema.attach(model)
-    deferred = ema._overlap = DeferredOverlap()
-    ema._initialise(0)
+    model, ema, deferred = started_with_deferred_overlap()
     start = ema.ema_tensors["fc2.bias"].clone()
     weights = model.fc2.bias.detach().clone()
     ema.update()
@@ -212,17 +216,84 @@ def test_a_failed_update_is_raised_at_the_wait_and_only_once() -> None:
     assert done == [1]
 
 
-def test_the_optimizer_hook_goes_with_the_overlap() -> None:
+def test_one_optimizer_hook_serves_every_overlap_while_it_lives() -> None:
     from torch.optim import optimizer
 
+    from emakit import overlap as overlap_module
+
     hooks = optimizer._global_optimizer_pre_hooks
-    gc.collect()  # overlaps of earlier tests
+    ThreadOverlap()
     before = len(hooks)
-    overlap = ThreadOverlap()
-    assert len(hooks) == before + 1
-    del overlap
+    overlaps = [ThreadOverlap() for _ in range(3)]
+    assert len(hooks) == before  # installed once, never removed (removal inside a hook call would break torch)
+    assert all(o in overlap_module._live for o in overlaps)
+    probe = weakref.ref(overlaps[0])
+    del overlaps
     gc.collect()
-    assert len(hooks) == before
+    assert probe() is None
+
+
+def test_work_runs_here_once_the_worker_is_shut_down() -> None:
+    overlap = ThreadOverlap()
+    overlap._executor.shutdown()  # as at interpreter shutdown: no new work is accepted
+    ran: list[str] = []
+    overlap.launch(lambda: ran.append(threading.current_thread().name))
+    overlap.wait()
+    assert ran == [threading.current_thread().name]
+
+
+def test_the_launched_update_reads_the_memory_of_launch_time() -> None:
+    """Re-pointing a parameter (``param.data = ...``) after the launch does not change what it blends."""
+    model, ema, deferred = started_with_deferred_overlap()
+    start = ema.ema_tensors["fc1.weight"].clone()
+    weights = model.fc1.weight.detach().clone()
+    ema.update()
+    model.fc1.weight.data = torch.full_like(weights, 100.0)
+    deferred.wait()
+    assert torch.equal(ema._storage.tensors["fc1.weight"], start.lerp(weights, 0.5))  # type: ignore[union-attr]
+
+
+def test_attach_again_waits_for_the_pending_update() -> None:
+    model, ema, deferred = started_with_deferred_overlap()
+    ema.update()
+    ema.attach(model)
+    assert deferred.finished == 1 and ema._overlap is deferred
+
+
+class WithMaxNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, max_norm=1.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x).mean(1))
+
+
+def test_weights_the_forward_renormalises_are_blended_at_once() -> None:
+    def run(overlap: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = WithMaxNorm()
+        with torch.no_grad():
+            model.embed.weight.mul_(5.0)  # rows above max_norm: the first forward that looks them up shrinks them
+        ema = EMA(smoothing=0.5, overlap=overlap)
+        ema.attach(model)
+        if overlap:
+            ema._overlap = DeferredOverlap()
+        ema._initialise(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            x = torch.randint(0, 10, (8, 3), generator=g)
+            torch.nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=g)).backward()
+            opt.step()
+            opt.zero_grad()
+            ema.update()
+        return {n: t.clone() for n, t in ema.ema_tensors.items()}
+
+    overlapped, sync = run(True), run(False)
+    for name, value in sync.items():
+        assert torch.equal(overlapped[name], value), name
 
 
 def test_bad_overlap_arguments() -> None:
@@ -256,11 +327,25 @@ def test_side_stream_orders_after_the_step_and_before_the_reader() -> None:
     assert isinstance(overlap, StreamOverlap)
     big = torch.randn(1 << 24, device="cuda")
     out = torch.zeros(1, device="cuda")
-    torch.cuda._sleep(10_000_000)  # the current stream is busy: the side stream must wait for it
+    torch.cuda._sleep(50_000_000)  # the current stream is busy: the side stream must wait for it
     big.fill_(2.0)
-    overlap.launch(lambda: out.copy_(big.sum().reshape(1)))
+
+    def work() -> None:
+        torch.cuda._sleep(50_000_000)  # and the side stream is slow: the reader must wait for it
+        out.copy_(big.sum().reshape(1))
+
+    overlap.launch(work)
     overlap.wait()
     assert out.item() == 2.0 * big.numel()
+    other = torch.cuda.Stream()
+    out.zero_()
+    overlap.launch(work)
+    overlap.wait()
+    with torch.cuda.stream(other):  # a reader on another stream, after the wait: ordered as well
+        overlap.wait()
+        copy = out.clone()
+    torch.cuda.synchronize()
+    assert copy.item() == 2.0 * big.numel()
 
 
 @cuda

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -16,7 +15,7 @@ from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
 from emakit.distributed import all_reduce_sum, is_sharded_model, local_tensor, reshard_model, sharded_like
 from emakit.flatten import flatten_model_
-from emakit.functional import is_averaged, named_tensors, tensor_slots, unwrap_model, validate_smoothing
+from emakit.functional import canonical_name, is_averaged, named_tensors, tensor_slots, unwrap_model, validate_smoothing
 from emakit.overlap import Overlap, make_overlap
 from emakit.storage import FlatStorage, check_state_matches
 from emakit.time import Time, TimeUnit, reached
@@ -26,6 +25,17 @@ if TYPE_CHECKING:
     from emakit.core.state import State
 
 __all__ = ["EMA"]
+
+
+def _written_in_forward(model: nn.Module) -> set[str]:
+    """Canonical names of parameters that their module's forward writes in place: an overlapped update
+    blends them at once, like buffers. (``Embedding``/``EmbeddingBag`` with ``max_norm`` renormalise the
+    rows they look up.)"""
+    written = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            written.add(canonical_name(f"{module_name}.weight" if module_name else "weight"))
+    return written
 
 
 class _DefaultHalfLife(str):
@@ -70,8 +80,8 @@ class EMA(Algorithm):
             blended at once (the next forward writes them). Any ``torch.optim.Optimizer`` step waits for
             the pending update before it writes the weights, and so do this EMA's own methods (swaps,
             checkpoints, ``ema_model``, ``state_dict``). Off by default; see :mod:`emakit.overlap`. Code
-            that writes the weights outside an optimizer step, or reads a kept reference to ``ema_model``,
-            calls :meth:`wait` first.
+            that writes the weights other than through ``Optimizer.step`` (SAM-style two-step optimizers,
+            in-place edits), or reads a kept reference to ``ema_model``, calls :meth:`wait` first.
 
     The Trainer evaluates on the EMA weights once the average has started, and
     :class:`~emakit.callbacks.CheckpointSaver` saves them as the checkpoint's model weights (the training
@@ -140,6 +150,7 @@ class EMA(Algorithm):
             raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self.overlap = overlap
         self._overlap: Overlap | None = None
+        self._overlap_device: torch.device | None = None
         #: Per tracked tensor, when it is blended with ``overlap`` (_NOW or _ALONGSIDE); a tuple kept as one
         #: object, so that the storage keeps its update plan between updates.
         self._phases: tuple[int, ...] | None = None
@@ -196,6 +207,7 @@ class EMA(Algorithm):
         """Follow ``model``: the Trainer calls this at INIT. Tracks trainable parameters and all buffers."""
         if self._model is not None and unwrap_model(self._model) is not unwrap_model(model):
             raise RuntimeError("this EMA already follows another model; use one EMA per model")
+        self.wait()  # flattening re-points the tensors a pending update reads
         self._model = model
         params = named_tensors(model, include_buffers=False)
         self._names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
@@ -205,12 +217,13 @@ class EMA(Algorithm):
             flatten_model_(model)
         self._live_reader = self._live
         if self.overlap:
-            self._setup_overlap(params)
+            self._setup_overlap(model, params)
 
-    def _setup_overlap(self, params: Mapping[str, torch.Tensor]) -> None:
+    def _setup_overlap(self, model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
         tensors = self._live()
+        written = _written_in_forward(model)
         self._phases = tuple(
-            _ALONGSIDE if name in params and is_averaged(t) else _NOW
+            _ALONGSIDE if name in params and name not in written and is_averaged(t) else _NOW
             for name, t in zip(self._names, tensors, strict=True)
         )
         devices = sorted({str(t.device) for t, p in zip(tensors, self._phases, strict=True) if p == _ALONGSIDE})
@@ -218,8 +231,10 @@ class EMA(Algorithm):
             raise ValueError(
                 f"overlap=True needs the model's trainable parameters on one device, found {', '.join(devices)}"
             )
-        if self._overlap is None and devices:
-            self._overlap = make_overlap(torch.device(devices[0]))
+        device = torch.device(devices[0]) if devices else None
+        if device != self._overlap_device:
+            self._overlap = make_overlap(device) if device is not None else None
+            self._overlap_device = device
 
     def wait(self) -> None:
         """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
@@ -287,7 +302,7 @@ class EMA(Algorithm):
         else:
             plan = self._storage.prepare(source, self._phases)
             plan.run(weight, _NOW)
-            self._overlap.launch(functools.partial(plan.run, weight, _ALONGSIDE))
+            self._overlap.launch(plan.bound(weight, _ALONGSIDE))
         self.num_updates += 1
 
     # ------------------------------------------------------------------ events
