@@ -500,7 +500,7 @@ class UpdatePlan:
         return functools.partial(_run_groups, self._flat_of(phase), loose, weight)
 
     def _flat_of(self, phase: int | None) -> list[_FlatGroup]:
-        return [g for g in self.flat if phase is None or g.phase == phase]
+        return self.flat if phase is None else [g for g in self.flat if g.phase == phase]
 
     def _loose_of(self, phase: int | None) -> list[tuple[bool, list[torch.Tensor], list[torch.Tensor]]]:
         return [(avg, dst, src) for avg, p, dst, src in self.loose if phase is None or p == phase]
