@@ -20,41 +20,25 @@ from torch import nn
 
 from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
-from emakit.checkpoint import (
-    apply_checkpoint,
-    build_checkpoint,
-    load_checkpoint_file,
-    newest_loadable_checkpoint,
-    save_checkpoint_file,
-)
+from emakit.checkpoint import load_checkpoint, save_checkpoint
 from emakit.core.algorithm import Algorithm
 from emakit.core.callback import Callback
 from emakit.core.engine import Engine
 from emakit.core.event import Event
 from emakit.core.logger import InMemoryLogger, Logger, LoggerDestination
 from emakit.core.state import State
-from emakit.distributed import (
+from emakit.functional import unwrap_model
+from emakit.parallel.data import set_sampler_epoch, shard_dataloader
+from emakit.parallel.launch import (
     DEFAULT_TIMEOUT,
-    all_reduce_sum,
-    barrier,
-    build_sharded_checkpoint,
     check_parallelism,
-    get_rank,
-    get_world_size,
     init_distributed,
-    is_sharded_checkpoint,
-    is_sharded_model,
-    load_sharded_checkpoint,
-    newest_sharded_checkpoint,
     note_peer_failure,
     prepare_model,
     resolve_device,
     resolve_parallelism,
-    save_sharded_checkpoint,
-    set_sampler_epoch,
-    shard_dataloader,
 )
-from emakit.functional import unwrap_model
+from emakit.parallel.ranks import all_reduce_sum, get_rank, get_world_size
 from emakit.rng import capture_rng, loader_generators, restore_rng
 from emakit.time import Time, TimeUnit
 
@@ -328,13 +312,7 @@ class Trainer:
         self.resumed_from: str | None = None
         if load_path == "latest" or (autoresume and load_path is None):
             assert save_folder is not None
-            sharded = newest_sharded_checkpoint(save_folder) if is_sharded_model(self.state.model) else None
-            found = newest_loadable_checkpoint(save_folder) if sharded is None else None
-            if sharded is not None:  # FSDP runs write DCP directories
-                self.load_checkpoint(sharded)
-            elif found is not None:
-                self._resume(found[1], str(found[0]))
-            elif load_path == "latest":
+            if self._load(save_folder, newest=True) is None and load_path == "latest":
                 raise FileNotFoundError(f"load_path='latest': no readable checkpoint in {str(save_folder)!r}")
         elif load_path is not None:
             self.load_checkpoint(load_path)
@@ -364,32 +342,24 @@ class Trainer:
         Call it on every rank: a sharded (FSDP) run writes the DCP directory ``path`` from all ranks;
         otherwise rank 0 writes the file.
         """
-        if is_sharded_model(self.state.model):
-            return save_sharded_checkpoint(build_sharded_checkpoint(self.state, publish=False), path)
-        written = Path(path)
-        if self.state.rank == 0:
-            written = save_checkpoint_file(build_checkpoint(self.state, publish=False), path)
-        barrier()
-        return written
+        return save_checkpoint(self.state, path, publish=False)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Resume from ``path``: weights, optimizers, schedulers, algorithms, callbacks, timestamp, RNG.
 
         ``path`` is a checkpoint file or a DCP checkpoint directory (written by an FSDP run).
         """
-        if is_sharded_checkpoint(path):
-            checkpoint, load_optimizers = load_sharded_checkpoint(self.state, path)
-            self._resume(checkpoint, str(path), load_optimizers)
-        else:
-            self._resume(load_checkpoint_file(path), str(path))
+        self._load(path)
 
-    def _resume(
-        self, checkpoint: dict[str, Any], source: str, load_optimizers: Callable[[], None] | None = None
-    ) -> None:
-        apply_checkpoint(self.state, checkpoint, source=f"checkpoint {source!r}", load_optimizers=load_optimizers)
+    def _load(self, path: str | os.PathLike[str], newest: bool = False) -> Path | None:
+        loaded = load_checkpoint(self.state, path, newest=newest)
+        if loaded is None:
+            return None
+        source, checkpoint = loaded
         restore_rng(checkpoint["state"]["rng"]["now"], loader_generators(self.state.train_dataloader))
-        self.resumed_from = source
+        self.resumed_from = str(source)
         self.engine.run_event(Event.AFTER_LOAD)
+        return source
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:

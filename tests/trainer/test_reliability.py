@@ -136,9 +136,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"format": "emakit.checkpoint", "version": 1, "state": Payload(marker)}, path)
-    with pytest.raises(ValueError, match=r"checkpoint '.*evil.pt' cannot be read safely"):
+    with pytest.raises(ValueError, match=r"checkpoint '.*evil.pt' was refused for safety: it holds objects other"):
         load_checkpoint_file(path)
-    with pytest.raises(ValueError, match=r"cannot be read safely"):
+    with pytest.raises(ValueError, match=r"refused for safety"):
         Trainer(make_model(0), make_loader(), "1ep", load_path=path, progress_bar=False)
     assert not marker.exists()
     assert b"system" in path.read_bytes()  # the payload is really in the file
@@ -148,7 +148,7 @@ def test_raw_pickle_file_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned2"
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(ValueError, match=r"cannot be read safely"):
+    with pytest.raises(ValueError, match=r"refused for safety"):
         load_checkpoint_file(path)
     assert not marker.exists()
 
@@ -156,10 +156,14 @@ def test_raw_pickle_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        (b"not a checkpoint at all", r"cannot be read safely"),
-        (b"", r"cannot be read safely"),
+        (b"not a checkpoint at all", r"'.*file.pt' is truncated or damaged \(23 bytes\): torch.load failed"),
+        (b"", r"'.*file.pt' is empty \(0 bytes\): torch.load failed"),
         ("json", r"is not an emakit checkpoint"),
-        ("plain_dict", r"is not an emakit checkpoint \(no 'format': 'emakit.checkpoint' entry\)"),
+        (
+            "plain_dict",
+            r"is not an emakit checkpoint \(no 'format': 'emakit.checkpoint' entry\)\. A plain state_dict saved with "
+            r"torch.save loads with model.load_state_dict\(torch.load\(path, weights_only=True\)\)",
+        ),
         ("future_version", r"has format version 99; this emakit reads version 1"),
     ],
 )
@@ -285,3 +289,21 @@ def test_skip_nonfinite_on_a_flattened_model_reads_the_flat_buffers() -> None:
     assert ema._storage is not None and ema._storage.current_flat_sources()  # the fast check was available
     assert ema.num_skipped_nonfinite == 1 and ema.num_updates == 4
     assert all(torch.isfinite(v).all() for v in ema.ema_tensors.values() if v.is_floating_point())
+
+
+def test_a_truncated_checkpoint_names_its_size_and_the_intact_previous_one(tmp_path: Path) -> None:
+    Trainer(make_model(0), make_loader(), "2ep", save_folder=tmp_path, progress_bar=False).fit()
+    newest = tmp_path / "ep2-ba16.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    size = f"{len(data) // 2:,}"
+    with pytest.raises(
+        ValueError,
+        match=rf"'.*ep2-ba16.pt' is truncated or damaged \({size} bytes\).*previous checkpoint in the folder, 'ep1-ba8.pt', reads back whole",
+    ) as info:
+        load_checkpoint_file(newest)
+    assert "safe" not in str(info.value)  # damage is not a security refusal
+    (tmp_path / "ep1-ba8.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is truncated or damaged") as info:
+        load_checkpoint_file(newest)
+    assert "previous checkpoint" not in str(info.value)

@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emakit.checkpoint import build_checkpoint, remove_stale_temporaries, save_checkpoint_file
+from emakit.checkpoint import checkpoint_name, remove_stale_temporaries, save_checkpoint
 from emakit.core.callback import Callback
-from emakit.distributed import build_sharded_checkpoint, is_sharded_model, save_sharded_checkpoint
+from emakit.parallel.sharding import is_sharded_model
 from emakit.time import Time, TimeUnit
 
 if TYPE_CHECKING:
@@ -88,35 +88,23 @@ class CheckpointSaver(Callback):
             self.save(state)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if self._filename(state) not in self.saved:
+        if checkpoint_name(state) not in self.saved:
             self.save(state)
-
-    @staticmethod
-    def _filename(state: State) -> str:
-        suffix = "" if is_sharded_model(state.model) else ".pt"  # sharded runs write DCP directories
-        return f"ep{state.timestamp.epoch}-ba{state.timestamp.batch}{suffix}"
 
     def save(self, state: State) -> Path | None:
         """Write a checkpoint of ``state`` now; returns its path (None on ranks other than 0).
 
-        For a sharded model every rank must call this (each writes its shards); otherwise only rank 0 writes.
+        Every rank must call this (a sharded model's ranks each write their shards; otherwise rank 0 writes).
         Every rank keeps the same ``saved`` list.
         """
-        sharded = is_sharded_model(state.model)
-        name = self._filename(state)
-        path: Path | None = None
-        if sharded:
-            checkpoint = build_sharded_checkpoint(state, publish=True)
-            checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
-            path = save_sharded_checkpoint(checkpoint, self.folder / name)
-        elif state.rank == 0:
-            checkpoint = build_checkpoint(state, publish=True)
-            checkpoint["state"]["callbacks"][self.name] = {"saved": [*self.saved, name]}
-            path = save_checkpoint_file(checkpoint, self.folder / name)
+        name = checkpoint_name(state)
+        path = save_checkpoint(
+            state, self.folder / name, publish=True, callback_states={self.name: {"saved": [*self.saved, name]}}
+        )
         if name not in self.saved:
             self.saved.append(name)
         if state.rank == 0:
-            self._point_latest(name, LATEST_SHARDED if sharded else LATEST)
+            self._point_latest(name, LATEST_SHARDED if is_sharded_model(state.model) else LATEST)
         self._rotate(delete=state.rank == 0)
         return path if state.rank == 0 else None
 

@@ -1,4 +1,4 @@
-"""The checkpoint format: building, writing (atomically), reading (``weights_only``) and applying it.
+"""What a checkpoint holds: building it from a run's State and applying it back.
 
 A checkpoint is a dict of plain data and tensors::
 
@@ -24,40 +24,22 @@ A checkpoint is a dict of plain data and tensors::
 
 from __future__ import annotations
 
-import os
-import pickle
-import re
-import tempfile
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from emakit._version import __version__
+from emakit.checkpoint.files import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from emakit.core.state import State
 from emakit.functional import canonical_name, unwrap_model
 from emakit.rng import capture_rng, loader_generators
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "apply_checkpoint",
-    "build_checkpoint",
-    "check_checkpoint_format",
-    "list_checkpoints",
-    "load_checkpoint_file",
-    "model_state_dict",
-    "newest_loadable_checkpoint",
-    "remove_stale_temporaries",
-    "save_checkpoint_file",
-    "unreadable_checkpoint",
-]
-
-CHECKPOINT_FORMAT = "emakit.checkpoint"
-CHECKPOINT_VERSION = 1
+__all__ = ["apply_checkpoint", "build_checkpoint", "model_state_dict", "unique_names"]
 
 
-def _unique_names(objects: list[Any]) -> list[str]:
+def unique_names(objects: list[Any]) -> list[str]:
+    """The objects' ``name``s, made unique with ``_2``, ``_3`` suffixes: their keys in a checkpoint."""
     names: list[str] = []
     for obj in objects:
         base = obj.name
@@ -76,17 +58,13 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
 
 def build_checkpoint(state: State, *, publish: bool) -> dict[str, Any]:
     """The checkpoint dict for ``state``. ``publish`` lets algorithms put their weights in ``state.model``."""
-    from emakit import __version__
-
     model = model_state_dict(state.model)
     algorithms: dict[str, Any] = {}
-    for name, algorithm in zip(_unique_names(state.algorithms), state.algorithms, strict=True):
+    for name, algorithm in zip(unique_names(state.algorithms), state.algorithms, strict=True):
         algorithm_state = algorithm.state_dict()
         model = algorithm.checkpoint_model_state(model, algorithm_state, publish)
         algorithms[name] = algorithm_state
-    callbacks = {
-        name: cb.state_dict() for name, cb in zip(_unique_names(state.callbacks), state.callbacks, strict=True)
-    }
+    callbacks = {name: cb.state_dict() for name, cb in zip(unique_names(state.callbacks), state.callbacks, strict=True)}
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -108,76 +86,6 @@ def build_checkpoint(state: State, *, publish: bool) -> dict[str, Any]:
     }
 
 
-def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
-
-    A crash at any moment leaves either the previous file or the new one at ``path``, never a partial one.
-    """
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``: a file cannot run code when loaded.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable emakit checkpoint (truncated, corrupt, foreign, or it
-            carries objects other than tensors and plain data).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
-        raise unreadable_checkpoint(path, e) from e
-    check_checkpoint_format(checkpoint, f"checkpoint {str(path)!r}")
-    return checkpoint
-
-
-def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) -> ValueError:
-    """The error for a checkpoint that cannot be read with ``weights_only``, quoting the cause's first line."""
-    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-    return ValueError(f"checkpoint {str(path)!r} cannot be read safely: {first_line}")
-
-
-def check_checkpoint_format(checkpoint: object, source: str) -> None:
-    """Raise ValueError unless ``checkpoint`` is a dict in the format and version this emakit writes."""
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} is not an emakit checkpoint (no 'format': {CHECKPOINT_FORMAT!r} entry)")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{source} has format version {checkpoint.get('version')!r}; this emakit reads version {CHECKPOINT_VERSION}"
-        )
-
-
 def apply_checkpoint(
     state: State,
     checkpoint: dict[str, Any],
@@ -192,7 +100,7 @@ def apply_checkpoint(
     """
     saved = checkpoint["state"]
     algorithms_saved: dict[str, Any] = saved["algorithms"]
-    names = _unique_names(state.algorithms)
+    names = unique_names(state.algorithms)
     model_state = saved["model"]
     for name, algorithm in zip(names, state.algorithms, strict=True):
         model_state = algorithm.restore_model_state(model_state, algorithms_saved.get(name, {}))
@@ -237,53 +145,8 @@ def apply_checkpoint(
     for sch, sch_state in zip(state.schedulers, saved["schedulers"], strict=True):
         sch.load_state_dict(sch_state)
     callbacks_saved: dict[str, Any] = saved.get("callbacks", {})
-    for name, cb in zip(_unique_names(state.callbacks), state.callbacks, strict=True):
+    for name, cb in zip(unique_names(state.callbacks), state.callbacks, strict=True):
         if name in callbacks_saved:
             cb.load_state_dict(callbacks_saved[name])
     state.timestamp.load_state_dict(saved["timestamp"])
     state.epoch_start_rng = saved["rng"]["epoch_start"]
-
-
-_CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
-
-
-def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoint files ``ep{E}-ba{B}.pt`` in ``folder``, oldest first (by batch, then epoch)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found: list[tuple[int, int, Path]] = []
-    for path in folder.iterdir():
-        match = _CHECKPOINT_NAME.match(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(2)), int(match.group(1)), path))
-    return [path for _, _, path in sorted(found)]
-
-
-def newest_loadable_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``folder`` that reads back whole, with its contents; None if there is none.
-
-    A truncated or corrupt newer file (a crash mid-write on a filesystem without atomic rename, a disk
-    error) is reported with a warning and skipped.
-    """
-    for path in reversed(list_checkpoints(folder)):
-        try:
-            return path, load_checkpoint_file(path)
-        except ValueError as e:
-            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
-    return None
-
-
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files that writes interrupted by a crash left in ``folder``; return them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [
-        p
-        for p in folder.iterdir()
-        if p.name.startswith(".") and p.name.endswith(".tmp") and (p.is_file() or p.is_symlink())
-    ]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale

@@ -1,0 +1,195 @@
+"""Checkpoint files: the format check, atomic writes, ``weights_only`` reads, and finding files in a folder.
+
+Nothing here knows what a checkpoint holds beyond its ``format`` and ``version`` entries.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "check_checkpoint_format",
+    "fsync_dir",
+    "list_checkpoints",
+    "load_checkpoint_file",
+    "newest_loadable_checkpoint",
+    "remove_stale_temporaries",
+    "save_checkpoint_file",
+    "unreadable_checkpoint",
+]
+
+
+CHECKPOINT_FORMAT = "emakit.checkpoint"
+
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash at any moment leaves either the previous file or the new one at ``path``, never a partial one.
+    """
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: a file cannot run code when loaded.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable emakit checkpoint (truncated, corrupt, foreign, or it
+            carries objects other than tensors and plain data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
+        raise unreadable_checkpoint(path, e) from e
+    check_checkpoint_format(checkpoint, f"checkpoint {str(path)!r}")
+    return checkpoint
+
+
+def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) -> ValueError:
+    """The error for a checkpoint that ``torch.load(weights_only=True)`` cannot read, saying what happened.
+
+    Files holding objects that loading would have to run as code are "refused for safety"; empty,
+    truncated or corrupt files are called what they are, with their size, and the newest older checkpoint
+    in the same folder that reads back whole is named, if there is one.
+    """
+    path = Path(path)
+    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    if isinstance(cause, pickle.UnpicklingError) and "weights only load failed" in str(cause).lower():
+        return ValueError(
+            f"checkpoint {str(path)!r} was refused for safety: it holds objects other than tensors and plain data, "
+            f"which loading would have to run as code ({first_line}). Load only files you trust with "
+            "torch.load(path, weights_only=False)"
+        )
+    size = path.stat().st_size if path.is_file() else None
+    what = "is empty (0 bytes)" if size == 0 else "is truncated or damaged" + (f" ({size:,} bytes)" if size else "")
+    return ValueError(
+        f"checkpoint {str(path)!r} {what}: torch.load failed with {first_line!r}. "
+        "The write was probably interrupted (a crash, a full disk) or the file was changed afterwards."
+        + _intact_predecessor(path)
+    )
+
+
+def _intact_predecessor(path: Path) -> str:
+    """A sentence naming the newest checkpoint older than ``path`` in its folder that reads back, or ''."""
+    match = _CHECKPOINT_NAME.match(path.name)
+    older = [p for p in list_checkpoints(path.parent) if p.name != path.name]
+    if match:
+        key = (int(match.group(2)), int(match.group(1)))
+        older = [p for p in older if _order(p) < key]
+    for candidate in reversed(older):
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        return (
+            f" The previous checkpoint in the folder, {candidate.name!r}, reads back whole: resume from it, or use "
+            "load_path='latest', which skips damaged files."
+        )
+    return ""
+
+
+def _order(path: Path) -> tuple[int, int]:
+    match = _CHECKPOINT_NAME.match(path.name)
+    assert match is not None
+    return int(match.group(2)), int(match.group(1))
+
+
+def check_checkpoint_format(checkpoint: object, source: str) -> None:
+    """Raise ValueError unless ``checkpoint`` is a dict in the format and version this emakit writes."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{source} is not an emakit checkpoint (no 'format': {CHECKPOINT_FORMAT!r} entry). A plain state_dict "
+            "saved with torch.save loads with model.load_state_dict(torch.load(path, weights_only=True))"
+        )
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{source} has format version {checkpoint.get('version')!r}; this emakit reads version {CHECKPOINT_VERSION}"
+        )
+
+
+_CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)\.pt$")
+
+
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """Checkpoint files ``ep{E}-ba{B}.pt`` in ``folder``, oldest first (by batch, then epoch)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found: list[tuple[int, int, Path]] = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(2)), int(match.group(1)), path))
+    return [path for _, _, path in sorted(found)]
+
+
+def newest_loadable_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``folder`` that reads back whole, with its contents; None if there is none.
+
+    A truncated or corrupt newer file (a crash mid-write on a filesystem without atomic rename, a disk
+    error) is reported with a warning and skipped.
+    """
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint_file(path)
+        except ValueError as e:
+            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files that writes interrupted by a crash left in ``folder``; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(".") and p.name.endswith(".tmp") and (p.is_file() or p.is_symlink())
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
