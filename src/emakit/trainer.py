@@ -98,6 +98,29 @@ def _forward_and_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[An
     return outputs, loss_fn(outputs, targets), targets
 
 
+def _first(batch: Any, k: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:k] if batch.dim() > 0 else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_first(b, k) for b in batch)
+    if isinstance(batch, dict):
+        return {key: _first(v, k) for key, v in batch.items()}
+    return batch
+
+
+def _loss_of_first(
+    model: nn.Module, batch: Any, outputs: Any, k: int, loss_fn: LossFn
+) -> tuple[Any, torch.Tensor, Any]:
+    """(outputs, loss, targets) of the first ``k`` samples of a batch whose forward has run on all of it."""
+    part, head = _first(batch, k), _first(outputs, k)
+    model_loss = getattr(unwrap_model(model), "loss", None)
+    if callable(model_loss):
+        targets = part[1] if isinstance(part, (list, tuple)) and len(part) == 2 else None
+        return head, model_loss(head, part), targets
+    _, targets = _split(part)
+    return head, loss_fn(head, targets), targets
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -110,10 +133,13 @@ def evaluate(
 
     The model is put in eval mode and returned to its previous mode; the global torch RNG is left as it
     was, so evaluating does not change what training does next. With ``all_reduce`` every rank of the
-    process group calls this on its part of the data and all get the metrics of the whole.
+    process group calls this on its part of the data and all get the metrics of the whole; a loader split
+    by the Trainer (:class:`~emakit.parallel.data.EvalDistributedSampler`) counts every sample exactly once.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    # A distributed evaluation sampler pads with repeated samples at the tail: count only this rank's real ones.
+    remaining: int | None = getattr(getattr(dataloader, "sampler", None), "num_real", None)
     was_training = model.training
     rng = torch.get_rng_state()
     model.eval()
@@ -123,6 +149,13 @@ def evaluate(
             batch = _to_device(raw, device)
             n = _batch_size(batch)
             outputs, loss, targets = _forward_and_loss(model, batch, loss_fn)
+            if remaining is not None:
+                if remaining < n:  # padding in this batch: the loss of the real samples only
+                    outputs, loss, targets = _loss_of_first(model, batch, outputs, remaining, loss_fn)
+                    n = remaining
+                remaining -= n
+            if n == 0:
+                continue
             total_loss += float(loss) * n
             total += n
             if (
@@ -279,7 +312,7 @@ class Trainer:
         model = prepare_model(model, self.parallelism, self.device, given_optimizers)
         train_dataloader = self._shard_loader(train_dataloader, "train_dataloader", world_size, rank)
         if eval_dataloader is not None:
-            eval_dataloader = self._shard_loader(eval_dataloader, "eval_dataloader", world_size, rank)
+            eval_dataloader = self._shard_loader(eval_dataloader, "eval_dataloader", world_size, rank, pad=False)
         self.loss_fn: LossFn = loss_fn or nn.functional.cross_entropy
         self.metrics = InMemoryLogger()
         self.logger = Logger([self.metrics, *(loggers if rank == 0 else ())])
@@ -331,9 +364,12 @@ class Trainer:
             raise ValueError(f"device={device!r} was asked for but CUDA is not available")
         return resolved
 
-    def _shard_loader(self, loader: Iterable[Any], what: str, world_size: int, rank: int) -> Iterable[Any]:
-        """``loader`` split across the ranks with a seeded DistributedSampler (unchanged in one process)."""
-        return shard_dataloader(loader, world_size=world_size, rank=rank, seed=self.seed, what=what)
+    def _shard_loader(
+        self, loader: Iterable[Any], what: str, world_size: int, rank: int, pad: bool = True
+    ) -> Iterable[Any]:
+        """``loader`` split across the ranks (unchanged in one process): training loaders with a seeded
+        DistributedSampler (equal batch counts), evaluation loaders with every sample on exactly one rank."""
+        return shard_dataloader(loader, world_size=world_size, rank=rank, seed=self.seed, what=what, pad=pad)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
@@ -471,7 +507,9 @@ class Trainer:
         """Evaluate now (on the EMA weights once an EMA has started) and return the metrics."""
         if dataloader is not None:
             state = self.state
-            self.state.eval_dataloader = self._shard_loader(dataloader, "dataloader", state.world_size, state.rank)
+            self.state.eval_dataloader = self._shard_loader(
+                dataloader, "dataloader", state.world_size, state.rank, pad=False
+            )
         if self.state.eval_dataloader is None:
             raise ValueError("no eval_dataloader: pass one to Trainer(...) or to eval()")
         was_training = self.state.model.training

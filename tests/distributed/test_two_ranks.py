@@ -272,3 +272,25 @@ def test_readme_fsdp_script_runs_under_torchrun(tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "latest" / ".metadata").is_file()
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+
+
+@pytest.mark.slow
+def test_evaluation_counts_every_validation_sample_once_on_two_ranks(tmp_path: Path) -> None:
+    """11 samples on 2 ranks: the sampler repeats one to even out the forwards; the metrics must not count it."""
+    from _eval_worker import Net, data
+    from torch.utils.data import DataLoader
+
+    from emakit.trainer import evaluate
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("_eval_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    result = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    expected = evaluate(Net(), DataLoader(data(), batch_size=2))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"eval_rank{rank}.pt", weights_only=True)
+        assert got["ddp_real"] + got["fsdp_real"] == (6 if rank == 0 else 5) * 2
+        for parallelism in ("ddp", "fsdp"):
+            assert got[parallelism]["eval/accuracy"] == expected["eval/accuracy"]
+            assert got[parallelism]["eval/loss"] == pytest.approx(expected["eval/loss"], rel=1e-6)

@@ -262,7 +262,13 @@ class RawVsEmaRecorder(Callback):
             raise RuntimeError("the EMA weights are still in the model at EVAL_END; raw metrics would be EMA ones")
         ema_metrics = dict(state.eval_metrics)
         started = self.ema.started
-        raw = evaluate(state.model, self.val_loader, self.loss_fn, state.device) if started else ema_metrics
+        # the Trainer's evaluation loader: on several ranks each validation sample counts exactly once, as for the EMA
+        loader = state.eval_dataloader if state.eval_dataloader is not None else self.val_loader
+        raw = (
+            evaluate(state.model, loader, self.loss_fn, state.device, all_reduce=state.world_size > 1)
+            if started
+            else ema_metrics
+        )
         batches_per_epoch = state.batches_per_epoch or 0
         record: dict[str, Any] = {
             "batch": state.timestamp.batch,

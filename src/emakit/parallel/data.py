@@ -6,11 +6,33 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["set_sampler_epoch", "shard_dataloader"]
+from torch.utils.data import DistributedSampler
+
+__all__ = ["EvalDistributedSampler", "set_sampler_epoch", "shard_dataloader"]
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """A :class:`~torch.utils.data.DistributedSampler` for evaluation that knows which samples are padding.
+
+    Every rank must run the same number of forwards (FSDP gathers parameters in each one), so the sampler
+    still pads the dataset to a multiple of the world size by repeating samples; padding takes the last
+    global positions, so on each rank it is the tail. ``num_real`` is how many of this rank's samples
+    come first and are real: metrics that count only those count every sample exactly once.
+    """
+
+    def __init__(self, dataset: Any, *, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.num_real = len(range(rank, len(dataset), num_replicas))
 
 
 def shard_dataloader(
-    loader: Iterable[Any], *, world_size: int, rank: int, seed: int | None, what: str = "dataloader"
+    loader: Iterable[Any],
+    *,
+    world_size: int,
+    rank: int,
+    seed: int | None,
+    what: str = "dataloader",
+    pad: bool = True,
 ) -> Iterable[Any]:
     """``loader`` rebuilt with a :class:`~torch.utils.data.DistributedSampler`, so each rank reads its part.
 
@@ -18,12 +40,13 @@ def shard_dataloader(
     shuffling sampler seeded with ``seed``, 0 if None); batch size, collate_fn, workers, drop_last and
     the rest are kept. Returned as they are: loaders that already use a DistributedSampler, and (with a
     warning, since every rank would read all of it) anything else. The sampler pads the dataset to a
-    multiple of ``world_size`` by repeating samples, so every rank runs the same number of batches.
+    multiple of ``world_size`` by repeating samples, so every rank runs the same number of batches (for
+    training). ``pad=False`` (for evaluation) uses :class:`EvalDistributedSampler`, which marks the
+    repeated samples so that evaluation counts every sample exactly once.
     """
     from torch.utils.data import (
         BatchSampler,
         DataLoader,
-        DistributedSampler,
         IterableDataset,
         RandomSampler,
         SequentialSampler,
@@ -32,7 +55,7 @@ def shard_dataloader(
     if world_size <= 1:
         return loader
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(sampler, DistributedSampler):  # the caller's own split
         return loader
     if (
         type(loader) is not DataLoader
@@ -48,7 +71,8 @@ def shard_dataloader(
             stacklevel=3,
         )
         return loader
-    distributed_sampler: DistributedSampler = DistributedSampler(
+    kind: type[DistributedSampler[Any]] = DistributedSampler if pad else EvalDistributedSampler
+    distributed_sampler: DistributedSampler[Any] = kind(
         loader.dataset,
         num_replicas=world_size,
         rank=rank,
