@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +24,11 @@ from torch import nn
 from emakit.flatten import flatten_model_
 from emakit.functional import canonical_name, is_averaged, named_tensors, tensor_slots, unwrap_model, validate_smoothing
 from emakit.overlap import Overlap, make_overlap
-from emakit.parallel.ranks import all_reduce_sum
+from emakit.parallel.ranks import all_reduce_sum, barrier, get_rank
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
+from emakit.posthoc.kernels import blend_averages_
+from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, power_beta
+from emakit.posthoc.snapshots import SNAPSHOT_DTYPES, discard_snapshots_after, next_snapshot_index, write_snapshot
 from emakit.storage import FlatStorage, check_state_matches
 from emakit.time import Time, Timestamp, TimeUnit, reached
 
@@ -75,7 +80,11 @@ class EMA:
 
     Args:
         half_life: time for a contribution to halve, in ``'ba'`` (optimizer steps) or ``'ep'`` (default
-            ``'1000ba'``). Give ``smoothing`` instead to set the coefficient directly.
+            ``'1000ba'``). Give ``smoothing`` instead to set the coefficient directly. A list tracks one
+            average per half-life, all updated in one pass over the weights.
+        sigma_rel: instead of half-lives, power-function profiles (EDM2's post-hoc EMA): each average's
+            width is a fixed fraction ``sigma_rel`` of the training so far, in (0, 1/sqrt(12)). One value or
+            a list (one average each). See :mod:`emakit.posthoc`.
         smoothing: the per-update coefficient in [0, 1]; excludes an explicit ``half_life``.
         ema_start: when the average starts, as a copy of the weights: ``'ba'``, ``'ep'``, ``'sp'`` or
             ``'dur'`` (a fraction of ``max_duration`` in [0, 1]). Default ``'0.0dur'`` (the first update).
@@ -92,7 +101,16 @@ class EMA:
             buffer per (device, dtype) (:func:`emakit.flatten.flatten_model_`), so that each update is one
             kernel per buffer. Off by default because it changes where the model's tensors live.
         overlap: run the parameters' part of each update alongside the next training step (CUDA side
-            stream or CPU worker thread); see :mod:`emakit.overlap`. Off by default.
+            stream or CPU worker thread); see :mod:`emakit.overlap`. Off by default; one average only.
+        snapshot_interval: with ``snapshot_folder``, write every tracked average to the folder every this
+            often (in the update unit), for post-hoc reconstruction of any other EMA length
+            (:func:`emakit.posthoc.reconstruct`). Written after the update at that time, atomically.
+        snapshot_folder: where snapshots go (``snapshot-000000.safetensors``, ...; DCP directories for
+            sharded models).
+        snapshot_dtype: dtype of the snapshots' floating tensors: ``torch.float32`` (default) or
+            ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
+        eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
+            and exports use (an index into the averages, default 0).
     """
 
     def __init__(
@@ -105,14 +123,34 @@ class EMA:
         skip_nonfinite: bool = False,
         flatten_model: bool = False,
         overlap: bool = False,
+        sigma_rel: float | Sequence[float] | None = None,
+        snapshot_interval: str | Time | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
+        snapshot_dtype: torch.dtype = torch.float32,
+        eval_average: int = 0,
     ) -> None:
         explicit_half_life = half_life is not None and not isinstance(half_life, _DefaultHalfLife)
-        if smoothing is not None and explicit_half_life:
-            raise ValueError(
-                f"give exactly one of half_life and smoothing, got half_life={half_life!r} and smoothing={smoothing!r}"
+        given = [
+            name
+            for name, value in (("half_life", explicit_half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
+            if value is not None and value is not False
+        ]
+        if len(given) > 1:
+            shown = ", ".join(
+                f"{n}={v!r}"
+                for n, v in (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
+                if n in given
             )
-        if smoothing is None and half_life is None:
-            raise ValueError("give exactly one of half_life and smoothing, got neither")
+            raise ValueError(f"give exactly one of half_life, smoothing and sigma_rel, got {shown}")
+        if smoothing is None and half_life is None and sigma_rel is None:
+            raise ValueError("give exactly one of half_life, smoothing and sigma_rel, got none")
+        half_lives: list[Any] = [half_life]
+        if isinstance(half_life, (list, tuple)):
+            if not half_life:
+                raise ValueError("half_life must be a time or a non-empty list of times, got []")
+            half_lives = list(half_life)
+        if sigma_rel is not None:
+            half_life = None
         for name, flag in (
             ("fp32_ema", fp32_ema),
             ("skip_nonfinite", skip_nonfinite),
@@ -123,11 +161,18 @@ class EMA:
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
 
         self.half_life: Time | None = None
-        if smoothing is None:
-            assert half_life is not None
-            self.half_life = Time.coerce(half_life, "half_life", _UPDATE_UNITS)
-            if self.half_life.value <= 0:
-                raise ValueError(f"half_life must be greater than 0, got {str(self.half_life)!r}")
+        self.half_lives: list[Time] = []
+        if smoothing is None and half_life is not None:
+            for value in half_lives:
+                parsed = Time.coerce(value, "half_life", _UPDATE_UNITS)
+                if parsed.value <= 0:
+                    raise ValueError(f"half_life must be greater than 0, got {str(parsed)!r}")
+                if self.half_lives and parsed.unit != self.half_lives[0].unit:
+                    raise ValueError(
+                        f"half_life: every half-life needs the same unit, got {str(self.half_lives[0])!r} and {str(parsed)!r}"
+                    )
+                self.half_lives.append(parsed)
+            self.half_life = self.half_lives[0]
         default_interval = Time(1, self.half_life.unit) if self.half_life is not None else Time(1, TimeUnit.BATCH)
         self.update_interval: Time = (
             default_interval
@@ -141,18 +186,67 @@ class EMA:
                 f"update_interval must be in half_life's unit {self.half_life.unit.value!r}, "
                 f"got update_interval={str(self.update_interval)!r} and half_life={str(self.half_life)!r}"
             )
+        #: One profile per tracked average; ``smoothings[j]`` is its constant coefficient (None for power profiles).
+        self.profiles: list[Profile] = []
+        self.smoothings: list[float | None] = []
         if smoothing is not None:
-            self.smoothing = validate_smoothing(smoothing)
+            coefficient = validate_smoothing(smoothing)
+            self.smoothings = [coefficient]
+            self.profiles = [HalfLifeProfile(-1.0 / math.log2(coefficient))] if 0 < coefficient < 1 else []
+        elif sigma_rel is not None:
+            values: list[float] = list(sigma_rel) if isinstance(sigma_rel, (list, tuple)) else [sigma_rel]  # type: ignore[list-item]
+            if not values:
+                raise ValueError("sigma_rel must be a number or a non-empty list of numbers, got []")
+            self.profiles = [PowerProfile.from_sigma_rel(v) for v in values]
+            self.smoothings = [None] * len(values)
         else:
-            assert self.half_life is not None
-            self.smoothing = 2.0 ** (-self.update_interval.value / self.half_life.value)
-            if self.update_interval.value > self.half_life.value:
-                warnings.warn(
-                    f"update_interval='{self.update_interval}' is longer than half_life='{self.half_life}': each "
-                    f"update keeps only {self.smoothing:.3g} of the average, so it barely smooths; use an "
-                    "update_interval well below the half-life",
-                    stacklevel=2,
+            for h in self.half_lives:
+                self.smoothings.append(2.0 ** (-self.update_interval.value / h.value))
+                self.profiles.append(HalfLifeProfile(h.value / self.update_interval.value))
+                if self.update_interval.value > h.value:
+                    warnings.warn(
+                        f"update_interval='{self.update_interval}' is longer than half_life='{h}': each "
+                        f"update keeps only {self.smoothings[-1]:.3g} of the average, so it barely smooths; use an "
+                        "update_interval well below the half-life",
+                        stacklevel=2,
+                    )
+        #: The first average's constant coefficient (NaN for a power profile, whose coefficient changes).
+        self.smoothing: float = self.smoothings[0] if self.smoothings[0] is not None else math.nan
+        self.num_averages = len(self.smoothings)
+        if (
+            isinstance(eval_average, bool)
+            or not isinstance(eval_average, int)
+            or not 0 <= eval_average < self.num_averages
+        ):
+            raise ValueError(
+                f"eval_average must be an index into the {self.num_averages} tracked average(s), got {eval_average!r}"
+            )
+        self.eval_average = eval_average
+        if overlap and self.num_averages > 1:
+            raise ValueError(
+                f"overlap=True works with one average, got {self.num_averages} (half_life or sigma_rel list)"
+            )
+        self.snapshot_interval: Time | None = None
+        self.snapshot_folder = Path(snapshot_folder) if snapshot_folder is not None else None
+        if (snapshot_interval is None) != (snapshot_folder is None):
+            raise ValueError(
+                "give snapshot_interval and snapshot_folder together, got "
+                f"snapshot_interval={snapshot_interval!r} and snapshot_folder={snapshot_folder!r}"
+            )
+        if snapshot_interval is not None:
+            self.snapshot_interval = Time.coerce(snapshot_interval, "snapshot_interval", (self.update_interval.unit,))
+            value = self.snapshot_interval.value
+            if value <= 0 or value % self.update_interval.value:
+                raise ValueError(
+                    f"snapshot_interval must be a positive multiple of update_interval='{self.update_interval}', "
+                    f"got {str(self.snapshot_interval)!r}"
                 )
+        if snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(
+                f"snapshot_dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {snapshot_dtype!r}"
+            )
+        self.snapshot_dtype = snapshot_dtype
+        self._snapshot_index = 0
         self.ema_start: Time = Time.coerce(ema_start, "ema_start")
         if self.ema_start.unit == TimeUnit.DURATION and self.ema_start.value > 1:
             raise ValueError(f"ema_start in 'dur' must be in [0, 1], got {str(self.ema_start)!r}")
@@ -183,7 +277,8 @@ class EMA:
         self._slots: list[tuple[dict, str]] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self._sharded = False
-        self._storage: FlatStorage | None = None
+        #: One storage per tracked average (None before the start); ``_storage`` is the evaluated one.
+        self._storages: list[FlatStorage] | None = None
         self._backup: FlatStorage | None = None
         self._swapped: nn.Module | None = None
         self._ema_model: nn.Module | None = None
@@ -193,11 +288,20 @@ class EMA:
         self._ema_model_version = -1
 
     def __repr__(self) -> str:
-        timing = f"half_life='{self.half_life}'" if self.half_life is not None else f"smoothing={self.smoothing}"
-        return (
-            f"EMA({timing}, update_interval='{self.update_interval}', ema_start='{self.ema_start}', "
-            f"smoothing={self.smoothing:.6g})"
-        )
+        if len(self.half_lives) > 1:
+            timing = f"half_life={[str(h) for h in self.half_lives]}"
+        elif self.half_life is not None:
+            timing = f"half_life='{self.half_life}'"
+        elif isinstance(self.profiles[0] if self.profiles else None, PowerProfile):
+            timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in self.profiles if isinstance(p, PowerProfile)]}"
+        else:
+            timing = f"smoothing={self.smoothing}"
+        shown = f", smoothing={self.smoothing:.6g}" if not math.isnan(self.smoothing) else ""
+        return f"EMA({timing}, update_interval='{self.update_interval}', ema_start='{self.ema_start}'{shown})"
+
+    @property
+    def _storage(self) -> FlatStorage | None:
+        return None if self._storages is None else self._storages[self.eval_average]
 
     # ------------------------------------------------------------------ state of the average
     @property
@@ -336,14 +440,16 @@ class EMA:
             raise RuntimeError("call ema.attach(model) before the first ema.step()")
         count = self.timestamp.get(unit)
         if not self.started:
-            if self._start_due() and self._finite_or_skip(count):
-                self._initialise(count)
-                return True
-            return False
-        if count % int(self.update_interval.value) == 0 and self._finite_or_skip(count):
+            if not (self._start_due() and self._finite_or_skip(count)):
+                return False
+            self._initialise(count)
+        elif count % int(self.update_interval.value) == 0 and self._finite_or_skip(count):
             self.update()
-            return True
-        return False
+        else:
+            return False
+        if self._snapshot_due(count):
+            self.write_snapshot()
+        return True
 
     def _start_due(self) -> bool:
         if self.ema_start.unit == TimeUnit.DURATION and self.max_duration is None:
@@ -390,11 +496,12 @@ class EMA:
     def _initialise(self, count: int) -> None:
         self.wait()
         sources = dict(zip(self._names, self._training_tensors(), strict=True))
-        if self._storage is None:
-            self._storage = FlatStorage(sources, fp32_ema=self.fp32_ema)
+        if self._storages is None:
+            self._storages = [FlatStorage(sources, fp32_ema=self.fp32_ema) for _ in range(self.num_averages)]
             self._ema_model = None
         else:
-            self._storage.copy_from(list(sources.values()))
+            for storage in self._storages:
+                storage.copy_from(list(sources.values()))
         self.start_count = count
         self.num_updates = 0
         self._version += 1
@@ -407,8 +514,15 @@ class EMA:
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._sharded or self._swapped is not None:  # a reusable plan only for plain models
             source = self._training_tensors()
-        weight = 1.0 - self.smoothing
-        if self._overlap is None:
+        weights = self._weights(self.num_updates + 2)  # the start, a copy of the weights, was update 1
+        weight = weights[0]
+        if self._storages is not None and len(self._storages) > 1:
+            blend_averages_(
+                [storage.views() for storage in self._storages],
+                source() if callable(source) else source,
+                weights,
+            )
+        elif self._overlap is None:
             self._storage.blend(source, weight)
         else:
             plan = self._storage.prepare(source, self._phases)
@@ -416,6 +530,47 @@ class EMA:
             self._overlap.launch(plan.bound(weight, _ALONGSIDE))
         self.num_updates += 1
         self._version += 1
+
+    def _weights(self, t: int) -> list[float]:
+        """``1 - beta`` of every average for update number ``t`` (1-based, counting the start)."""
+        weights = []
+        for j, smoothing in enumerate(self.smoothings):
+            if smoothing is None:
+                profile = self.profiles[j]
+                assert isinstance(profile, PowerProfile)
+                weights.append(1.0 - power_beta(t, profile.gamma))
+            else:
+                weights.append(1.0 - smoothing)
+        return weights
+
+    def _snapshot_due(self, count: int) -> bool:
+        return self.snapshot_interval is not None and count % int(self.snapshot_interval.value) == 0
+
+    def write_snapshot(self) -> Path:
+        """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series.
+
+        :meth:`step` calls this every ``snapshot_interval``. Under FSDP every rank must call it (each writes
+        its shards); otherwise rank 0 writes one safetensors file.
+        """
+        self.require_started()
+        if self.snapshot_folder is None:
+            raise RuntimeError("this EMA has no snapshot_folder: pass snapshot_folder and snapshot_interval")
+        assert self._storages is not None
+        self.wait()
+        averages = [self._as_model_tensors(storage.state_dict()) for storage in self._storages]
+        interval = int(self.update_interval.value)
+        path = write_snapshot(
+            self.snapshot_folder,
+            self._snapshot_index,
+            averages,
+            self.profiles if len(self.profiles) == self.num_averages else [HalfLifeProfile(1e-9)] * self.num_averages,
+            t=self.num_updates + 1,
+            step=self.timestamp.batch,
+            update_interval=interval if self.update_interval.unit == TimeUnit.BATCH else 1,
+            dtype=self.snapshot_dtype,
+        )
+        self._snapshot_index += 1
+        return path
 
     def _finite_or_skip(self, count: int) -> bool:
         """With ``skip_nonfinite``, False (and a warning) when the training weights hold NaN or Inf."""
@@ -592,9 +747,12 @@ class EMA:
             "smoothing": self.smoothing,
             "num_skipped_nonfinite": self.num_skipped_nonfinite,
             "timestamp": self.timestamp.state_dict(),
-            "ema": self._as_model_tensors(self._storage.state_dict())
-            if self.started and self._storage is not None
-            else None,
+            "ema": self._as_model_tensors(self._storages[0].state_dict()) if self._storages and self.started else None,
+            # the other tracked averages (half_life or sigma_rel lists), and where the snapshot series stands
+            "more_averages": [self._as_model_tensors(s.state_dict()) for s in self._storages[1:]]
+            if self._storages and self.started
+            else [],
+            "snapshot_index": self._snapshot_index,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -614,28 +772,59 @@ class EMA:
                 raise RuntimeError("attach the EMA to its model (ema.attach(model)) before loading its state")
             if not isinstance(ema, Mapping):
                 raise ValueError("EMA state is marked started but holds no 'ema' tensors")
+            saved = [ema, *(state.get("more_averages") or [])]
+            if len(saved) != self.num_averages:
+                raise ValueError(
+                    f"EMA state holds {len(saved)} average(s), this EMA tracks {self.num_averages}: "
+                    "resume with the same half_life / sigma_rel list"
+                )
             live = dict(zip(self._names, self._model_tensors() if self._sharded else self._live(), strict=True))
-            check_state_matches(ema, live, "EMA state")
+            for average in saved:
+                check_state_matches(average, live, "EMA state")
             if self._sharded:  # keep this rank's shards
-                ema = {name: local_tensor(t) for name, t in ema.items()}
+                saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
                 live = dict(zip(self._names, self._live(), strict=True))
             saved_smoothing = state.get("smoothing")
-            if isinstance(saved_smoothing, float) and not math.isclose(saved_smoothing, self.smoothing):
+            if (
+                isinstance(saved_smoothing, float)
+                and not (math.isnan(saved_smoothing) and math.isnan(self.smoothing))
+                and not math.isclose(saved_smoothing, self.smoothing)
+            ):
                 warnings.warn(
                     f"resuming an EMA saved with smoothing={saved_smoothing:.6g} with smoothing={self.smoothing:.6g}",
                     stacklevel=2,
                 )
-            if self._storage is None:
-                self._storage = FlatStorage(live, fp32_ema=self.fp32_ema)
+            if self._storages is None:
+                self._storages = [FlatStorage(live, fp32_ema=self.fp32_ema) for _ in range(self.num_averages)]
                 self._ema_model = None
-            self._storage.load_state_dict(ema)
+            for storage, average in zip(self._storages, saved, strict=True):
+                storage.load_state_dict(average)
             self.start_count = int(state["start_count"])
         else:
-            self._storage = None
+            self._storages = None
             self._ema_model = None
             self.start_count = None
         self.num_updates = int(state["num_updates"])
         self.num_skipped_nonfinite = int(state.get("num_skipped_nonfinite", 0))
         if state.get("timestamp") is not None:
             self.timestamp = timestamp
+        self._snapshot_index = int(state.get("snapshot_index", 0))
+        if self.snapshot_folder is not None:
+            self._resume_snapshots()
         self._version += 1
+
+    def _resume_snapshots(self) -> None:
+        """Drop snapshots written after the resumed point (their updates are redone), so the series continues
+        without a gap or a duplicate."""
+        assert self.snapshot_folder is not None
+        if get_rank() == 0:
+            discard_snapshots_after(self.snapshot_folder, self.num_updates + 1 if self.started else 0)
+        barrier()
+        found = next_snapshot_index(self.snapshot_folder)
+        if found != self._snapshot_index:
+            warnings.warn(
+                f"snapshot_folder {str(self.snapshot_folder)!r} holds {found} snapshot(s) up to the resumed point, "
+                f"the EMA state says {self._snapshot_index}: continuing at {found}",
+                stacklevel=3,
+            )
+            self._snapshot_index = found
