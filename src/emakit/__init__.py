@@ -2,15 +2,66 @@
 
 Two interfaces: the functional :func:`compute_ema` for any training loop, and the :class:`EMA` algorithm
 that :class:`Trainer` runs at the right moments (evaluating and checkpointing with the EMA weights).
+
+The names below are resolved on first use (PEP 562 ``__getattr__``): ``import emakit`` alone loads
+only :mod:`emakit._version`, not torch, so that ``emakit --help`` and ``emakit --version`` answer at once.
+``from emakit import EMA`` imports what ``EMA`` needs at that moment; type checkers and IDEs read the
+``TYPE_CHECKING`` imports.
 """
 
-from emakit.algorithms.ema import EMA
-from emakit.callbacks.checkpoint_saver import CheckpointSaver
-from emakit.core.event import Event
-from emakit.functional import compute_ema
-from emakit.time import Time, Timestamp, TimeUnit
-from emakit.trainer import Trainer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["EMA", "CheckpointSaver", "Event", "Time", "TimeUnit", "Timestamp", "Trainer", "__version__", "compute_ema"]
+from emakit._version import __version__
+
+if TYPE_CHECKING:
+    from emakit.algorithms.ema import EMA
+    from emakit.callbacks.checkpoint_saver import CheckpointSaver
+    from emakit.core.event import Event
+    from emakit.distributed import export_ema_weights
+    from emakit.functional import compute_ema
+    from emakit.time import Time, Timestamp, TimeUnit
+    from emakit.trainer import Trainer
+
+__all__ = [
+    "EMA",
+    "CheckpointSaver",
+    "Event",
+    "Time",
+    "TimeUnit",
+    "Timestamp",
+    "Trainer",
+    "__version__",
+    "compute_ema",
+    "export_ema_weights",
+]
+
+#: Where each public name lives; the one list to change when a module moves.
+_LAZY: dict[str, str] = {
+    "EMA": "emakit.algorithms.ema",
+    "CheckpointSaver": "emakit.callbacks.checkpoint_saver",
+    "Event": "emakit.core.event",
+    "Time": "emakit.time",
+    "TimeUnit": "emakit.time",
+    "Timestamp": "emakit.time",
+    "Trainer": "emakit.trainer",
+    "compute_ema": "emakit.functional",
+    "export_ema_weights": "emakit.distributed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name in this module."""
+    module = _LAZY.get(name)
+    if module is None:  # submodules, as for any package, need their own `import emakit.<name>`
+        raise AttributeError(f"module 'emakit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names (loaded or not) and the module's own dunders; not the helpers used here."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -1,13 +1,20 @@
 """The ``emakit`` command: ``emakit demo`` (train, compare raw vs EMA weights) and ``emakit bench``.
 
-The demo's optional packages (scikit-learn, matplotlib, safetensors) and the benchmarks are imported only
-by the subcommand that needs them; a missing one is a one-line error, not a traceback.
+``emakit --help``, ``--version``, ``emakit demo --help`` and argument errors answer without importing
+torch (the parser reads the demo's defaults from the torch-free :mod:`emakit.demo.config`); torch, the
+demo's optional packages (scikit-learn, matplotlib, safetensors) and the benchmarks are imported only by
+the subcommand that runs. A missing one is a one-line error, not a traceback.
+
+Subcommands other than ``demo`` hand the rest of the command line to a module's ``main(argv)`` and
+parse it themselves: each is one entry of ``_DELEGATED`` (``emakit bench`` -> ``emakit.bench.main``),
+and the module is imported only when its subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import math
 import os
@@ -19,7 +26,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from emakit._version import __version__
+from emakit.demo.config import DemoConfig, OptionError, check_time_option
+from emakit.time import TimeUnit
+
 __all__ = ["build_parser", "main"]
+
+#: Subcommands whose module's ``main(argv: list[str]) -> int`` gets the rest of the command line:
+#: name -> (module, one-line help for ``emakit --help``). The module is imported only when it runs.
+_DELEGATED: dict[str, tuple[str, str]] = {
+    "bench": ("emakit.bench", "run emakit's benchmarks (emakit bench --help for their options)"),
+}
 
 DEMO_DESCRIPTION = """\
 Train a small CNN (two conv+BatchNorm blocks, ~10k parameters) on scikit-learn's
@@ -95,10 +112,22 @@ def _run_name(text: str) -> str:
     return text
 
 
-def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from emakit.demo.run import DemoConfig
+def _time_option(option: str, units: tuple[TimeUnit, ...], *, allow_zero: bool = False) -> Callable[[str], str]:
+    """An argparse ``type`` that checks a time option without torch and keeps the text for DemoConfig."""
 
+    def parse(text: str) -> str:
+        try:
+            check_time_option(text, option, units, allow_zero=allow_zero)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option}: ")) from None
+        return text
+
+    return parse
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig(out=Path("."))
+    update_units = (TimeUnit.BATCH, TimeUnit.EPOCH)
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=_positive_int, default=d.epochs, help="epochs to train (default: %(default)s)")
     train.add_argument(
@@ -133,6 +162,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     ema = p.add_argument_group("EMA")
     ema.add_argument(
         "--half-life",
+        type=_time_option("--half-life", update_units),
         default=d.half_life,
         metavar="TIME",
         help="time for a weight's contribution to the average to halve, in 'ba' or 'ep' (default: %(default)s; "
@@ -140,12 +170,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     ema.add_argument(
         "--update-interval",
+        type=_time_option("--update-interval", update_units),
         default=d.update_interval,
         metavar="TIME",
         help="time between EMA updates, in --half-life's unit (default: 1 of that unit)",
     )
     ema.add_argument(
         "--ema-start",
+        type=_time_option("--ema-start", tuple(TimeUnit), allow_zero=True),
         default=d.ema_start,
         metavar="TIME",
         help="when the EMA starts as a copy of the weights; before it, the EMA numbers repeat the raw ones "
@@ -165,12 +197,11 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``emakit`` parser with its ``demo`` and ``bench`` subcommands."""
-    from emakit import __version__
-
+    """The ``emakit`` parser with its ``demo`` subcommand and the delegated ones (``bench``); imports no torch."""
     parser = _Parser(prog="emakit", description="emakit: exponential moving averages of PyTorch model weights.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench}", parser_class=_Parser)
+    metavar = "{" + ",".join(["demo", *_DELEGATED]) + "}"
+    sub = parser.add_subparsers(dest="command", metavar=metavar, parser_class=_Parser)
     demo = sub.add_parser(
         "demo",
         help="train a small CNN on digits and compare raw vs EMA validation curves",
@@ -180,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     _add_demo_arguments(demo)
-    sub.add_parser("bench", help="run emakit's benchmarks (emakit bench --help for their options)", add_help=False)
+    for name, (_, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; run by _delegate
     return parser
 
 
@@ -289,6 +321,7 @@ def _demo(argv: list[str], parser: argparse.ArgumentParser, started: float) -> i
         out = Path(tempfile.mkdtemp(prefix=f"emakit-demo-rank{rank}-"))
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this worker process)
 
+    # The run's own names: the same classes as emakit.demo.config's once demo/run.py imports them from there.
     from emakit.demo.run import DemoConfig, OptionError, prepare, run_demo
 
     config = DemoConfig(
@@ -350,21 +383,23 @@ def _seconds_since_process_start() -> float | None:
         return None
 
 
-def _bench(argv: list[str]) -> int:
+def _delegate(name: str, argv: list[str]) -> int:
+    """Run ``emakit <name> ...`` by importing its module (only now) and calling its ``main(argv)``."""
+    module_name = _DELEGATED[name][0]
     try:
-        import emakit.bench as bench
+        module = importlib.import_module(module_name)
     except ImportError as e:
-        print(f"emakit bench: error: the benchmarks cannot be imported ({e})", file=sys.stderr)
+        print(f"emakit {name}: error: {module_name} cannot be imported ({e})", file=sys.stderr)
         return 2
-    return int(bench.main(argv))
+    return int(module.main(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``emakit`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     started = time.perf_counter()
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "bench":
-        return _bench(args[1:])
+    if args and args[0] in _DELEGATED:
+        return _delegate(args[0], args[1:])
     parser = build_parser()
     if not args:
         parser.print_help(sys.stderr)

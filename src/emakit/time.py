@@ -6,6 +6,21 @@ written as short strings such as ``"50ba"`` or ``"0.5dur"`` so that schedules (E
 warm-up, evaluation interval, ...) can be given in whichever unit is natural and validated in one
 place. :class:`Timestamp` holds the run's progress counters, and :func:`progress` / :func:`reached`
 compare that progress against a :class:`Time`.
+
+Time strings, as :meth:`Time.parse` and :meth:`Time.coerce` read them:
+
+- ``<number><unit>``: the number is ASCII digits with an optional fraction and exponent (``50``,
+  ``0.5``, ``.5``, ``1e3``, ``2.5E-1``); the unit is ``ba``, ``ep``, ``sp`` or ``dur`` in any case
+  (``"10BA"`` is ``"10ba"``). ``ba``, ``ep`` and ``sp`` take whole numbers (``"1e3ba"``, ``"2.0ep"``).
+- Whitespace around the number and the unit is ignored on purpose: ``" 10ba "``, ``"10 ba"`` and
+  ``"10 BA\n"`` are all ``"10ba"`` (times are often pasted or read from config files); a space inside
+  the number (``"1 0ba"``) is refused.
+- A leading sign is read as part of the number so that the error can say what is wrong: ``"+10ba"``
+  is ``"10ba"``, ``"-0ba"`` is ``"0ba"``, and a negative number is refused with "cannot be negative"
+  (or, through ``Time.coerce(..., positive=True)``, "must be greater than 0") rather than "is not a
+  time". A :class:`Time` itself is never negative: schedules count training done, and a negative
+  ``ema_start`` or ``half_life`` has no meaning.
+- Errors quote the text and list only the units the argument accepts (``Time.coerce``'s ``units``).
 """
 
 from __future__ import annotations
@@ -49,12 +64,62 @@ _UNIT_MEANINGS: dict[TimeUnit, str] = {
     TimeUnit.SAMPLE: "samples",
     TimeUnit.DURATION: "fraction of max_duration",
 }
-_UNITS_HELP = "unit one of " + ", ".join(f"'{u.value}' ({m})" for u, m in _UNIT_MEANINGS.items())
-_WHOLE_HELP = "'ba', 'ep' and 'sp' take whole numbers"
-_UNIT_VALUES = frozenset(u.value for u in TimeUnit)
+_ALL_UNITS: tuple[TimeUnit, ...] = tuple(TimeUnit)
 
-# ASCII digits only: ``\d`` would otherwise accept other scripts' digits.
-_TIME_RE = re.compile(r"\s*(?P<number>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[A-Za-z]+)\s*")
+
+def _units_help(units: tuple[TimeUnit, ...]) -> str:
+    """``unit one of 'ba' (batches), 'ep' (epochs)``: the accepted units, in the caller's order."""
+    return "unit one of " + ", ".join(f"'{u.value}' ({_UNIT_MEANINGS[u]})" for u in units)
+
+
+def _whole_help(units: tuple[TimeUnit, ...]) -> str:
+    """``'ba', 'ep' and 'sp' take whole numbers``, naming only the accepted integer units."""
+    names = [f"'{u.value}'" for u in units if u.is_integer] or ["'ba'", "'ep'", "'sp'"]
+    if len(names) == 1:
+        return f"{names[0]} takes whole numbers"
+    return f"{', '.join(names[:-1])} and {names[-1]} take whole numbers"
+
+
+_UNITS_HELP = _units_help(_ALL_UNITS)
+_WHOLE_HELP = _whole_help(_ALL_UNITS)
+
+# ASCII digits only: ``\d`` would otherwise accept other scripts' digits. The sign is matched so that a
+# negative number gets its own error (a Time is never negative); whitespace around the parts is allowed.
+_TIME_RE = re.compile(
+    r"\s*(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[A-Za-z]+)\s*"
+)
+
+
+class _NegativeTimeError(ValueError):
+    """A well-formed time string with a negative number; :meth:`Time.coerce` words it for the argument."""
+
+
+def _parse(text: str, units: tuple[TimeUnit, ...]) -> Time:
+    """Parse ``text`` into a :class:`Time` in one of ``units``; errors quote ``text`` but name no argument.
+
+    A unit outside ``units`` gives ``got '<text>'; accepted units: ...``; a negative number raises
+    :class:`_NegativeTimeError` (after the unit check, so that the unit is reported first).
+    """
+    match = _TIME_RE.fullmatch(text)
+    unit_text = match.group("unit").lower() if match else ""
+    known = {u.value: u for u in TimeUnit}
+    if match is None or unit_text not in known:
+        raise ValueError(f"{text!r} is not a time: expected <number><unit> with {_units_help(units)}")
+    unit = known[unit_text]
+    if unit not in units:
+        raise ValueError(f"got {text!r}; accepted units: " + ", ".join(f"'{u.value}'" for u in units))
+    number = match.group("number")
+    as_float = float(number)
+    if not math.isfinite(as_float):
+        raise ValueError(f"{text!r} is not a time: the number is too large")
+    if as_float < 0 or (as_float == 0 and Decimal(number) < 0):
+        raise _NegativeTimeError(f"{text!r} is not a time: a time cannot be negative")
+    if not unit.is_integer:
+        return Time(as_float, unit)
+    exact = Decimal(number)  # exact, so '1.0000000000000000001ep' is not rounded to a whole number
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{text!r} is not a time: {_whole_help(units)}")
+    return Time(int(exact), unit)
 
 
 def _to_unit(unit: object) -> TimeUnit:
@@ -224,49 +289,58 @@ class Time:
 
     @classmethod
     def parse(cls, text: str) -> Time:
-        """Parse ``"<number><unit>"`` such as ``"50ba"``, ``"1e3sp"`` or ``"0.5dur"`` (case-insensitive).
+        """Parse ``"<number><unit>"`` such as ``"50ba"``, ``"1e3sp"`` or ``"0.5dur"`` (see the module docstring).
 
-        Raises ``ValueError`` naming the bad text and the accepted units.
+        Raises ``ValueError`` quoting the text: with the accepted units when it is not a time, or saying
+        that a time cannot be negative (``"-10ba"``) or that the unit takes whole numbers (``"1.5ep"``).
         """
         if not isinstance(text, str):
             raise TypeError(f"Time.parse expects a string, got {text!r} ({type(text).__name__})")
-        match = _TIME_RE.fullmatch(text)
-        unit_text = match.group("unit").lower() if match else ""
-        if match is None or unit_text not in _UNIT_VALUES:
-            raise ValueError(f"{text!r} is not a time: expected <number><unit> with {_UNITS_HELP}")
-        unit = TimeUnit(unit_text)
-        number = match.group("number")
-        if not math.isfinite(float(number)):
-            raise ValueError(f"{text!r} is not a time: the number is too large")
-        if not unit.is_integer:
-            return cls(float(number), unit)
-        exact = Decimal(number)  # exact, so '1.0000000000000000001ep' is not rounded to a whole number
-        if exact != exact.to_integral_value():
-            raise ValueError(f"{text!r} is not a time: {_WHOLE_HELP}")
-        return cls(int(exact), unit)
+        return _parse(text, _ALL_UNITS)
 
     @classmethod
-    def coerce(cls, value: object, name: str, units: Iterable[TimeUnit | str] | None = None) -> Time:
+    def coerce(
+        cls,
+        value: object,
+        name: str,
+        units: Iterable[TimeUnit | str] | None = None,
+        *,
+        positive: bool = False,
+    ) -> Time:
         """Validate an argument that should be a time: a :class:`Time` or a string for :meth:`parse`.
 
-        Errors are prefixed with the argument ``name``; ``units`` (if given) restricts the accepted units.
+        ``name`` is the argument's name, and every error names it. ``units`` (if given) restricts the
+        accepted units, and errors then list only those. ``positive=True`` also refuses zero. A negative
+        string (``"-10ba"``) gives ``<name> cannot be negative, got '-10ba'``, or with ``positive=True``
+        ``<name> must be greater than 0, got '-10ba'``, the same error as for ``"0ba"``.
         """
+        allowed = _ALL_UNITS if units is None else tuple(dict.fromkeys(_to_unit(u) for u in units))
+        if not allowed:
+            raise ValueError(f"{name}: units must name at least one time unit")
         if isinstance(value, Time):
             time = value
+            if time.unit not in allowed:
+                accepted = ", ".join(f"'{u.value}'" for u in allowed)
+                raise ValueError(f"{name}: got '{time}'; accepted units: {accepted}")
+            shown = str(time)
         elif isinstance(value, str):
             try:
-                time = cls.parse(value)
+                time = _parse(value, allowed)
+            except _NegativeTimeError:
+                raise ValueError(
+                    f"{name} must be greater than 0, got {value!r}"
+                    if positive
+                    else f"{name} cannot be negative, got {value!r}"
+                ) from None
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from None
+            shown = value
         else:
             raise TypeError(
                 f"{name}: expected a Time or a string such as '10ba', got {value!r} ({type(value).__name__})"
             )
-        if units is not None:
-            allowed = list(dict.fromkeys(_to_unit(u) for u in units))
-            if time.unit not in allowed:
-                accepted = ", ".join(f"'{u.value}'" for u in allowed)
-                raise ValueError(f"{name}: got '{time}'; accepted units: {accepted}")
+        if positive and time.value == 0:
+            raise ValueError(f"{name} must be greater than 0, got {shown!r}")
         return time
 
 

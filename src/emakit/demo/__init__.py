@@ -1,11 +1,20 @@
 """``emakit demo``: train a small CNN with emakit's Trainer and EMA and show raw vs EMA validation curves.
 
-Importing this package loads torch but not scikit-learn, matplotlib or safetensors; those load when used.
+The names below are imported on first use (PEP 562), so that ``emakit demo --help`` reads the defaults
+from :mod:`emakit.demo.config` without loading torch. ``emakit.demo.run``, ``.data`` and ``.model`` load
+torch; scikit-learn, matplotlib and safetensors load only when used.
 """
 
-from emakit.demo.data import DemoData, load_data
-from emakit.demo.model import build_model
-from emakit.demo.run import DemoConfig, DemoResult, OptionError, RawVsEmaRecorder, noise, prepare, run_demo, summarize
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emakit.demo.config import DemoConfig, OptionError
+    from emakit.demo.data import DemoData, load_data
+    from emakit.demo.model import build_model
+    from emakit.demo.run import DemoResult, RawVsEmaRecorder, noise, prepare, run_demo, summarize
 
 __all__ = [
     "DemoConfig",
@@ -20,3 +29,31 @@ __all__ = [
     "run_demo",
     "summarize",
 ]
+
+_LAZY: dict[str, str] = {
+    "DemoConfig": "emakit.demo.config",
+    "OptionError": "emakit.demo.config",
+    "DemoData": "emakit.demo.data",
+    "load_data": "emakit.demo.data",
+    "build_model": "emakit.demo.model",
+    "DemoResult": "emakit.demo.run",
+    "RawVsEmaRecorder": "emakit.demo.run",
+    "noise": "emakit.demo.run",
+    "prepare": "emakit.demo.run",
+    "run_demo": "emakit.demo.run",
+    "summarize": "emakit.demo.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name in this package."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'emakit.demo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from emakit.algorithms import EMA
 from emakit.callbacks import CheckpointSaver
+from emakit.callbacks.progress import show_progress_bar
 from emakit.core import Callback
+from emakit.demo.config import DemoConfig, OptionError, check_time_option
 from emakit.demo.data import DemoData, load_data
 from emakit.demo.model import build_model
 from emakit.time import Time, TimeUnit
@@ -52,41 +54,6 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
-class OptionError(ValueError):
-    """A bad demo setting; ``option`` is the command-line option it came from (e.g. ``'--half-life'``)."""
-
-    def __init__(self, option: str, message: str) -> None:
-        super().__init__(f"{option}: {message}")
-        self.option = option
-
-
-@dataclass
-class DemoConfig:
-    """The demo's settings; the defaults are the ones ``emakit demo`` runs with.
-
-    The defaults make SGD deliberately noisy (a high learning rate, no momentum, batches of 16) so that
-    the raw validation curve jumps from evaluation to evaluation, and evaluate every 5 batches so the
-    jumps are visible. 5 epochs of the digits' 1,437 training images are 445 batches; a 20-batch half-life
-    averages over the last ~30 batches' weights (the mean age of an EMA weight is ``half_life / ln 2``),
-    short enough for the EMA to follow training, long enough to smooth the jumps.
-    """
-
-    out: Path
-    epochs: int = 5
-    half_life: str = "20ba"
-    update_interval: str | None = None
-    ema_start: str = "0.0dur"
-    lr: float = 0.8
-    batch_size: int = 16
-    eval_interval: int = 5
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = 1
-    data: str | None = None
-    plot: bool = True
-    progress: bool = True
-
-
 @dataclass
 class DemoResult:
     """What a run produced: the records, the files, and the live objects (for tests and notebooks)."""
@@ -99,26 +66,6 @@ class DemoResult:
     ema: EMA
     data: DemoData
     wall_time_s: float = 0.0
-
-
-def _positive_time(value: str, option: str, units: Sequence[TimeUnit], *, allow_zero: bool = False) -> Time:
-    if isinstance(value, str) and value.strip().startswith("-"):
-        raise OptionError(option, f"must not be negative, got {value!r}")
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        names = {TimeUnit.BATCH: "batches", TimeUnit.EPOCH: "epochs", TimeUnit.SAMPLE: "samples"}
-        accepted = ", ".join(f"'{u.value}' ({names.get(u, 'fraction of the run')})" for u in units)
-        raise OptionError(option, f"{value!r} needs a unit, one of {accepted}; e.g. '20ba'") from None
-    try:
-        parsed = Time.coerce(value, option, units)
-    except (ValueError, TypeError) as e:
-        raise OptionError(option, str(e).removeprefix(f"{option}: ")) from None
-    if parsed.value <= 0 and not allow_zero:
-        raise OptionError(option, f"must be greater than 0, got {value!r}")
-    return parsed
 
 
 def _batches_for(t: Time, batches_per_epoch: int, total: int, batch_size: int) -> float:
@@ -177,9 +124,9 @@ def prepare(config: DemoConfig) -> tuple[DemoData, EMA]:
         raise OptionError("--device", f"{config.device!r} was asked for but MPS is not available")
 
     units = (TimeUnit.BATCH, TimeUnit.EPOCH)
-    half_life = _positive_time(config.half_life, "--half-life", units)
+    half_life = check_time_option(config.half_life, "--half-life", units)
     update_interval = (
-        _positive_time(config.update_interval, "--update-interval", units)
+        check_time_option(config.update_interval, "--update-interval", units)
         if config.update_interval is not None
         else None
     )
@@ -188,7 +135,7 @@ def prepare(config: DemoConfig) -> tuple[DemoData, EMA]:
             "--update-interval",
             f"must be in --half-life's unit '{half_life.unit.value}', got {config.update_interval!r}",
         )
-    ema_start = _positive_time(config.ema_start, "--ema-start", tuple(TimeUnit), allow_zero=True)
+    ema_start = check_time_option(config.ema_start, "--ema-start", tuple(TimeUnit), allow_zero=True)
     if ema_start.unit == TimeUnit.DURATION and ema_start.value > 1:
         raise OptionError("--ema-start", f"a fraction of the run ('dur') must be in [0, 1], got {config.ema_start!r}")
 
@@ -242,12 +189,12 @@ class RawVsEmaRecorder(Callback):
         self._postfix: dict[str, str] = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        if not self.progress:
+        if not self.progress or not show_progress_bar():
             return
         from tqdm.auto import tqdm
 
         total = state.batches_per_epoch * int(state.max_duration.value) if state.batches_per_epoch else None
-        self._bar = tqdm(total=total, unit="ba", dynamic_ncols=True, leave=True, disable=None, desc="training")
+        self._bar = tqdm(total=total, unit="ba", dynamic_ncols=True, leave=True, desc="training")
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self._bar is None:
