@@ -1,0 +1,99 @@
+"""Hugging Face Accelerate: an :class:`emakit.EMA` in a plain Accelerate loop, in ``save_state``/``load_state``.
+
+The loop calls the EMA's verbs itself; :func:`prepare_ema` only connects the EMA to the Accelerator::
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema = prepare_ema(accelerator, model, EMA(half_life="500ba"), max_duration=f"{max_steps}ba")
+    if resuming:
+        accelerator.load_state(folder)          # restores the EMA too: it is attached by now
+    for batch in loader:
+        with accelerator.accumulate(model):
+            ...; accelerator.backward(loss); optimizer.step(); optimizer.zero_grad()
+        if accelerator.sync_gradients:          # once per optimizer step, not per micro-batch
+            ema.step()
+    with ema.average_parameters():              # evaluate the EMA weights
+        evaluate(model)
+    accelerator.save_state(folder)              # custom_checkpoint_<i>.pkl holds ema.state_dict()
+
+What Accelerate does with it: ``register_for_checkpointing`` keeps a list; ``save_state`` writes each
+object's ``state_dict()`` with ``torch.save`` as ``custom_checkpoint_<i>.pkl`` (``<i>`` is the registration
+order) on the main process, and ``load_state`` reads them back with ``weights_only=False`` into
+``load_state_dict``. So the EMA must be registered in the same order in the resumed run, and attached
+before ``load_state`` (it loads into the model's tensors' shapes and devices): ``prepare_ema`` does both
+at once. Nothing here is a collective, so ``save_state`` may be called on the main process only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from emakit import EMA, Time
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["prepare_ema"]
+
+
+def prepare_ema(
+    accelerator: Accelerator,
+    model: nn.Module,
+    ema: EMA | None = None,
+    *,
+    max_duration: str | Time | None = None,
+    batches_per_epoch: int | None = None,
+) -> EMA:
+    """Attach ``ema`` (default ``EMA()``) to ``model`` and register it for ``accelerator.save_state``/``load_state``.
+
+    Call it after ``accelerator.prepare`` and before ``accelerator.load_state``. ``max_duration`` and
+    ``batches_per_epoch`` go to :meth:`emakit.EMA.attach` (only ``'dur'`` times need them; count optimizer
+    steps as ``'ba'``). Refuses, with a ValueError, the set-ups whose EMA ``save_state`` would lose: FSDP,
+    DeepSpeed ZeRO-3 and Megatron-LM (each rank holds only part of the weights, and Accelerate writes
+    registered objects from the main process only).
+    """
+    if ema is None:
+        ema = EMA()
+    if not isinstance(ema, EMA):
+        raise TypeError(f"ema must be an emakit.EMA, got {type(ema).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_unsupported(accelerator, model)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        warnings.warn(
+            f"{launched} processes were launched but the Accelerator runs each alone (num_processes=1), so every "
+            "process trains its own model and writes the same checkpoint files; on a machine without a GPU, "
+            "pass Accelerator(cpu=True) (or accelerate launch --cpu)",
+            stacklevel=2,
+        )
+    ema.attach(model, max_duration=max_duration, batches_per_epoch=batches_per_epoch)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def _refuse_unsupported(accelerator: Any, model: nn.Module) -> None:
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in ("FSDP", "MEGATRON_LM"):
+        raise ValueError(
+            f"prepare_ema does not support distributed_type={kind}: each rank holds only its part of the weights, "
+            "and Accelerate saves registered objects from the main process only. Use DDP, or emakit's "
+            "Trainer(parallelism='fsdp'), which keeps and checkpoints a shard-local EMA"
+        )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    if kind == "DEEPSPEED" and stage is not None and int(stage) >= 3:
+        raise ValueError(
+            f"prepare_ema does not support DeepSpeed ZeRO stage {stage}: ZeRO-3 partitions the parameters, so no "
+            "rank holds the weights to average. ZeRO stages 0-2 keep whole parameters on every rank"
+        )
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) or hasattr(param, "ds_status"):
+            raise ValueError(
+                f"prepare_ema does not support sharded parameters: parameter {name!r} is a {type(param.data).__name__}"
+                + (" partitioned by DeepSpeed ZeRO-3" if hasattr(param, "ds_status") else "")
+            )

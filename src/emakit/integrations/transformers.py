@@ -1,0 +1,361 @@
+"""Hugging Face Transformers: :class:`emakit.EMA` driven by ``transformers.Trainer``.
+
+``EMACallback`` maps the Trainer's events onto the EMA's verbs; ``EMATrainerMixin`` adds the three things a
+``TrainerCallback`` cannot do, because callbacks are never given the Trainer and there is no event before an
+evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write the EMA as the model in
+``save_model()``, and tell the callback which checkpoint ``train(resume_from_checkpoint=...)`` resumes from.
+
+=====================================  ============================================================================
+``Trainer(...)`` (``on_init_end``)     unsupported configurations (FSDP, DeepSpeed ZeRO-3) refused
+``train()`` (``on_train_begin``)       a fresh EMA ``attach``-ed to the model, ``set_duration(max_steps ba)``;
+                                       when resuming, its state loaded from the checkpoint folder
+``on_step_end``                        ``ema.step()``: once per optimizer step, after the last micro-batch of
+                                       each ``gradient_accumulation_steps`` and after ``optimizer.step()``
+``on_epoch_end``                       ``ema.epoch_end()`` for complete epochs (not the cut one at ``max_steps``)
+``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the EMA model, loadable into the
+                                       plain model) and ``checkpoint-N/emakit_ema.pt`` (``ema.state_dict()``)
+``on_train_end``                       with ``load_best_model_at_end``: the EMA of the best checkpoint loaded
+``evaluate()``, ``predict()``          ``with ema.average_parameters(model)`` (mixin), once the average started
+``save_model()``                       the EMA weights as the model with ``save_ema_as_model=True`` (mixin);
+                                       checkpoints the Trainer writes during ``train()`` keep training weights
+=====================================  ============================================================================
+
+Usage::
+
+    trainer = EMATrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                         callbacks=[EMACallback(half_life="200ba", save_ema_as_model=True)])
+    trainer.train()                      # or train(resume_from_checkpoint=True)
+    trainer.evaluate()                   # the EMA weights
+    trainer.save_model()                 # from_pretrained(output_dir) loads the EMA model
+
+Another Trainer subclass (TRL's, your own) gets the same with ``class MyTrainer(EMATrainerMixin, SFTTrainer)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from emakit import EMA, Time, TimeUnit, export_ema_weights
+
+__all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
+
+#: The EMA model in each checkpoint folder: the whole model ``state_dict`` with the average in place of the
+#: averaged tensors, in the model's dtypes, for ``model.load_state_dict(safetensors.torch.load_file(path))``.
+EMA_WEIGHTS_NAME = "ema_weights.safetensors"
+#: ``ema.state_dict()`` in each checkpoint folder: what ``train(resume_from_checkpoint=...)`` restores.
+EMA_STATE_NAME = "emakit_ema.pt"
+
+_EMA_DEFAULTS = {name: p.default for name, p in inspect.signature(EMA.__init__).parameters.items()}
+
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class EMACallback(TrainerCallback):
+    """Keep an :class:`emakit.EMA` of the model a ``transformers.Trainer`` trains, and checkpoint it.
+
+    The EMA's arguments are :class:`emakit.EMA`'s, with the Trainer's units: ``'ba'`` counts optimizer
+    steps (one per ``gradient_accumulation_steps`` micro-batches, like ``state.global_step``), ``'ep'``
+    epochs, and ``'dur'`` is a fraction of ``max_steps``. The EMA itself is :attr:`ema`.
+
+    Args:
+        save_ema_as_model: ``trainer.save_model()`` (and ``push_to_hub``) write the EMA weights as the
+            model, so ``from_pretrained`` on the output loads the EMA model. Needs :class:`EMATrainerMixin`.
+            Off by default: ``save_model`` writes the training weights; every checkpoint folder holds the EMA
+            model as ``ema_weights.safetensors``, and ``emakit.export_ema_weights(callback, path)`` writes it
+            anywhere (call it on every rank).
+        eval_with_ema: ``evaluate()`` and ``predict()`` run on the EMA weights once the average has started
+            (needs :class:`EMATrainerMixin`). Set ``callback.eval_with_ema = False`` to evaluate the training
+            weights.
+
+    Every ``checkpoint-N/`` the Trainer writes also holds ``ema_weights.safetensors`` and ``emakit_ema.pt``;
+    ``train(resume_from_checkpoint=...)`` restores the EMA from them, so the run continues exactly. Each
+    ``train()`` call that does not resume starts a new average (as the Trainer starts a new ``TrainerState``).
+    """
+
+    def __init__(
+        self,
+        half_life: str | Time | None = _EMA_DEFAULTS["half_life"],
+        smoothing: float | None = None,
+        ema_start: str | Time = "0.0dur",
+        update_interval: str | Time | None = None,
+        fp32_ema: bool = True,
+        skip_nonfinite: bool = False,
+        flatten_model: bool = False,
+        overlap: bool = False,
+        *,
+        save_ema_as_model: bool = False,
+        eval_with_ema: bool = True,
+    ) -> None:
+        self._hyperparameters: dict[str, Any] = {
+            "half_life": half_life,
+            "smoothing": smoothing,
+            "ema_start": ema_start,
+            "update_interval": update_interval,
+            "fp32_ema": fp32_ema,
+            "skip_nonfinite": skip_nonfinite,
+            "flatten_model": flatten_model,
+            "overlap": overlap,
+        }
+        self.ema = EMA(**self._hyperparameters)
+        if self.ema.ema_start.unit == TimeUnit.SAMPLE:
+            raise ValueError(
+                f"ema_start='{self.ema.ema_start}': the Trainer does not report how many samples each optimizer "
+                "step saw; give ema_start in 'ba' (optimizer steps), 'ep' or 'dur' (a fraction of max_steps)"
+            )
+        for name, flag in (("save_ema_as_model", save_ema_as_model), ("eval_with_ema", eval_with_ema)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        self.save_ema_as_model = save_ema_as_model
+        self.eval_with_ema = eval_with_ema
+        #: Set by EMATrainerMixin.train: whether the Trainer runs the mixin, and the resolved resume folder.
+        self._served_by_mixin = False
+        self._resume_from: str | None = None
+        self._attached = False
+
+    def __repr__(self) -> str:
+        return f"EMACallback({self.ema!r}, save_ema_as_model={self.save_ema_as_model})"
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        _refuse_unsupported(args, kwargs.get("model"))
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"EMACallback needs the Trainer's model at on_train_begin, got {type(model).__name__}")
+        _refuse_unsupported(args, model)
+        if state.is_hyper_param_search:
+            raise ValueError(
+                "EMACallback does not support hyperparameter search: its checkpoints go to per-trial folders "
+                "that callbacks are not told about"
+            )
+        served, resume_from = self._served_by_mixin, self._resume_from
+        self._served_by_mixin, self._resume_from = False, None
+        if self.save_ema_as_model and not served:
+            raise ValueError(
+                "EMACallback(save_ema_as_model=True) needs a Trainer with EMATrainerMixin "
+                "(e.g. emakit.integrations.transformers.EMATrainer): a callback cannot change what save_model writes"
+            )
+        if not served:
+            warnings.warn(
+                "EMACallback runs in a Trainer without EMATrainerMixin: the EMA is updated and checkpointed, but "
+                "evaluate() and predict() use the training weights; use emakit.integrations.transformers.EMATrainer "
+                "or `class MyTrainer(EMATrainerMixin, Trainer)` to evaluate the EMA",
+                stacklevel=2,
+            )
+        if self._attached:  # a new train() call: a new average, like the Trainer's new TrainerState
+            self.ema = EMA(**self._hyperparameters)
+        self.ema.attach(model, max_duration=Time(state.max_steps, TimeUnit.BATCH) if state.max_steps > 0 else None)
+        self._attached = True
+        if state.global_step > 0:  # the Trainer restored its state from a checkpoint
+            folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._resume(Path(folder), state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.ema.step()
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The Trainer also calls on_epoch_end when max_steps cuts an epoch short; that is not an epoch's end.
+        if state.epoch is not None and float(state.epoch).is_integer():
+            self.ema.epoch_end()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        folder = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and not folder.is_dir():
+            raise RuntimeError(f"EMACallback cannot find the checkpoint folder the Trainer just wrote: {folder}")
+        if self.ema.started:  # every rank calls it (it waits for all); rank 0 writes
+            export_ema_weights(self.ema, folder / EMA_WEIGHTS_NAME)
+        if args.should_save:
+            _save_atomically(self.ema.state_dict(), folder / EMA_STATE_NAME)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and os.path.isdir(best):
+            # The Trainer has just loaded the best checkpoint's training weights; keep its EMA with them.
+            if (Path(best) / EMA_STATE_NAME).is_file():
+                self._load(Path(best) / EMA_STATE_NAME)
+            else:
+                warnings.warn(
+                    f"load_best_model_at_end: the best checkpoint {best} holds no {EMA_STATE_NAME}; the EMA keeps "
+                    "the average of the last step",
+                    stacklevel=2,
+                )
+
+    # ------------------------------------------------------------------ helpers for the events
+    def _resume(self, folder: Path, global_step: int) -> None:
+        path = folder / EMA_STATE_NAME
+        if not path.is_file():
+            warnings.warn(
+                f"resuming at step {global_step} from {folder}, which holds no {EMA_STATE_NAME}: the EMA starts a "
+                "fresh average from the current weights (its half-life and ema_start count from here)",
+                stacklevel=3,
+            )
+            return
+        self._load(path)
+        if self.ema.timestamp.batch != global_step:
+            raise ValueError(
+                f"{path} was saved at optimizer step {self.ema.timestamp.batch}, but the Trainer resumes at step "
+                f"{global_step}; delete it to resume with a fresh average"
+            )
+
+    def _load(self, path: Path) -> None:
+        self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
+        """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""
+        if model is None or not ((self.eval_with_ema or always) and self._attached and self.ema.started):
+            return nullcontext(model)
+        return self.ema.average_parameters(model)
+
+
+class EMATrainerMixin(_TrainerBase):
+    """Trainer methods that run on the EMA of the Trainer's :class:`EMACallback`; put it before the Trainer class.
+
+    ``class MyTrainer(EMATrainerMixin, Trainer)``. Without an ``EMACallback`` among the Trainer's callbacks
+    it changes nothing. Why a mixin: Transformers gives callbacks neither the Trainer nor an event before
+    ``evaluate()``/``save_model()`` (``on_evaluate`` fires after the evaluation), nor the folder
+    ``train(resume_from_checkpoint=...)`` resumes from.
+
+    - ``evaluate()`` (periodic ones during ``train()`` and direct calls) and ``predict()`` run inside
+      ``ema.average_parameters(model)``: the EMA weights once the average has started, the training weights
+      put back bit-exactly afterwards, also on errors.
+    - ``save_model()`` (and ``push_to_hub()``) write the EMA weights as the model with
+      ``EMACallback(save_ema_as_model=True)``. The checkpoints the Trainer writes during ``train()`` keep
+      the training weights (resuming needs them), with the EMA beside them.
+    - ``train(resume_from_checkpoint=path or True)`` tells the callback which folder the Trainer resumes from.
+    """
+
+    @property
+    def ema_callback(self) -> EMACallback | None:
+        """The Trainer's :class:`EMACallback`, or None; more than one is an error (one EMA per model)."""
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)]
+        if len(found) > 1:
+            raise ValueError(f"a Trainer runs at most one EMACallback, this one has {len(found)}")
+        return found[0] if found else None
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        callback = self.ema_callback
+        if callback is not None:
+            resume = resume_from_checkpoint
+            if resume is True:  # what Trainer.train resolves True to (it raises if there is none)
+                output_dir = str(self.args.output_dir)
+                resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            callback._served_by_mixin = True
+            callback._resume_from = resume if isinstance(resume, (str, os.PathLike)) else None
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        with self._ema_weights():
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test") -> Any:
+        with self._ema_weights():
+            return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        callback = self.ema_callback
+        # The Trainer's own saves during train() are checkpoints: they keep the training weights.
+        if callback is None or not callback.save_ema_as_model or (_internal_call and self.is_in_train):
+            super().save_model(output_dir, _internal_call)
+            return
+        if not (callback._attached and callback.ema.started):
+            warnings.warn(
+                "save_ema_as_model: the EMA has not started yet, so save_model writes the training weights",
+                stacklevel=2,
+            )
+        with callback._weights_for_eval(self.model, always=True):
+            super().save_model(output_dir, _internal_call)
+
+    def _ema_weights(self) -> AbstractContextManager[Any]:
+        callback = self.ema_callback
+        return nullcontext() if callback is None else callback._weights_for_eval(self.model)
+
+
+class EMATrainer(EMATrainerMixin, Trainer):
+    """``transformers.Trainer`` with :class:`EMATrainerMixin`: pass an :class:`EMACallback` in ``callbacks``."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _save_atomically(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _deepspeed_stage(args: TrainingArguments) -> int | None:
+    """The ZeRO stage of ``args.deepspeed`` (a dict or a JSON file), or None without DeepSpeed."""
+    config: Any = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or args.deepspeed
+    if config is None:
+        return None
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else 0
+    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else 0
+
+
+def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> None:
+    """Refuse, before training, the configurations whose EMA this callback would get wrong.
+
+    ``args`` are checked when the Trainer is built; the model (wrapped by then) when training starts, which
+    also catches FSDP or DeepSpeed configured through ``accelerate launch`` rather than the arguments.
+    """
+    if args.fsdp:
+        raise ValueError(
+            f"EMACallback does not support FSDP (TrainingArguments.fsdp={args.fsdp!r}): each rank would hold only "
+            "its shards of the average and the Trainer's checkpoints are written by one rank. Train with DDP, or "
+            "use emakit's Trainer(parallelism='fsdp'), which keeps a shard-local EMA"
+        )
+    stage = _deepspeed_stage(args)
+    if stage is not None and stage >= 3:
+        raise ValueError(
+            f"EMACallback does not support DeepSpeed ZeRO stage {stage} (TrainingArguments.deepspeed): ZeRO-3 "
+            "partitions the parameters, so no rank holds the weights to average. ZeRO stages 0-2 keep whole "
+            "parameters on every rank and are accepted"
+        )
+    if model is None:
+        return
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(
+            "EMACallback does not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel"
+        )
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
+            raise ValueError(
+                "EMACallback does not support sharded parameters (FSDP, tensor parallel, DeepSpeed ZeRO-3): "
+                f"parameter {name!r} is a {type(param.data).__name__}"
+                + (" partitioned by ZeRO-3" if hasattr(param, "ds_status") else "")
+            )
