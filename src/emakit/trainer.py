@@ -245,7 +245,9 @@ class Trainer:
             raise TypeError(f"train_dataloader must be iterable, got {type(train_dataloader).__name__}")
         if eval_dataloader is not None and not isinstance(eval_dataloader, Iterable):
             raise TypeError(f"eval_dataloader must be iterable, got {type(eval_dataloader).__name__}")
-        duration = Time.coerce(max_duration, "max_duration", (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE))
+        duration = Time.coerce(
+            max_duration, "max_duration", (TimeUnit.EPOCH, TimeUnit.BATCH, TimeUnit.SAMPLE), positive=True
+        )
         if duration.value <= 0:
             raise ValueError(f"max_duration must be greater than 0, got {str(duration)!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -302,6 +304,7 @@ class Trainer:
                 eval_interval if eval_interval is not None else "1ep",
                 "eval_interval",
                 (TimeUnit.EPOCH, TimeUnit.BATCH),
+                positive=True,
             )
             if self.eval_interval.value <= 0:
                 raise ValueError(f"eval_interval must be greater than 0, got {str(self.eval_interval)!r}")

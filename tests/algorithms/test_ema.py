@@ -121,7 +121,12 @@ def test_default_update_interval() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"half_life": "10ba", "smoothing": 0.9}, ValueError, r"exactly one of half_life, smoothing and sigma_rel, got half_life='10ba', smoothing=0\.9"),
+        (
+            {"half_life": "10ba", "smoothing": 0.9},
+            ValueError,
+            r"exactly one of half_life, smoothing and sigma_rel, got half_life='10ba', smoothing=0\.9",
+        ),
+        ({"half_life": "-10ba"}, ValueError, r"half_life must be greater than 0, got '-10ba'"),
         ({"half_life": None}, ValueError, r"exactly one of half_life, smoothing and sigma_rel, got none"),
         ({"half_life": "10sp"}, ValueError, r"half_life: got '10sp'; accepted units: 'ba', 'ep'"),
         ({"half_life": "0.5dur"}, ValueError, r"half_life: .*accepted units: 'ba', 'ep'"),

@@ -283,3 +283,39 @@ def test_a_published_trainer_checkpoint_of_a_bf16_model_holds_bf16_weights_and_r
         Bf16Net(), make_loader(), "1ep", algorithms=[resumed_ema], load_path=tmp_path / "latest.pt", progress_bar=False
     )
     assert torch.equal(resumed_ema.ema_tensors["net.fc1.weight"], ema.ema_tensors["net.fc1.weight"])
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output layer's (as in GPT-2): one tensor, two state_dict keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x).mean(dim=1))
+
+
+def test_tied_weights_are_published_and_restored_under_every_name(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from emakit import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 7, (32, 3), generator=g), torch.randint(0, 7, (32,), generator=g))
+    ema = EMA(half_life="2ba")
+    trainer = Trainer(Tied(), DataLoader(data, batch_size=8), "1ep", algorithms=[ema], save_folder=tmp_path,
+                      progress_bar=False)  # fmt: skip
+    trainer.fit()
+    average = ema.ema_tensors["embed.weight"]
+    exported = torch.load(export_ema_weights(ema, tmp_path / "ema.pt"), weights_only=True)  # type: ignore[arg-type]
+    plain = Tied()
+    plain.load_state_dict(exported)  # both keys must carry the average, whichever is copied last
+    assert torch.equal(plain.head.weight, average) and torch.equal(plain.embed.weight, average)
+    training = trainer.state.model.embed.weight.detach().clone()
+    resumed = Trainer(Tied(), DataLoader(data, batch_size=8), "1ep", algorithms=[EMA(half_life="2ba")],
+                      load_path=tmp_path / "latest.pt", progress_bar=False)  # fmt: skip
+    assert torch.equal(resumed.state.model.embed.weight, training)  # the training weights, not the average

@@ -1,7 +1,8 @@
 """A training job for the crash test: resumes from its save folder, checkpoints every batch.
 
 Usage: python _crash_worker.py SAVE_FOLDER OUT_FILE [--slow-writes]
-Prints "step" lines as it trains; writes the final training and EMA weights to OUT_FILE.
+Prints "step" lines as it trains; writes the final training and EMA weights and every post-hoc snapshot
+(SAVE_FOLDER/snapshots) to OUT_FILE.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -45,7 +47,8 @@ def main() -> None:
     data = TensorDataset(torch.randn(96, 16, generator=g), torch.randint(0, 4, (96,), generator=g))
     loader = DataLoader(data, batch_size=8, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ema = EMA(half_life="3ba", ema_start="4ba")
+    # two averages, snapshotted every other batch: kills also land inside snapshot writes
+    ema = EMA(half_life=["3ba", "12ba"], ema_start="4ba", snapshot_interval="2ba", snapshot_folder=folder / "snapshots")
     trainer = Trainer(
         model,
         loader,
@@ -61,7 +64,12 @@ def main() -> None:
         progress_bar=False,
     )
     trainer.fit()
-    torch.save({"model": trainer.state.model.state_dict(), "ema": ema.ema_tensors}, out)
+    snapshots = {
+        f"{path.name}/{name}": tensor
+        for path in sorted((folder / "snapshots").glob("snapshot-*.safetensors"))
+        for name, tensor in load_file(str(path)).items()
+    }
+    torch.save({"model": trainer.state.model.state_dict(), "ema": ema.ema_tensors, "snapshots": snapshots}, out)
     print("done", flush=True)
 
 

@@ -56,18 +56,22 @@ def test_killed_at_random_moments_resumes_bitwise(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         kills += 1
-        if any(p.name.endswith(".tmp") for p in folder.iterdir()):
+        snapshots = folder / "snapshots"
+        if any(p.name.endswith(".tmp") for p in folder.iterdir()) or (
+            snapshots.is_dir() and any(p.name.endswith(".tmp") for p in snapshots.iterdir())
+        ):
             kills_inside_writes += 1
         for path in list_checkpoints(folder)[-1:]:
             load_checkpoint_file(path)  # the newest checkpoint is always whole
     assert kills >= 20
-    assert kills_inside_writes >= 1, "no kill landed inside a checkpoint write"
+    assert kills_inside_writes >= 1, "no kill landed inside a checkpoint or snapshot write"
     if not out.exists():
         proc = run_worker(folder, out)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     expected, got = torch.load(reference, weights_only=True), torch.load(out, weights_only=True)
-    for part in ("model", "ema"):
+    assert len(expected["snapshots"]) > 0
+    for part in ("model", "ema", "snapshots"):
         assert set(got[part]) == set(expected[part])
         for name, value in expected[part].items():
             assert torch.equal(got[part][name], value), f"{part}.{name}"
@@ -89,7 +93,9 @@ def test_load_latest_skips_a_truncated_newest_file(tmp_path: Path) -> None:
     newest = list_checkpoints(tmp_path)[-1]
     assert newest.name == "ep1-ba4.pt"
     newest.write_bytes(newest.read_bytes()[:100])
-    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint: checkpoint '.*ep1-ba4.pt' cannot be read"):
+    with pytest.warns(
+        UserWarning, match=r"skipping unreadable checkpoint: checkpoint '.*ep1-ba4.pt' is truncated or damaged"
+    ):
         trainer = Trainer(make_model(0), make_loader(n=32), "1ep", algorithms=[EMA(half_life="2ba")],
                           save_folder=tmp_path, load_path="latest", progress_bar=False)  # fmt: skip
     assert trainer.resumed_from is not None and trainer.resumed_from.endswith("ep0-ba4.pt")

@@ -164,7 +164,7 @@ class EMA:
         self.half_lives: list[Time] = []
         if smoothing is None and half_life is not None:
             for value in half_lives:
-                parsed = Time.coerce(value, "half_life", _UPDATE_UNITS)
+                parsed = Time.coerce(value, "half_life", _UPDATE_UNITS, positive=True)
                 if parsed.value <= 0:
                     raise ValueError(f"half_life must be greater than 0, got {str(parsed)!r}")
                 if self.half_lives and parsed.unit != self.half_lives[0].unit:
@@ -177,7 +177,7 @@ class EMA:
         self.update_interval: Time = (
             default_interval
             if update_interval is None
-            else Time.coerce(update_interval, "update_interval", _UPDATE_UNITS)
+            else Time.coerce(update_interval, "update_interval", _UPDATE_UNITS, positive=True)
         )
         if self.update_interval.value <= 0:
             raise ValueError(f"update_interval must be greater than 0, got {str(self.update_interval)!r}")
@@ -374,7 +374,7 @@ class EMA:
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
         if max_duration is not None:
-            duration = Time.coerce(max_duration, "max_duration", _DURATION_UNITS)
+            duration = Time.coerce(max_duration, "max_duration", _DURATION_UNITS, positive=True)
             if duration.value <= 0:
                 raise ValueError(f"max_duration must be greater than 0, got {str(duration)!r}")
             if self.ema_start.unit == duration.unit and self.ema_start > duration:
@@ -720,10 +720,27 @@ class EMA:
                 for name, t in self._storage.tensors.items()
             }
         )
-        for name in self._names:
-            if name in state:
-                state[name] = ema[name]
+        for key, name in self._keys_of_tracked(model_state):
+            state[key] = ema[name]
         return state
+
+    def _keys_of_tracked(self, model_state: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(state key, tracked name) for every key holding a tracked tensor: its own name, and the other names of
+        tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), which must get the same value."""
+        pairs = [(name, name) for name in self._names if name in model_state]
+        if self._sharded:
+            return pairs
+        owner = {}
+        for name, tensor in zip(self._names, self._live(), strict=True):
+            if tensor.numel():
+                owner[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = name
+        tracked = set(self._names)
+        for key, value in model_state.items():
+            if key not in tracked and isinstance(value, torch.Tensor) and value.numel():
+                name = owner.get((value.data_ptr(), value.shape, value.dtype))
+                if name is not None:
+                    pairs.append((key, name))
+        return pairs
 
     def training_model_state(self, model_state: Mapping[str, Any]) -> dict[str, Any]:
         """``model_state`` with the training weights for the tracked tensors, even while the EMA's are swapped in."""
@@ -731,9 +748,8 @@ class EMA:
         state = dict(model_state)
         if self._backup is not None and self._swapped is not None and self._is_own(self._swapped):
             backup = self._as_model_tensors(dict(zip(self._names, self._backup.views(), strict=True)))
-            for name, tensor in backup.items():
-                if name in state:
-                    state[name] = tensor
+            for key, name in self._keys_of_tracked(model_state):
+                state[key] = backup[name]
         return state
 
     # ------------------------------------------------------------------ state for resuming

@@ -51,7 +51,9 @@ class CheckpointSaver(Callback):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"folder {str(self.folder)!r} exists and is not a directory")
-        self.save_interval = Time.coerce(save_interval, "save_interval", (TimeUnit.BATCH, TimeUnit.EPOCH))
+        self.save_interval = Time.coerce(
+            save_interval, "save_interval", (TimeUnit.BATCH, TimeUnit.EPOCH), positive=True
+        )
         if self.save_interval.value <= 0:
             raise ValueError(f"save_interval must be greater than 0, got {str(self.save_interval)!r}")
         if (

@@ -92,7 +92,8 @@ class EMA(_AveragingEMA, Algorithm):
         training = self.training_model_state(model_state)
         if not (publish and self.started):
             return training
-        algorithm_state["training_weights"] = {n: training[n] for n in self._names if n in training}
+        # tied weights' other names too, so that restoring gives them the training value as well
+        algorithm_state["training_weights"] = {key: training[key] for key, _ in self._keys_of_tracked(training)}
         return self.published_model_state(training)
 
     def restore_model_state(self, model_state: dict[str, Any], algorithm_state: dict[str, Any]) -> dict[str, Any]:
