@@ -36,6 +36,7 @@ __all__ = ["build_parser", "main"]
 #: name -> (module, one-line help for ``emakit --help``). The module is imported only when it runs.
 _DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("emakit.bench", "run emakit's benchmarks (emakit bench --help for their options)"),
+    "posthoc": ("emakit.posthoc.cli", "reconstruct an EMA of any length from a snapshot folder (post-hoc EMA)"),
 }
 
 DEMO_DESCRIPTION = """\
@@ -323,6 +324,7 @@ def _demo(argv: list[str], parser: argparse.ArgumentParser, started: float) -> i
 
     # The run's own names: the same classes as emakit.demo.config's once demo/run.py imports them from there.
     from emakit.demo.run import DemoConfig, OptionError, prepare, run_demo
+    from emakit.functional import unwrap_model
 
     config = DemoConfig(
         out=out,
@@ -346,11 +348,20 @@ def _demo(argv: list[str], parser: argparse.ArgumentParser, started: float) -> i
         demo_parser.error(str(e))
     shape = "x".join(str(s) for s in data.input_shape)
     n_train, n_val = len(data.y_train), len(data.y_val)
-    batches = (n_train // config.batch_size) * config.epochs
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+    if world > 1:  # each rank reads its share of every epoch (the sampler pads it to a multiple of the ranks)
+        per_rank = (math.ceil(n_train / world) // config.batch_size) * config.epochs
+        schedule = (
+            f"batch {config.batch_size} per rank x {world} ranks = {config.batch_size * world} per step, "
+            f"{epochs} = {per_rank} steps (each rank runs {per_rank} batches, {per_rank * world} in all)"
+        )
+    else:
+        schedule = f"batch {config.batch_size}, {epochs} = {(n_train // config.batch_size) * config.epochs} batches"
     print(
         f"emakit demo: {data.source}, {n_train} train / {n_val} validation samples of shape {shape}, "
         f"{data.num_classes} classes\n"
-        f"  SGD lr={config.lr:g}, batch {config.batch_size}, {config.epochs} epoch{'s' if config.epochs != 1 else ''} = {batches} batches, seed {config.seed}; "
+        f"  SGD lr={config.lr:g}, {schedule}, seed {config.seed}; "
         f"{ema!r}\n"
         f"  evaluating raw and EMA weights every {config.eval_interval} batches; writing to {out}/",
         flush=True,
@@ -361,7 +372,8 @@ def _demo(argv: list[str], parser: argparse.ArgumentParser, started: float) -> i
         return 0
     _print_table(result.summary)
     params = sum(p.numel() for p in result.trainer.state.model.parameters())
-    print(f"\n  model: {type(result.trainer.state.model).__name__}, {params:,} parameters")
+    model_class = type(unwrap_model(result.trainer.state.model)).__name__  # not the DDP/FSDP wrapper's name
+    print(f"\n  model: {model_class}, {params:,} parameters")
     print("  files:")
     for key in ("metrics", "curves", "checkpoint", "ema_weights", "summary"):
         if key in result.files:

@@ -7,6 +7,7 @@ this process that see the same global batches (the same shuffled order, twice th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -254,7 +255,11 @@ def test_demo_runs_on_two_cpu_processes(tmp_path: Path) -> None:
     print(f"2-process demo: {time.perf_counter() - start:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count("final accuracy") == 1  # rank 0 prints, rank 1 stays quiet
-    assert (tmp_path / "run" / "summary.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    header = re.search(r"batch 16 per rank x 2 ranks = 32 per step, 1 epoch = (\d+) steps", result.stdout)
+    assert header is not None, result.stdout[:2000]
+    assert int(header.group(1)) == summary["total_batches"]  # what each rank really ran
+    assert "model: DigitsCNN," in result.stdout and "DistributedDataParallel" not in result.stdout
     published = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["state"]["model"]
     assert published and not any(name.startswith("module.") for name in published)
 
