@@ -1,0 +1,370 @@
+"""A Lightning callback that drives :class:`emakit.EMA`: ``Trainer(callbacks=[EMACallback(half_life="2000ba")])``.
+
+Lightning's events mapped onto the EMA's verbs, and nothing else:
+
+==================================================  ==============================================================
+``setup``                                           refuse strategies the EMA cannot follow (before training)
+``on_fit_start``                                    ``ema.attach(model)`` (after Lightning moved and wrapped it), then
+                                                    the EMA state a resumed checkpoint carried
+``on_train_start``                                  ``ema.set_duration(...)`` from ``max_steps`` or ``max_epochs``
+``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch
+``on_train_epoch_end``                              ``ema.epoch_end()``
+``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
+                                                    average has started; training weights back bit for bit)
+``on_save_checkpoint``                              ``state_dict`` <- ``ema.published_model_state``, the training
+                                                    weights beside it under ``"training_state_dict"``
+``on_load_checkpoint`` / ``load_state_dict``        training weights back into the model, ``ema.load_state_dict``
+``on_fit_end``                                      with ``weights_after_fit="ema"``: the average into the model
+==================================================  ==============================================================
+
+Importing this module imports Lightning (``lightning.pytorch``, else the standalone ``pytorch_lightning``);
+``import emakit`` never does. Install it with ``pip install "emakit[lightning]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from emakit import EMA
+from emakit.functional import canonical_name, unwrap_model
+from emakit.time import Time, TimeUnit
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+        Strategy,
+    )
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+    from lightning.pytorch.utilities.data import extract_batch_size
+except ImportError:  # pragma: no cover - the standalone package of the same code
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # type: ignore[assignment]
+        from pytorch_lightning.strategies import (  # type: ignore[assignment]
+            DDPStrategy,
+            DeepSpeedStrategy,
+            FSDPStrategy,
+            ModelParallelStrategy,
+            SingleDeviceStrategy,
+            Strategy,
+        )
+        from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher  # type: ignore[assignment]
+        from pytorch_lightning.utilities.data import extract_batch_size
+    except ImportError as error:
+        raise ImportError(
+            "emakit.integrations.lightning needs Lightning 2.x: pip install 'emakit[lightning]' (or lightning>=2.6)"
+        ) from error
+
+__all__ = ["TRAINING_STATE_KEY", "EMACallback"]
+
+#: Top-level checkpoint key holding the training weights (the model's own ``state_dict`` keys) once the
+#: average has started; ``checkpoint["state_dict"]`` then holds the EMA weights.
+TRAINING_STATE_KEY = "training_state_dict"
+
+#: The EMA's own defaults (``half_life``'s marks "not given", so that ``smoothing=`` alone works).
+_EMA_DEFAULTS = {name: p.default for name, p in inspect.signature(EMA).parameters.items()}
+_WEIGHTS_AFTER_FIT = ("training", "ema")
+
+
+def _strategy_refusal(strategy: Strategy) -> str | None:
+    """Why the EMA cannot follow ``strategy`` faithfully, or None if it can."""
+    name = type(strategy).__name__
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return (
+            f"EMACallback does not support strategy {name}: each rank holds only shards of the parameters there, "
+            "and this callback neither gathers the whole model on every update nor writes the EMA into that "
+            "strategy's sharded checkpoints. Use strategy='ddp' (or one device), or emakit's own "
+            "Trainer(parallelism='fsdp'), whose EMA stays shard-local"
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        return (
+            f"EMACallback does not support strategy {name}: DeepSpeed owns the optimizer step, gradient "
+            "accumulation and checkpoint format, and ZeRO-3 partitions the parameters, so the EMA could not see "
+            "whole, stepped weights. Use strategy='ddp' (or one device)"
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return f"EMACallback supports one device and strategy='ddp', got strategy {name}"
+    if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
+        return (
+            f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
+            "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
+            "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
+            "launches the script once per device) or launch with torchrun"
+        )
+    return None
+
+
+def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mapping[str, Any]) -> OrderedDict[str, Any]:
+    """``values`` (canonical names) under the model's own state_dict ``keys``, in ``like``'s order and metadata."""
+    out: OrderedDict[str, Any] = OrderedDict((key, values[keys[key]]) for key in like)
+    metadata = getattr(like, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]  # module versions, read by load_state_dict
+    return out
+
+
+class EMACallback(Callback):
+    """Keep an :class:`emakit.EMA` of a LightningModule's weights, evaluate and checkpoint with it.
+
+    The first eight arguments, and any further keyword (``ema_kwargs``, e.g. ``sigma_rel``), are
+    :class:`emakit.EMA`'s, with its defaults and its checks; ``'ba'`` counts
+    optimizer steps (with ``accumulate_grad_batches=N``, one per N batches), ``'ep'`` epochs, and ``'dur'``
+    a fraction of ``max_steps`` (if set) or else ``max_epochs``. The EMA is :attr:`ema`.
+
+    What it guarantees:
+
+    - The average is blended after every optimizer step (``update_interval``); integer buffers are copied.
+    - Validation, test and predict loops run on the EMA weights once the average has started, on the
+      training weights before (no untrained copy is ever swapped in). The training weights are put back
+      bit for bit afterwards, also when the loop raises.
+    - Checkpoints hold the EMA weights as ``state_dict``, so ``MyModule.load_from_checkpoint(path)`` is
+      the averaged model, and the training weights under ``checkpoint["training_state_dict"]`` and the
+      EMA's state under ``checkpoint["callbacks"]["EMACallback"]``, so ``trainer.fit(model, ckpt_path=path)``
+      resumes both exactly. Before the average starts ``state_dict`` holds the training weights.
+    - ``trainer.validate/test/predict(ckpt_path=...)`` evaluate the checkpoint's ``state_dict`` as loaded.
+
+    Args:
+        weights_after_fit: which weights the module holds when ``fit`` returns. ``"training"`` (default): the
+            optimizer's, so a further ``fit`` continues training where it stopped, and ``trainer.validate``,
+            ``test``, ``predict`` and checkpoints still use the average; ``callback.ema.ema_model`` is the
+            averaged module. ``"ema"``: the average is copied into the module (as Lightning's
+            ``EMAWeightAveraging`` does), for code that uses ``model`` right after ``fit``; the training
+            weights are then only in the checkpoints.
+
+    Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication).
+    FSDP, DeepSpeed and ``ModelParallelStrategy`` are refused before training starts rather than gathering
+    the model on every update, and so are the spawn/fork launchers, which would leave :attr:`ema` untouched in
+    the calling process.
+    """
+
+    def __init__(
+        self,
+        half_life: str | Time | None = _EMA_DEFAULTS["half_life"],
+        smoothing: float | None = None,
+        ema_start: str | Time = _EMA_DEFAULTS["ema_start"],
+        update_interval: str | Time | None = None,
+        fp32_ema: bool = _EMA_DEFAULTS["fp32_ema"],
+        skip_nonfinite: bool = _EMA_DEFAULTS["skip_nonfinite"],
+        flatten_model: bool = _EMA_DEFAULTS["flatten_model"],
+        overlap: bool = _EMA_DEFAULTS["overlap"],
+        *,
+        weights_after_fit: Literal["training", "ema"] = "training",
+        **ema_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        #: The EMA this callback drives; its checks name the argument and value of any bad hyperparameter.
+        self.ema = EMA(
+            half_life=half_life,
+            smoothing=smoothing,
+            ema_start=ema_start,
+            update_interval=update_interval,
+            fp32_ema=fp32_ema,
+            skip_nonfinite=skip_nonfinite,
+            flatten_model=flatten_model,
+            overlap=overlap,
+            **ema_kwargs,
+        )
+        if weights_after_fit not in _WEIGHTS_AFTER_FIT:
+            raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
+        self.weights_after_fit = weights_after_fit
+        self._attached = False
+        self._last_global_step = 0
+        self._samples = 0
+        #: EMA state read from a checkpoint before the model is ready (Lightning restores callbacks before
+        #: it moves the model to its device); loaded at on_fit_start, after attach.
+        self._pending_state: Mapping[str, Any] | None = None
+        #: The stage a checkpoint is being restored for: "fit" loads the EMA, others evaluate the checkpoint.
+        self._restoring_for_fit: bool | None = None
+        #: validate/test/predict(ckpt_path=...): the module holds the checkpoint's weights; no swap.
+        self._evaluating_checkpoint = False
+        self._swap: contextlib.ExitStack | None = None
+
+    def __repr__(self) -> str:
+        return f"EMACallback({self.ema!r}, weights_after_fit={self.weights_after_fit!r})"
+
+    @property
+    def state_key(self) -> str:
+        """``"EMACallback"``: independent of the hyperparameters, so that a resume with a changed half-life finds
+        its state; Lightning then refuses a second EMACallback in one Trainer (both would rewrite ``state_dict``)."""
+        return "EMACallback"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refusal = _strategy_refusal(trainer.strategy)
+        if refusal is not None:
+            raise ValueError(refusal)
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if type(callback).__name__ in ("WeightAveraging", "EMAWeightAveraging", "StochasticWeightAveraging"):
+                raise ValueError(
+                    f"EMACallback and Lightning's {type(callback).__name__} both swap weights at validation and "
+                    "rewrite checkpoints; use one of them"
+                )
+            if stage == "fit" and isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
+                warnings.warn(
+                    "ModelCheckpoint(save_weights_only=True) writes the module's weights without calling "
+                    "callbacks, so its files hold the training weights, not the EMA; save full checkpoints to get "
+                    "the EMA weights as state_dict",
+                    stacklevel=2,
+                )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ema.attach(pl_module)
+        self._attached = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.ema.load_state_dict(state)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step
+        self._samples = 0
+        max_duration, batches_per_epoch = self._training_length(trainer)
+        if max_duration is not None:
+            self.ema.set_duration(max_duration, batches_per_epoch)
+        elif self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
+            raise ValueError(
+                f"ema_start='{self.ema.ema_start}' is a fraction of the training length, but this Trainer has "
+                "none (max_steps=-1 and max_epochs=-1): set max_steps or max_epochs, or give ema_start in 'ba' or 'ep'"
+            )
+
+    @staticmethod
+    def _training_length(trainer: pl.Trainer) -> tuple[str | None, int | None]:
+        """``max_steps`` as ``'Nba'`` if set, else ``max_epochs`` as ``'Nep'`` with optimizer steps per epoch."""
+        num_batches = trainer.num_training_batches
+        per_epoch = None
+        if isinstance(num_batches, int) or (isinstance(num_batches, float) and num_batches != float("inf")):
+            per_epoch = -(-int(num_batches) // max(1, trainer.accumulate_grad_batches))
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return f"{trainer.max_steps}ba", per_epoch
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            return f"{trainer.max_epochs}ep", per_epoch
+        return None, per_epoch
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.ema.ema_start.unit == TimeUnit.SAMPLE:
+            self._samples += extract_batch_size(batch) * trainer.world_size
+        # global_step counts optimizer steps: it stays put while gradients accumulate, and under manual
+        # optimization a batch that steps several optimizers is one update of the average.
+        if trainer.global_step > self._last_global_step:
+            self._last_global_step = trainer.global_step
+            samples, self._samples = self._samples, 0
+            self.ema.step(samples)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ema.epoch_end()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ema.wait()
+        if self.weights_after_fit == "ema" and self.ema.started and self._follows(pl_module):
+            published = self._published(pl_module.state_dict())
+            trainer.strategy.load_model_state_dict({"state_dict": published}, strict=True)
+
+    # ------------------------------------------------------------------ evaluation on the EMA weights
+    def _follows(self, pl_module: pl.LightningModule) -> bool:
+        return self._attached and unwrap_model(self.ema.model) is unwrap_model(pl_module)
+
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
+        if self._swap is not None or self._evaluating_checkpoint or not self._follows(pl_module):
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.ema.average_parameters(pl_module))
+        self._swap = stack
+
+    def _swap_back(self) -> None:
+        if self._swap is not None:
+            stack, self._swap = self._swap, None
+            stack.close()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_back()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_back()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_back()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._swap_back()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._swap_back()
+        self._evaluating_checkpoint = False
+        self._restoring_for_fit = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _published(self, model_state: Mapping[str, Any]) -> OrderedDict[str, Any]:
+        """The module's ``state_dict`` with the average for the tracked tensors, under the module's keys."""
+        keys = {key: canonical_name(key) for key in model_state}
+        canonical = {keys[key]: value for key, value in model_state.items()}
+        return _keyed_like(self.ema.published_model_state(canonical), keys, model_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self._follows(pl_module):
+            return
+        model_state = checkpoint["state_dict"]
+        keys = {key: canonical_name(key) for key in model_state}
+        canonical = {keys[key]: value for key, value in model_state.items()}
+        # The training weights even if a loop saves while the EMA weights are swapped in.
+        training = self.ema.training_model_state(canonical)
+        if self.ema.started:
+            checkpoint[TRAINING_STATE_KEY] = _keyed_like(training, keys, model_state)
+            checkpoint["state_dict"] = _keyed_like(self.ema.published_model_state(training), keys, model_state)
+        else:
+            checkpoint["state_dict"] = _keyed_like(training, keys, model_state)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning has just loaded checkpoint["state_dict"] (the EMA weights) into the module.
+        self._restoring_for_fit = trainer.state.fn == "fit"
+        if not self._restoring_for_fit:
+            self._evaluating_checkpoint = True
+            return
+        training = checkpoint.get(TRAINING_STATE_KEY)
+        if training is not None:
+            trainer.strategy.load_model_state_dict({"state_dict": training}, strict=pl_module.strict_loading)
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            warnings.warn(
+                "the checkpoint holds no EMACallback state: the EMA starts afresh from the resumed weights, its "
+                "clock (ema_start, 'dur') counting from this resume",
+                stacklevel=2,
+            )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._restoring_for_fit is False:  # evaluating a checkpoint: the live average stays as it is
+            return
+        state = state_dict.get("ema")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"EMACallback state must hold the EMA's state under 'ema', got keys {sorted(state_dict)}")
+        if self._restoring_for_fit or not self._attached:
+            self._pending_state = state  # the module is not on its device yet; loaded at on_fit_start
+        else:
+            self.ema.load_state_dict(state)
