@@ -1,0 +1,117 @@
+"""Post-hoc EMA (Karras et al., EDM2): track a few averages, snapshot them, reconstruct any other one later.
+
+The maths, in the terms every module here uses:
+
+- Time ``t`` counts EMA updates since the averages started (not optimizer steps: with an update every
+  ``k`` steps, update ``t`` is step ``k t``, and a profile over updates is the same profile over steps).
+- A power-function average weighs the past ``tau`` in ``[0, t]`` with ``p(tau) = (g+1) tau**g / t**(g+1)``; its
+  relative width ``sigma_rel = sqrt((g+1) / ((g+2)**2 (g+3)))`` stays a fixed fraction of ``t``.
+- It is tracked by ``avg <- beta_t avg + (1 - beta_t) w_t`` with ``beta_t = (1 - 1/t)**(g+1)`` (``beta_1 = 0``):
+  after ``n`` updates, update ``k`` weighs ``(k**(g+1) - (k-1)**(g+1)) / n**(g+1)``.
+- Snapshots ``i`` (profile ``p_i`` at ``t_i <= t*``) reconstruct a target ``p*`` at ``t*`` as ``sum_i x_i avg_i``,
+  where ``x`` solves the least-squares problem ``<p_i, p_j> x = <p_i, p*>`` and is rescaled to sum to 1.
+  Targets may be power profiles or constant half-lives.
+
+Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.posthoc.kernels` (k averages updated
+with one read of the weights), :mod:`~emakit.posthoc.snapshots` (the folder format),
+:mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
+Names are imported on first use, so ``emakit posthoc --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emakit.posthoc.kernels import blend_averages_
+    from emakit.posthoc.profiles import (
+        SIGMA_REL_MAX,
+        HalfLifeProfile,
+        PowerProfile,
+        Profile,
+        fit_error,
+        gamma_to_sigma_rel,
+        power_beta,
+        power_inner,
+        power_weights,
+        profile_inner,
+        sigma_rel_to_gamma,
+        solve_coefficients,
+    )
+    from emakit.posthoc.reconstruction import ReconstructionPlan, execute_plan, plan_reconstruction, reconstruct
+    from emakit.posthoc.snapshots import (
+        SnapshotInfo,
+        discard_snapshots_after,
+        next_snapshot_index,
+        read_snapshot_index,
+        write_snapshot,
+    )
+
+__all__ = [
+    "SIGMA_REL_MAX",
+    "HalfLifeProfile",
+    "PowerProfile",
+    "Profile",
+    "ReconstructionPlan",
+    "SnapshotInfo",
+    "blend_averages_",
+    "discard_snapshots_after",
+    "execute_plan",
+    "fit_error",
+    "gamma_to_sigma_rel",
+    "next_snapshot_index",
+    "plan_reconstruction",
+    "power_beta",
+    "power_inner",
+    "power_weights",
+    "profile_inner",
+    "read_snapshot_index",
+    "reconstruct",
+    "sigma_rel_to_gamma",
+    "solve_coefficients",
+    "write_snapshot",
+]
+
+_LAZY: dict[str, str] = {
+    "blend_averages_": "emakit.posthoc.kernels",
+    **dict.fromkeys(
+        [
+            "SIGMA_REL_MAX",
+            "HalfLifeProfile",
+            "PowerProfile",
+            "Profile",
+            "fit_error",
+            "gamma_to_sigma_rel",
+            "power_beta",
+            "power_inner",
+            "power_weights",
+            "profile_inner",
+            "sigma_rel_to_gamma",
+            "solve_coefficients",
+        ],
+        "emakit.posthoc.profiles",
+    ),
+    **dict.fromkeys(
+        ["ReconstructionPlan", "execute_plan", "plan_reconstruction", "reconstruct"], "emakit.posthoc.reconstruction"
+    ),
+    **dict.fromkeys(
+        ["SnapshotInfo", "discard_snapshots_after", "next_snapshot_index", "read_snapshot_index", "write_snapshot"],
+        "emakit.posthoc.snapshots",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'emakit.posthoc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names, loaded or not."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -1,0 +1,201 @@
+"""Reconstruct an average of any length from a snapshot folder, one batch of tensors at a time.
+
+The coefficients come from :func:`emakit.posthoc.profiles.solve_coefficients` over every (snapshot, average)
+pair taken at or before the target time; the result is ``sum_i x_i snapshot_i``, accumulated in float64 per
+tensor so that large coefficients of opposite signs do not cost precision. Tensors are read lazily, a batch
+of names at a time from every snapshot, so memory stays about one model (the result) plus one batch,
+whatever the number of snapshots. Integer and bool tensors are taken from the latest snapshot used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from emakit._version import __version__
+from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, fit_error, solve_coefficients
+from emakit.posthoc.snapshots import (
+    SNAPSHOT_DTYPES,
+    SnapshotInfo,
+    SnapshotReader,
+    read_snapshot_index,
+    write_safetensors,
+)
+
+__all__ = [
+    "RECONSTRUCTION_METADATA_KEY",
+    "ReconstructionPlan",
+    "describe",
+    "execute_plan",
+    "plan_reconstruction",
+    "reconstruct",
+]
+
+#: Key of the safetensors header metadata of a reconstructed file (JSON: target, t, snapshots used, fit error).
+RECONSTRUCTION_METADATA_KEY = "emakit.posthoc.reconstruction"
+_BATCH_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionPlan:
+    """What :func:`reconstruct` will sum: ``coefficient * snapshot[average]`` for each term."""
+
+    target: Profile
+    t: int
+    #: (snapshot, average index, coefficient) with a non-zero coefficient, in snapshot order
+    terms: tuple[tuple[SnapshotInfo, int, float], ...]
+    #: relative L2 distance between the fitted and the target profile (0: exact)
+    fit_error: float
+    #: the snapshot the integer tensors come from: the latest at or before ``t``
+    latest: SnapshotInfo
+    snapshots: tuple[SnapshotInfo, ...]
+
+
+def _target(sigma_rel: object, half_life: object) -> Profile:
+    if (sigma_rel is None) == (half_life is None):
+        raise ValueError(
+            f"give exactly one of sigma_rel and half_life (the target average), got sigma_rel={sigma_rel!r}, "
+            f"half_life={half_life!r}"
+        )
+    if sigma_rel is not None:
+        return PowerProfile.from_sigma_rel(sigma_rel)  # type: ignore[arg-type]
+    return HalfLifeProfile(half_life)  # type: ignore[arg-type]
+
+
+def plan_reconstruction(
+    snapshots: str | os.PathLike[str] | Sequence[SnapshotInfo],
+    *,
+    sigma_rel: float | None = None,
+    half_life: float | None = None,
+    t: int | None = None,
+) -> ReconstructionPlan:
+    """The coefficients that reconstruct the target average from a snapshot folder (or its index).
+
+    The target is a power profile of relative width ``sigma_rel`` or a constant ``half_life`` in EMA updates,
+    at ``t`` EMA updates (default: the last snapshot's ``t``).
+
+    Raises:
+        ValueError: neither or both of sigma_rel/half_life, either out of range, or ``t`` not an integer >= 1,
+            before the first snapshot or after the last one (each names the argument and the file).
+    """
+    index = read_snapshot_index(snapshots) if isinstance(snapshots, (str, os.PathLike)) else list(snapshots)
+    if not index:
+        raise ValueError("snapshots is empty: at least one snapshot is needed to reconstruct an average")
+    target = _target(sigma_rel, half_life)
+    first, last = index[0], index[-1]
+    if t is None:
+        t = last.t
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+        raise ValueError(f"t must be an integer >= 1 (EMA updates), got {t!r}")
+    t = int(t)
+    if t > last.t:
+        raise ValueError(
+            f"t={t} is after the last snapshot, {str(last.path)!r} (t={last.t}): a reconstruction cannot "
+            "extrapolate; pass a t at or before it"
+        )
+    if t < first.t:
+        raise ValueError(f"t={t} is before the first snapshot, {str(first.path)!r} (t={first.t})")
+    sources = [(profile, info.t) for info in index for profile in info.profiles]
+    x = solve_coefficients(sources, target, t)  # 0 for snapshots after t
+    error = fit_error(sources, x, target, t)
+    pairs = [(info, j) for info in index for j in range(len(info.profiles))]
+    terms = tuple((info, j, float(c)) for (info, j), c in zip(pairs, x, strict=True) if c != 0.0)
+    latest = [info for info in index if info.t <= t][-1]
+    return ReconstructionPlan(target, t, terms, error, latest, tuple(index))
+
+
+def _batches(info: SnapshotInfo, names: Sequence[str], budget: int) -> list[list[str]]:
+    batches: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        shape = info.tensors[name][0]
+        nbytes = 8 * max(1, int(torch.Size(shape).numel()))
+        if batches[-1] and used + nbytes > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(name)
+        used += nbytes
+    return [b for b in batches if b]
+
+
+def reconstruct(
+    folder: str | os.PathLike[str],
+    sigma_rel: float | None = None,
+    half_life: float | None = None,
+    t: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    batch_bytes: int = _BATCH_BYTES,
+) -> dict[str, torch.Tensor]:
+    """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, from ``folder``.
+
+    Returns the tensors by canonical name (floating ones in ``dtype``, on the CPU); with ``out``, also writes
+    them as a safetensors file (atomically) that loads with ``safetensors.torch.load_file``. Works on
+    sharded snapshot directories without a process group. ``batch_bytes`` bounds the float64 accumulators
+    held at once.
+
+    Raises:
+        ValueError: see :func:`plan_reconstruction` and :func:`~emakit.posthoc.snapshots.read_snapshot_index`;
+            ``dtype`` not a snapshot dtype.
+    """
+    plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t)
+    return execute_plan(plan, out=out, dtype=dtype, batch_bytes=batch_bytes)
+
+
+def execute_plan(
+    plan: ReconstructionPlan,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    batch_bytes: int = _BATCH_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Sum the snapshots as ``plan`` says (see :func:`reconstruct`, which plans and calls this)."""
+    if dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {dtype!r}")
+    if isinstance(batch_bytes, bool) or not isinstance(batch_bytes, int) or batch_bytes < 1:
+        raise ValueError(f"batch_bytes must be a positive integer, got {batch_bytes!r}")
+    layout = plan.latest.tensors
+    floating = [n for n, (_, dt) in layout.items() if dt.is_floating_point or dt.is_complex]
+    copied = [n for n in layout if n not in set(floating)]
+    result: dict[str, torch.Tensor] = {}
+    by_snapshot: dict[int, tuple[SnapshotInfo, list[tuple[int, float]]]] = {}
+    for info, j, coefficient in plan.terms:
+        by_snapshot.setdefault(info.index, (info, []))[1].append((j, coefficient))
+    for batch in _batches(plan.latest, floating, batch_bytes):
+        sums = {name: torch.zeros(layout[name][0], dtype=torch.float64) for name in batch}
+        for info, weights in by_snapshot.values():
+            tensors = SnapshotReader(info).read([f"{j}/{name}" for j, _ in weights for name in batch])
+            for j, coefficient in weights:
+                for name in batch:
+                    sums[name].add_(tensors.pop(f"{j}/{name}").to(torch.float64), alpha=coefficient)
+        for name in batch:
+            result[name] = sums.pop(name).to(dtype)
+    if copied:
+        latest = SnapshotReader(plan.latest).read([f"0/{name}" for name in copied])
+        result.update({name: latest[f"0/{name}"] for name in copied})
+    result = {name: result[name] for name in layout}  # the snapshots' order
+    if out is not None:
+        write_safetensors(Path(out), list(result.items()), {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))})
+    return result
+
+
+def describe(plan: ReconstructionPlan) -> dict[str, object]:
+    """JSON-ready summary of ``plan``: the target, ``t``, the fit error and the snapshots used."""
+    used = sorted({info.index for info, _, _ in plan.terms})
+    return {
+        "emakit_version": __version__,
+        "target": plan.target.to_dict(),
+        "t": plan.t,
+        "step": plan.latest.step + (plan.t - plan.latest.t) * plan.latest.update_interval,
+        "update_interval": plan.latest.update_interval,
+        "fit_error": plan.fit_error,
+        "snapshots_used": len(used),
+        "snapshots": [info.path.name for info in plan.snapshots if info.index in set(used)],
+    }

@@ -1,0 +1,121 @@
+"""``emakit posthoc``, called as ``main([...])``: results equal the library's, bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emakit.posthoc.cli import main
+from emakit.posthoc.kernels import blend_averages_
+from emakit.posthoc.profiles import PowerProfile
+from emakit.posthoc.reconstruction import reconstruct
+from emakit.posthoc.snapshots import write_snapshot
+
+PROFILES = [PowerProfile.from_sigma_rel(0.05), PowerProfile.from_sigma_rel(0.10)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Snapshots of two averages of a random walk of weights (200 updates, a snapshot every 20)."""
+    out = tmp_path_factory.mktemp("cli_snapshots")
+    g = torch.Generator().manual_seed(0)
+    weights = {"w": torch.zeros(16, 8), "b": torch.zeros(8), "count": torch.tensor(0)}
+    averages = [{n: torch.empty_like(t) for n, t in weights.items()} for _ in PROFILES]
+    for t in range(1, 201):
+        weights["w"] += torch.randn(16, 8, generator=g)
+        weights["b"] += torch.randn(8, generator=g)
+        weights["count"] += 1
+        names = list(weights)
+        blend_averages_(
+            [[a[n] for n in names] for a in averages], [weights[n] for n in names], [1 - p.beta(t) for p in PROFILES]
+        )
+        if t % 20 == 0:
+            write_snapshot(out, t // 20 - 1, averages, PROFILES, t=t, step=3 * t, update_interval=3)
+    return out
+
+
+def test_writes_what_reconstruct_returns(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ema.safetensors"
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(out)]) == 0
+    expected = reconstruct(folder, sigma_rel=0.07)
+    got = load_file(out)
+    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in got)
+    assert got["count"].item() == 200
+    printed = capsys.readouterr().out
+    assert "power(sigma_rel=0.07" in printed and "t=200 (step 600)" in printed and "from 10 snapshots x 2" in printed
+
+
+def test_half_life_at_an_earlier_time_in_half_precision(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ema.safetensors"
+    assert main([str(folder), "--half-life", "12", "--at", "160", "--out", str(out), "--dtype", "float16"]) == 0
+    expected = reconstruct(folder, half_life=12, t=160, dtype=torch.float16)
+    got = load_file(out)
+    assert got["w"].dtype == torch.float16 and torch.equal(got["w"], expected["w"])
+    assert got["count"].item() == 160
+
+
+def test_list(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(folder), "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "10 snapshots" in printed and "update_interval 3" in printed
+    assert "snapshot-000009.safetensors" in printed and "power(sigma_rel=0.1" in printed
+
+
+def test_a_poor_fit_is_reported(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A half-life of 1 update is far sharper than the narrowest tracked profile (0.05 x 200 = 10 updates).
+    assert main([str(folder), "--half-life", "1", "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert "warning: the snapshots represent this target poorly" in capsys.readouterr().err
+
+
+OUT = "{out}"  # replaced by a file in the test's tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--sigma-rel", "0.5", "--out", OUT],
+            r"--sigma-rel: must be a number in \(0, 1/sqrt\(12\) = 0.2887\), got '0.5'",
+        ),
+        (["--sigma-rel", "abc", "--out", OUT], r"--sigma-rel: must be a number in"),
+        (["--half-life", "0", "--out", OUT], r"--half-life: must be a positive number of EMA updates, got '0'"),
+        (["--sigma-rel", "0.07", "--half-life", "3", "--out", OUT], r"not allowed with argument"),
+        (["--out", OUT], r"give the target: --sigma-rel S or --half-life N"),
+        (["--sigma-rel", "0.07"], r"--out FILE is needed"),
+        (["--sigma-rel", "0.07", "--at", "0", "--out", OUT], r"--at: must be an integer >= 1 \(EMA updates\), got '0'"),
+        (["--sigma-rel", "0.07", "--at", "201", "--out", OUT], r"t=201 is after the last snapshot, .*snapshot-000009"),
+        (["--sigma-rel", "0.07", "--dtype", "int8", "--out", OUT], r"--dtype: invalid choice: 'int8'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    out = tmp_path / "x.safetensors"
+    assert main([str(folder), *(str(out) if a == OUT else a for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emakit posthoc: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_folder_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "x.safetensors")
+    assert main([str(tmp_path / "missing"), "--sigma-rel", "0.07", "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path), "--sigma-rel", "0.07", "--out", out]) == 2
+    assert "holds no snapshots" in capsys.readouterr().err
+    assert main([str(tmp_path), "--sigma-rel", "0.07", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_help_exits_0_without_importing_torch() -> None:
+    code = "import sys; from emakit.posthoc.cli import main; r = main(['--help']); print('torch' in sys.modules, r)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--sigma-rel" in result.stdout and result.stdout.strip().endswith("False 0")
