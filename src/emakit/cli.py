@@ -37,6 +37,7 @@ __all__ = ["build_parser", "main"]
 _DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("emakit.bench", "run emakit's benchmarks (emakit bench --help for their options)"),
     "posthoc": ("emakit.posthoc.cli", "reconstruct an EMA of any length from a snapshot folder (post-hoc EMA)"),
+    "posthoc-demo": ("emakit.demo.posthoc", "the digits demo with post-hoc EMA: sweep the EMA length after training"),
 }
 
 DEMO_DESCRIPTION = """\
@@ -410,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``emakit`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     started = time.perf_counter()
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["demo"] and "--posthoc" in args[1:]:  # `emakit demo --posthoc` is the post-hoc demo
+        return _delegate("posthoc-demo", args[1:])
     if args and args[0] in _DELEGATED:
         return _delegate(args[0], args[1:])
     parser = build_parser()

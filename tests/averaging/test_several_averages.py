@@ -207,3 +207,17 @@ def test_resuming_with_another_number_of_averages_is_refused() -> None:
     other.attach(model)
     with pytest.raises(ValueError, match=r"EMA state holds 2 average\(s\), this EMA tracks 1"):
         other.load_state_dict(ema.state_dict())
+
+
+def test_ema_model_follows_a_change_of_eval_average() -> None:
+    model = make_model(0)
+    ema = EMA(sigma_rel=[0.05, 0.2])
+    ema.attach(model)
+    train(model, [ema], 10)
+    first = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    ema.eval_average = 1
+    for name, value in ema.ema_model.state_dict().items():
+        assert torch.equal(value, ema.ema_tensors[name])
+    assert not torch.equal(first["fc1.weight"], ema.ema_model.fc1.weight)
+    with pytest.raises(ValueError, match=r"eval_average must be an index into the 2 tracked average\(s\), got 5"):
+        ema.eval_average = 5

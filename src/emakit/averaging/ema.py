@@ -221,7 +221,7 @@ class EMA:
             raise ValueError(
                 f"eval_average must be an index into the {self.num_averages} tracked average(s), got {eval_average!r}"
             )
-        self.eval_average = eval_average
+        self._eval_average = eval_average
         if overlap and self.num_averages > 1:
             raise ValueError(
                 f"overlap=True works with one average, got {self.num_averages} (half_life or sigma_rel list)"
@@ -298,6 +298,23 @@ class EMA:
             timing = f"smoothing={self.smoothing}"
         shown = f", smoothing={self.smoothing:.6g}" if not math.isnan(self.smoothing) else ""
         return f"EMA({timing}, update_interval='{self.update_interval}', ema_start='{self.ema_start}'{shown})"
+
+    @property
+    def eval_average(self) -> int:
+        """Which tracked average is evaluated, published and exported (an index, default 0)."""
+        return self._eval_average
+
+    @eval_average.setter
+    def eval_average(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_averages:
+            raise ValueError(
+                f"eval_average must be an index into the {self.num_averages} tracked average(s), got {index!r}"
+            )
+        if self._swapped is not None:
+            raise RuntimeError("eval_average cannot change while the EMA weights are swapped into a model")
+        if index != self._eval_average:
+            self._ema_model = None  # built over the other average's storage
+            self._eval_average = index
 
     @property
     def _storage(self) -> FlatStorage | None:
