@@ -503,12 +503,12 @@ def format_table(summary: dict[str, Any]) -> str:
     check = summary["reconstruction_check"]
     lines += [
         f"  raw training weights at the end: {100 * raw['accuracy']:.2f}%, loss {raw['loss']:.4f}",
-        f"  {summary['num_snapshots']} snapshots (every {summary['snapshot_interval']}). Rebuilt at the last one, the "
-        f"tracked profiles miss their final values by {100 * check['max_relative_error']:.2g}% of the distance "
-        f"between them ({'within' if check['ok'] else 'ABOVE'} {100 * check['tolerance']:g}%);",
-        "  rebuilt without the last snapshot's own copy: "
-        + ", ".join(f"{r['sigma_rel']:g} by {100 * r['holdout_error']:.2g}%" for r in summary["tracked"]),
-        f"  fit error: how far the snapshots' best combination is from the asked-for profile; "
+        f"  {summary['num_snapshots']} snapshots, every {summary['snapshot_interval']}. The tracked profiles rebuilt at "
+        "the last one, against their final values",
+        f"  (error relative to the distance between the two): {100 * check['max_relative_error']:.2g}% "
+        f"({'within' if check['ok'] else 'ABOVE'} the {100 * check['tolerance']:g}% check); without that snapshot's "
+        "own copy: " + ", ".join(f"{r['sigma_rel']:g} {100 * r['holdout_error']:.2g}%" for r in summary["tracked"]),
+        "  fit error: how far the snapshots' best combination is from the asked-for profile; "
         f"above {100 * POOR_FIT:g}% the result is an approximation",
     ]
     return "\n".join(lines)
