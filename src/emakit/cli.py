@@ -24,8 +24,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from emakit._cli_args import Parser, checked
 from emakit._version import __version__
 from emakit.demo.config import DemoConfig, OptionError, check_time_option
 from emakit.time import TimeUnit
@@ -81,31 +82,9 @@ samples and 'dur', a fraction of the run. Examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
-
-
-def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that converts with ``convert`` and accepts values for which ``ok`` holds."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_positive_int = checked(int, lambda v: v > 0, "a positive integer")
+_non_negative_int = checked(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 
 
 def _run_name(text: str) -> str:
@@ -200,10 +179,10 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``emakit`` parser with its ``demo`` subcommand and the delegated ones (``bench``); imports no torch."""
-    parser = _Parser(prog="emakit", description="emakit: exponential moving averages of PyTorch model weights.")
+    parser = Parser(prog="emakit", description="emakit: exponential moving averages of PyTorch model weights.")
     parser.add_argument("--version", action="version", version=f"emakit {__version__}")
     metavar = "{" + ",".join(["demo", *_DELEGATED]) + "}"
-    sub = parser.add_subparsers(dest="command", metavar=metavar, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar=metavar, parser_class=Parser)
     demo = sub.add_parser(
         "demo",
         help="train a small CNN on digits and compare raw vs EMA validation curves",

@@ -19,7 +19,10 @@ PACKAGE = SRC / "emakit"
 #: package, except at the top, where applications may use each other (the cycle check keeps all acyclic). The most specific prefix decides a module's layer.
 LAYERS: list[tuple[str, list[str]]] = [
     # emakit.posthoc's __init__ imports its modules lazily (no runtime import), so the package sits at the bottom
-    ("foundation", ["emakit._version", "emakit.time", "emakit.rng", "emakit.functional", "emakit.posthoc"]),
+    (
+        "foundation",
+        ["emakit._version", "emakit._cli_args", "emakit.time", "emakit.rng", "emakit.functional", "emakit.posthoc"],
+    ),
     (
         "storage and shards",
         [

@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+
+from emakit._cli_args import Parser, checked
 
 __all__ = ["build_parser", "main"]
 
@@ -35,32 +36,12 @@ PROG = "emakit posthoc"
 POOR_FIT = 0.05
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors are one line on stderr, exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
-
-
-def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
 _SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The parser of ``emakit posthoc``; imports no torch."""
-    p = _Parser(
+    p = Parser(
         prog=prog,
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -71,19 +52,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--sigma-rel",
-        type=_number(float, lambda v: 0 < v < _SIGMA_REL_MAX, f"a number in (0, 1/sqrt(12) = {_SIGMA_REL_MAX:.4f})"),
+        type=checked(float, lambda v: 0 < v < _SIGMA_REL_MAX, f"a number in (0, 1/sqrt(12) = {_SIGMA_REL_MAX:.4f})"),
         metavar="S",
         help="target: a power-function profile whose width is S times the training time (EDM2 uses 0.05-0.2)",
     )
     target.add_argument(
         "--half-life",
-        type=_number(float, lambda v: math.isfinite(v) and v > 0, "a positive number of EMA updates"),
+        type=checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number of EMA updates"),
         metavar="N",
         help="target: a classic EMA with a constant half-life of N EMA updates",
     )
     p.add_argument(
         "--at",
-        type=_number(int, lambda v: v >= 1, "an integer >= 1 (EMA updates)"),
+        type=checked(int, lambda v: v >= 1, "an integer >= 1 (EMA updates)"),
         metavar="T",
         help="reconstruct the average as it was after T EMA updates (default: at the last snapshot)",
     )
