@@ -747,16 +747,16 @@ class EMA:
         pairs = [(name, name) for name in self._names if name in model_state]
         if self._sharded:
             return pairs
-        owner = {}
+        owner: dict[tuple[int, torch.Size, torch.dtype], str] = {}
         for name, tensor in zip(self._names, self._live(), strict=True):
             if tensor.numel():
                 owner[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = name
         tracked = set(self._names)
         for key, value in model_state.items():
             if key not in tracked and isinstance(value, torch.Tensor) and value.numel():
-                name = owner.get((value.data_ptr(), value.shape, value.dtype))
-                if name is not None:
-                    pairs.append((key, name))
+                found = owner.get((value.data_ptr(), value.shape, value.dtype))
+                if found is not None:
+                    pairs.append((key, found))
         return pairs
 
     def training_model_state(self, model_state: Mapping[str, Any]) -> dict[str, Any]:
