@@ -118,7 +118,32 @@ def main(out: Path) -> None:
 
     train(model, x[mine], y[mine], snapshot)
     dist.barrier()
+    ema_run(out, x[mine], y[mine])
+    dist.barrier()
     dist.destroy_process_group()
+
+
+def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The same training through emakit's EMA on an FSDP2 model: its shard-local averages and snapshots."""
+    from torch.distributed.fsdp import fully_shard
+
+    from emakit import EMA
+
+    model = make_net()
+    fully_shard(model)
+    ema = EMA(sigma_rel=[p.sigma_rel for p in PROFILES], snapshot_interval=f"{EVERY}ba", snapshot_folder=out / "ema")
+    ema.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(UPDATES):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.step()
+    storage = ema._storage
+    assert storage is not None
+    numel = sum(b.numel() for b in storage.buffers.values())  # this rank's part of one average
+    torch.save({"sharded": ema._sharded, "storage_numel": numel}, out / f"ema_rank{torch.distributed.get_rank()}.pt")
 
 
 if __name__ == "__main__":
