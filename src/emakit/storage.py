@@ -144,13 +144,15 @@ class FlatStorage:
         work. Otherwise it is called, and its tensors are checked against the plan's instead of being paired
         again. ``phases`` splits the pairs for :meth:`UpdatePlan.run` (see :class:`UpdatePlan`).
         """
-        if not callable(sources):
-            return self._update_plan(sources, self._blended, phases)
-        plan, fresh = self._plan, None
-        if plan is not None and self._plan_reader is sources and self._plan_phases is phases:
+        plan = self._plan
+        if plan is not None and sources is self._plan_reader and phases is self._plan_phases:
             fresh = sources() if plan.loose else None
             if plan.is_current(fresh):
                 return plan
+        elif not callable(sources):
+            return self._update_plan(sources, self._blended, phases)
+        else:
+            fresh = None
         self._plan = self._plan_reader = plan = None  # release its spans before the new plan counts references
         plan = self._update_plan(sources() if fresh is None else fresh, self._blended, phases)
         plan.snapshot()
@@ -160,8 +162,24 @@ class FlatStorage:
     def blend(self, sources: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]], weight: float) -> None:
         """``stored <- stored + weight * (source - stored)`` for floating tensors; copy the others.
 
-        ``sources`` as for :meth:`prepare`, which keeps the pairing between calls with the same callable.
+        ``sources`` as for :meth:`prepare`, which keeps the pairing between calls with the same callable. With
+        a kept plan, the loose pairs' data is checked chunk by chunk as the plan runs
+        (:meth:`UpdatePlan.run_checked`); the pairs after a re-pointed tensor are blended by a plan made for
+        them, and the next call pairs everything again.
         """
+        plan = self._plan
+        if plan is not None and sources is self._plan_reader and self._plan_phases is None and callable(sources):
+            fresh = sources() if plan.loose else None
+            if plan.is_current(fresh, data=False):
+                unrun = plan.run_checked(weight)
+                if unrun is None:
+                    return
+                assert fresh is not None  # only loose pairs are left unrun
+                self._plan = self._plan_reader = plan = None
+                some = [self._views[i] for i in unrun], [fresh[i] for i in unrun], [self._blended[i] for i in unrun]
+                UpdatePlan(*some, protected=self._views, watch_targets=False).run(weight)
+                return
+        del plan  # the new plan counts references to the buffers: this one's spans must be gone by then
         self.prepare(sources).run(weight)
 
     @torch.no_grad()

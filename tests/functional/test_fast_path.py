@@ -395,7 +395,7 @@ def test_compute_ema_on_flattened_models_matches_reference_and_reuses_its_plan()
         train_step(model, opt, step)
         ef.compute_ema(model, ema_model, SMOOTHING)
         reference.update(model)
-        plans.append(ef._compute_plans[model][ema_model][2])
+        plans.append(ef._kept_plan(model, ema_model))
     assert plans[0] is plans[1] is plans[2] and not plans[0].loose
     reference.assert_matches(tracked(ema_model))
 
@@ -426,7 +426,8 @@ def test_compute_ema_with_frozen_parameters_in_their_own_buffer() -> None:
     for name, src in model.state_dict().items():
         e = reference.values[name]
         reference.values[name] = SMOOTHING * e + (1 - SMOOTHING) * src if e.is_floating_point() else src.clone()
-    assert ef._compute_plans[model][ema_model][2].reusable
+    plan = ef._kept_plan(model, ema_model)
+    assert plan is not None and plan.reusable
     for name, value in ema_model.state_dict().items():
         torch.testing.assert_close(value, reference.values[name], msg=name)
 
