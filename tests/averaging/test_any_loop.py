@@ -319,3 +319,16 @@ def test_tied_weights_are_published_and_restored_under_every_name(tmp_path: Path
     resumed = Trainer(Tied(), DataLoader(data, batch_size=8), "1ep", algorithms=[EMA(half_life="2ba")],
                       load_path=tmp_path / "latest.pt", progress_bar=False)  # fmt: skip
     assert torch.equal(resumed.state.model.embed.weight, training)  # the training weights, not the average
+
+
+def test_a_replaced_submodule_is_followed() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    ema = EMA(smoothing=0.5)
+    ema.attach(model)
+    ema.step()
+    before = {k: v.clone() for k, v in ema.ema_tensors.items()}
+    torch.manual_seed(5)
+    model[2] = nn.Linear(4, 3)  # a new module object under the same name
+    ema.step()
+    new = model[2].weight.detach()
+    torch.testing.assert_close(ema.ema_tensors["2.weight"], 0.5 * before["2.weight"] + 0.5 * new)

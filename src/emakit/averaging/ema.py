@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from emakit.flatten import flatten_model_
-from emakit.functional import canonical_name, is_averaged, named_tensors, tensor_slots, unwrap_model, validate_smoothing
+from emakit.functional import (
+    canonical_name,
+    is_averaged,
+    named_tensors,
+    registration_count,
+    tensor_slots,
+    unwrap_model,
+    validate_smoothing,
+)
 from emakit.overlap import Overlap, make_overlap
 from emakit.parallel.ranks import all_reduce_sum, barrier, get_rank
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
@@ -275,6 +283,7 @@ class EMA:
         self._model: nn.Module | None = None
         self._names: list[str] = []
         self._slots: list[tuple[dict, str]] = []
+        self._slots_count = -1
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self._sharded = False
         #: One storage per tracked average (None before the start); ``_storage`` is the evaluated one.
@@ -381,6 +390,7 @@ class EMA:
         params = named_tensors(model, include_buffers=False)
         self._names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
         self._slots = tensor_slots(model, self._names)
+        self._slots_count = registration_count()
         self._sharded = is_sharded_model(model)
         if self.flatten_model and not self._sharded:
             flatten_model_(model)
@@ -498,6 +508,11 @@ class EMA:
         if self._sharded:  # read and write this rank's shards, in place
             return [local_tensor(t) for t in self._model_tensors(model)]
         if model is None or model is self._model:
+            count = registration_count()
+            if count != self._slots_count:  # a submodule or tensor was registered anew: find the tables again
+                assert self._model is not None
+                self._slots = tensor_slots(self._model, self._names)
+                self._slots_count = count
             return [table[key] for table, key in self._slots]
         return [table[key] for table, key in tensor_slots(model, self._names)]
 
