@@ -30,7 +30,14 @@ import torch
 
 from emakit.bench.peers import SMOOTHING, Peer, load_peers
 from emakit.bench.report import Progress, Table, machine
-from emakit.bench.sections import bench_cuda, bench_mixed, bench_overlap, bench_shape, bench_step_share
+from emakit.bench.sections import (
+    bench_averages,
+    bench_cuda,
+    bench_mixed,
+    bench_overlap,
+    bench_shape,
+    bench_step_share,
+)
 from emakit.bench.shapes import SHAPES, build_model
 from emakit.bench.timing import time_interleaved
 
@@ -61,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-step", action="store_true", help="skip the training-step share")
     parser.add_argument("--no-mixed", action="store_true", help="skip the fp32-EMA-of-bf16 table")
     parser.add_argument("--no-overlap", action="store_true", help="skip the overlapped-update table")
+    parser.add_argument("--no-averages", action="store_true", help="skip the several-averages (post-hoc EMA) table")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return parser
 
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace, peers: dict[str, Peer] | None = None) -> Itera
         sections.append(("fp32 EMA of a bf16 model", lambda: [bench_mixed(args)]))
     if not args.no_overlap:
         sections.append(("overlapped updates", lambda: [bench_overlap(args)]))
+    if not args.no_averages and "resnet" in args.shapes:
+        sections.append(("several averages in one pass", lambda: [bench_averages(args)]))
     sections.append(("CUDA", lambda: [bench_cuda(args)]))
     progress = Progress(len(sections))
     for what, measure in sections:
