@@ -65,7 +65,7 @@ def test_quick_run_prints_parseable_tables_and_progress(capsys: pytest.CaptureFi
         assert min(step, update, with_update, with_overlap) > 0
         assert exposed == pytest.approx(with_overlap - step, abs=0.1)  # cells keep 0.1 to 0.001 ms
     sections = [line for line in captured.err.splitlines() if line.startswith("[")]
-    total = len(bench.SHAPES) + 4  # the shapes, step share, mixed precision, overlap, CUDA
+    total = len(bench.SHAPES) + 5  # the shapes, step share, mixed precision, overlap, several averages, CUDA
     assert sections[0] == f"[1/{total}] shape resnet ..." and sections[-1] == f"[{total}/{total}] CUDA ..."
     assert len(sections) == total and "peer" not in captured.out
 
