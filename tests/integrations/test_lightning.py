@@ -162,7 +162,7 @@ def test_manual_optimization_with_two_optimizers_is_one_update_per_batch() -> No
 
 
 @pytest.mark.parametrize(
-    ("trainer_kwargs", "ema_start", "start_step", "duration"),
+    ("trainer_kwargs", "ema_start", "start_step", "length"),
     [
         ({"max_epochs": 2}, "0.5dur", 6, "2ep"),
         ({"max_epochs": 2, "accumulate_grad_batches": 2}, "0.5dur", 3, "2ep"),
@@ -172,13 +172,14 @@ def test_manual_optimization_with_two_optimizers_is_one_update_per_batch() -> No
     ],
 )
 def test_ema_start_in_steps_epochs_samples_and_fractions_of_training(
-    trainer_kwargs: dict[str, Any], ema_start: str, start_step: int, duration: str
+    trainer_kwargs: dict[str, Any], ema_start: str, start_step: int, length: str
 ) -> None:
     """'dur' is a fraction of max_steps if set, else of max_epochs (6 batches, or 3 optimizer steps, an epoch)."""
     recorder = StepRecorder()
     callback = EMACallback(half_life="4ba", ema_start=ema_start)
     make_trainer([recorder, callback], **trainer_kwargs).fit(make_net(), make_loader())
-    assert str(callback.ema.max_duration) == duration
+    told = str(callback.ema.max_duration)  # the training length the callback told the EMA
+    assert told == length
     assert callback.ema.start_count == start_step
     expected = reference_ema(recorder.after_step, callback.ema.smoothing, start=start_step)
     assert_matches(ema_weights(callback), expected)
