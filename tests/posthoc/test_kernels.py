@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emakit.posthoc.kernels import blend_averages_
+from emakit.posthoc.kernels import PreparedBlend, blend_averages_
 from emakit.posthoc.profiles import PowerProfile, power_weights
 
 FP32 = {"rtol": 1.2e-7, "atol": 1e-30}  # fp32 rounding: one ulp
@@ -160,3 +160,40 @@ def test_without_per_pair_weights_in_foreach_lerp(monkeypatch: pytest.MonkeyPatc
     blend_averages_(averages, sources, [0.2, 1.0, 0.7], chunk=4096)
     reference(expected, sources, [0.2, 1.0, 0.7])
     assert_same(averages, expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    st.lists(st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2), min_size=1, max_size=4),
+    st.integers(1, 5000),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_property_prepared_blend_equals_separate_lerps_update_after_update(
+    sizes: list[int], rounds: list[list[float]], chunk: int, dtype: torch.dtype
+) -> None:
+    # The same prepared lists serve every update, whatever the weights (0 and 1 included) of each round.
+    averages, sources = make([(n,) for n in sizes], 2, dtype, seed=len(sizes))
+    averages[0].append(torch.zeros(3, dtype=torch.long))
+    averages[1].append(torch.ones(3, dtype=torch.long))
+    sources.append(torch.zeros(3, dtype=torch.long))
+    expected = [[t.clone() for t in a] for a in averages]
+    blend = PreparedBlend(averages, sources, chunk=chunk)
+    for r, weights in enumerate(rounds):
+        for s in sources:
+            s.add_(r + 1)  # the same tensors, new values: what a training step does
+        blend(weights)
+        reference(expected, sources, weights)
+        assert_same(averages, expected)
+
+
+def test_prepared_blend_is_one_kernel_over_prepared_lists_for_same_dtype_tensors() -> None:
+    averages, sources = make([(10_000,), (300,)], 3, torch.float32)
+    fused = PreparedBlend(averages, sources, chunk=4096)
+    assert fused.fused
+    mixed = PreparedBlend(make([(10,)], 2, torch.bfloat16)[0], make([(10,)], 2, torch.bfloat16)[1])
+    assert not mixed.fused  # fp32 averages of bf16 weights: the cast goes through blend_averages_'s scratch
+    with pytest.raises(ValueError, match=r"weights must have one entry per average \(3\), got 2"):
+        fused([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"weights\[1\] must be a real number in \[0, 1\], got -0.5"):
+        fused([0.1, -0.5, 0.2])
