@@ -506,6 +506,12 @@ class UpdatePlan:
         self._counts = self._use_counts()
 
     @property
+    def sources(self) -> list[torch.Tensor] | None:
+        """Every source the plan was made with, in order, while it can be found current by reading them (a plan
+        with loose pairs); None for a plan of flat groups only, which keeps no per-tensor references."""
+        return self._sources if _STORAGE_USE_COUNT is not None else None
+
+    @property
     def reusable(self) -> bool:
         """Whether the plan holds only flat groups, so that it is current without reading the tensors."""
         return not self.loose and _STORAGE_USE_COUNT is not None

@@ -221,3 +221,27 @@ def test_ema_model_follows_a_change_of_eval_average() -> None:
     assert not torch.equal(first["fc1.weight"], ema.ema_model.fc1.weight)
     with pytest.raises(ValueError, match=r"eval_average must be an index into the 2 tracked average\(s\), got 5"):
         ema.eval_average = 5
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_one_prepared_blend_is_kept_and_follows_repointed_and_replaced_parameters(flatten: bool) -> None:
+    # The averages are blended over lists prepared once (a flattened model's flat spans, or every tensor) and
+    # kept from update to update; a parameter re-pointed (param.data = ...) or replaced must still be followed.
+    model = make_model(0)
+    together = EMA(sigma_rel=[0.05, 0.1, 0.2], flatten_model=flatten)
+    apart = [EMA(sigma_rel=s) for s in (0.05, 0.1, 0.2)]
+    for ema in (together, *apart):
+        ema.attach(model)
+    train(model, [together, *apart], 6)
+    prepared = together._prepared
+    assert prepared is not None, "the several averages did not take the prepared path"
+    train(model, [together, *apart], 4)
+    assert together._prepared is prepared, "the prepared blend was rebuilt although nothing moved"
+    model.fc1.weight.data = model.fc1.weight.detach().clone() * 0.5
+    train(model, [together, *apart], 5)
+    model.fc1.bias = nn.Parameter(model.fc1.bias.detach() + 1.0)
+    train(model, [together, *apart], 5)
+    for j, single in enumerate(apart):
+        together.eval_average = j
+        for name, value in single.ema_tensors.items():
+            torch.testing.assert_close(together.ema_tensors[name], value, rtol=1e-6, atol=1e-7)

@@ -23,6 +23,7 @@ from torch import nn
 
 from emakit.flatten import flatten_model_
 from emakit.functional import (
+    UpdatePlan,
     canonical_name,
     is_averaged,
     named_tensors,
@@ -34,7 +35,7 @@ from emakit.functional import (
 from emakit.overlap import Overlap, make_overlap
 from emakit.parallel.ranks import all_reduce_sum, barrier, get_rank
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
-from emakit.posthoc.kernels import blend_averages_
+from emakit.posthoc.kernels import PreparedBlend, blend_averages_
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, power_beta
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES, discard_snapshots_after, next_snapshot_index, write_snapshot
 from emakit.storage import FlatStorage, check_state_matches
@@ -272,6 +273,9 @@ class EMA:
         self._phases: tuple[int, ...] | None = None
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
+        #: Several averages of a flattened model: the first storage's update plan and the blend prepared over
+        #: its flat spans, rebuilt when that plan is.
+        self._prepared: tuple[object, list[FlatStorage], PreparedBlend] | None = None
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -549,11 +553,7 @@ class EMA:
         weights = self._weights(self.num_updates + 2)  # the start, a copy of the weights, was update 1
         weight = weights[0]
         if self._storages is not None and len(self._storages) > 1:
-            blend_averages_(
-                [storage.views() for storage in self._storages],
-                source() if callable(source) else source,
-                weights,
-            )
+            self._blend_all(source, weights)
         elif self._overlap is None:
             self._storage.blend(source, weight)
         else:
@@ -562,6 +562,48 @@ class EMA:
             self._overlap.launch(plan.bound(weight, _ALONGSIDE))
         self.num_updates += 1
         self._version += 1
+
+    def _blend_all(self, source: Callable[[], list[torch.Tensor]] | list[torch.Tensor], weights: list[float]) -> None:
+        """Every average from one read of the training weights.
+
+        The storages share one layout, so the first storage's update plan also pairs the others. While that
+        plan stays current, the blend runs over lists prepared once for it (:class:`PreparedBlend`): over
+        the plan's few flat spans for a flattened model, over every tensor otherwise.
+        """
+        assert self._storages is not None
+        if callable(source):
+            plan = self._storages[0].prepare(source)
+            if plan.reusable or plan.sources is not None:
+                prepared = self._prepared
+                if prepared is None or prepared[0] is not plan or prepared[1] != self._storages:
+                    self._prepared = prepared = None  # its views of the weights must be gone before the count
+                    prepared = (plan, list(self._storages), self._prepared_blend(plan))
+                    self._prepared = prepared
+                    plan.snapshot()  # the prepared chunks are views of the weights' buffers: count them as current
+                prepared[2](weights)
+                return
+            source = source()
+        blend_averages_([storage.views() for storage in self._storages], source, weights)
+
+    def _prepared_blend(self, plan: UpdatePlan) -> PreparedBlend:
+        """The blend of every storage with ``plan``'s sources (``plan`` pairs the first storage)."""
+        assert self._storages is not None
+        offsets = [t.storage_offset() for t in self._storages[0].views()]
+        for storage in self._storages[1:]:
+            if [t.storage_offset() for t in storage.views()] != offsets:
+                raise RuntimeError("the tracked averages' storages are not laid out alike")  # never expected
+        if plan.sources is not None:
+            return PreparedBlend([storage.views() for storage in self._storages], plan.sources)
+        averages = [
+            [
+                storage.buffers[(g.target.device, g.target.dtype)].as_strided(
+                    g.target.shape, (1,), g.target.storage_offset()
+                )
+                for g in plan.flat
+            ]
+            for storage in self._storages
+        ]
+        return PreparedBlend(averages, [g.source for g in plan.flat])
 
     def _weights(self, t: int) -> list[float]:
         """``1 - beta`` of every average for update number ``t`` (1-based, counting the start)."""
