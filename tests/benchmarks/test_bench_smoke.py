@@ -64,6 +64,19 @@ def test_quick_run_prints_parseable_tables_and_progress(capsys: pytest.CaptureFi
     for _, (step, update, with_update, with_overlap, exposed) in parsed[overlap]:
         assert min(step, update, with_update, with_overlap) > 0
         assert exposed == pytest.approx(with_overlap - step, abs=0.1)  # cells keep 0.1 to 0.001 ms
+    (several,) = [t for t in parsed if t.startswith("several averages in one update")]
+    assert [name for name, _ in parsed[several]] == [
+        f"k={k}: {what}"
+        for k in (2, 4)
+        for what in (
+            "one EMA, one pass, model not flattened",
+            "one EMA, one pass, flattened",
+            f"{k} separate EMAs, flattened",
+        )
+    ]
+    for name, (ms, x_lerp, x_limit) in parsed[several]:
+        k = int(name[2])
+        assert ms > 0 and x_lerp == pytest.approx(x_limit * (1 + 2 * k) / 3, rel=0.01, abs=0.002), name
     sections = [line for line in captured.err.splitlines() if line.startswith("[")]
     total = len(bench.SHAPES) + 5  # the shapes, step share, mixed precision, overlap, several averages, CUDA
     assert sections[0] == f"[1/{total}] shape resnet ..." and sections[-1] == f"[{total}/{total}] CUDA ..."
