@@ -399,6 +399,7 @@ class EMA:
         if self.flatten_model and not self._sharded:
             flatten_model_(model)
         self._live_reader = self._live
+        self._prepared = None  # it holds views of the previous model's weights
         if self.overlap:
             self._setup_overlap(model, params)
 
@@ -534,6 +535,7 @@ class EMA:
         sources = dict(zip(self._names, self._training_tensors(), strict=True))
         if self._storages is None:
             self._storages = [FlatStorage(sources, fp32_ema=self.fp32_ema) for _ in range(self.num_averages)]
+            self._prepared = None
             self._ema_model = None
         else:
             for storage in self._storages:
@@ -886,12 +888,14 @@ class EMA:
                 )
             if self._storages is None:
                 self._storages = [FlatStorage(live, fp32_ema=self.fp32_ema) for _ in range(self.num_averages)]
+                self._prepared = None
                 self._ema_model = None
             for storage, average in zip(self._storages, saved, strict=True):
                 storage.load_state_dict(average)
             self.start_count = int(state["start_count"])
         else:
             self._storages = None
+            self._prepared = None
             self._ema_model = None
             self.start_count = None
         self.num_updates = int(state["num_updates"])
