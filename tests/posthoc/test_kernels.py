@@ -197,3 +197,16 @@ def test_prepared_blend_is_one_kernel_over_prepared_lists_for_same_dtype_tensors
         fused([0.1, 0.2])
     with pytest.raises(ValueError, match=r"weights\[1\] must be a real number in \[0, 1\], got -0.5"):
         fused([0.1, -0.5, 0.2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_equals_k_separate_lerps(source_dtype: torch.dtype) -> None:
+    averages, sources = make([(3_000_001,), (100, 37), (5,)], 3, source_dtype)
+    averages = [[t.cuda() for t in a] for a in averages]
+    sources = [t.cuda() for t in sources]
+    expected = [[t.clone() for t in a] for a in averages]
+    weights = [0.001, 0.37, 0.9]
+    PreparedBlend(averages, sources)(weights)  # 2M-element chunks on CUDA: a full chunk and a partial one
+    reference(expected, sources, weights)
+    assert_same(averages, expected)
