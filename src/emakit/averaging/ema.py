@@ -273,9 +273,9 @@ class EMA:
         self._phases: tuple[int, ...] | None = None
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
-        #: Several averages of a flattened model: the first storage's update plan and the blend prepared over
-        #: its flat spans, rebuilt when that plan is.
-        self._prepared: tuple[object, list[FlatStorage], PreparedBlend] | None = None
+        #: Several averages: the first storage's update plan and the blend prepared for it, rebuilt when the
+        #: plan is; dropped whenever the model or the storages change.
+        self._prepared: tuple[UpdatePlan, PreparedBlend] | None = None
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -576,13 +576,11 @@ class EMA:
         if callable(source):
             plan = self._storages[0].prepare(source)
             if plan.reusable or plan.sources is not None:
-                prepared = self._prepared
-                if prepared is None or prepared[0] is not plan or prepared[1] != self._storages:
-                    self._prepared = prepared = None  # its views of the weights must be gone before the count
-                    prepared = (plan, list(self._storages), self._prepared_blend(plan))
-                    self._prepared = prepared
+                if self._prepared is None or self._prepared[0] is not plan:
+                    self._prepared = None  # its views of the weights must be gone before the count
+                    self._prepared = (plan, self._prepared_blend(plan))
                     plan.snapshot()  # the prepared chunks are views of the weights' buffers: count them as current
-                prepared[2](weights)
+                self._prepared[1](weights)
                 return
             source = source()
         blend_averages_([storage.views() for storage in self._storages], source, weights)

@@ -184,10 +184,11 @@ class PreparedBlend:
 
     Per update, :func:`blend_averages_` splits every large tensor into chunks and builds the lists for the
     multi-tensor kernels: Python work that grows with the number of chunks, a few percent of a 100 MB update.
-    Made once for a model whose storage does not move (a flattened model's spans), the update is then one
-    ``_foreach_lerp_`` over prepared lists when the sources and averages share one dtype and device and every
-    weight is strictly between 0 and 1; any other call falls back to :func:`blend_averages_`. The tensors must
-    keep their storage for as long as the object is used (the caller's plan decides when to make a new one).
+    Made once for tensors that stay where they are (a flattened model's spans, or every tensor of a model
+    whose update plan is current), the update is then one ``_foreach_lerp_`` over prepared lists when the
+    sources and averages share one dtype and device and every weight is strictly between 0 and 1; any other
+    call falls back to :func:`blend_averages_`. The tensors must keep their storage for as long as the object
+    is used (the caller's plan decides when to make a new one).
     """
 
     def __init__(
@@ -251,8 +252,9 @@ def main(numel: int = 25_557_032, repeats: int = 15, threads: int = 1) -> None:
 
     ``numel`` defaults to ResNet-50's parameter count, split into three flat buffers as a flattened model's
     storage would be. The memory-traffic limit of k averages is ``(1 + 2k) / 3`` flat lerps; k separate lerps
-    cost ``k``. "prepared" is :class:`PreparedBlend` (what a flattened model's EMA runs). "targets only" blends k averages from a source that stays in cache: what streaming the
-    averages alone costs on this machine, a floor for any one-pass kernel. Times are the best of ``repeats``
+    cost ``k``. "prepared" is :class:`PreparedBlend` (what the EMA runs). "targets only" blends k averages
+    from a source that stays in cache: what streaming the averages alone costs on this machine, a floor for
+    any one-pass kernel. Times are the best of ``repeats``
     runs, interleaved, measured in this thread's CPU time so that other processes on a busy machine do not
     count (memory stalls do).
     """
