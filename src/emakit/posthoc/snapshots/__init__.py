@@ -1,0 +1,58 @@
+"""Snapshot folders: the averages of a run saved at intervals, for post-hoc reconstruction.
+
+A folder holds one entry per snapshot, numbered from 0 without gaps by the writer:
+
+- ``snapshot-{index:06d}.safetensors``: every average of one snapshot in one safetensors file, the tensor
+  ``name`` of average ``j`` stored as ``"{j}/{name}"`` (canonical names). The metadata below is the JSON string
+  under the key ``"emakit.posthoc"`` of the file's header metadata, so tensors and metadata appear together.
+- ``snapshot-{index:06d}/``: the same for sharded (FSDP2/DTensor) averages: a torch.distributed.checkpoint
+  directory written by every rank (each writes its own shards; nothing is gathered) with the metadata in
+  ``snapshot.json`` beside DCP's files.
+
+Metadata (JSON): ``format``, ``format_version``, ``emakit_version``, ``index``, ``t`` (EMA updates so far: the
+time axis of every profile), ``step`` (optimizer steps so far), ``update_interval`` (steps per EMA update),
+``dtype`` (of the floating tensors), ``sharded``, ``world_size`` and ``averages``: one profile per average,
+``{"kind": "power", "sigma_rel": s, "gamma": g}`` or ``{"kind": "half_life", "half_life_updates": h}``; sharded
+snapshots add ``names``, the tensors' order (a safetensors file keeps it in its data offsets).
+
+Writes are atomic: a hidden temporary (``.snapshot-000007.safetensors.tmp``, ``.snapshot-000007.tmp/``) is
+written, synced to disk and renamed into place, then the folder is synced; readers ignore temporaries, so a
+crash never leaves a partial snapshot. Floating tensors are stored in float32 (default), float16 or bfloat16;
+integer and bool tensors as they are.
+
+Modules: :mod:`~emakit.posthoc.snapshots.format` (names and codes), :mod:`~emakit.posthoc.snapshots.atomic`
+(atomic files), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
+:mod:`~emakit.posthoc.snapshots.series` (the next index, discarding a lost future). Every public name is
+importable from here.
+"""
+
+from __future__ import annotations
+
+from emakit.posthoc.snapshots.atomic import write_safetensors
+from emakit.posthoc.snapshots.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    SHARDED_METADATA_FILE,
+    SNAPSHOT_DTYPES,
+    snapshot_name,
+)
+from emakit.posthoc.snapshots.reading import SnapshotInfo, SnapshotReader, read_snapshot_index
+from emakit.posthoc.snapshots.series import discard_snapshots_after, next_snapshot_index
+from emakit.posthoc.snapshots.writing import write_snapshot
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "SHARDED_METADATA_FILE",
+    "SNAPSHOT_DTYPES",
+    "SnapshotInfo",
+    "SnapshotReader",
+    "discard_snapshots_after",
+    "next_snapshot_index",
+    "read_snapshot_index",
+    "snapshot_name",
+    "write_safetensors",
+    "write_snapshot",
+]

@@ -1,0 +1,170 @@
+"""Writing one snapshot: checking the averages and profiles, then a safetensors file (plain tensors, rank 0) or a
+DCP directory (DTensors, every rank writes its shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emakit._version import __version__
+from emakit.functional import is_averaged
+from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
+from emakit.posthoc.snapshots.atomic import _cast, _fsync_dir, _write_json, write_safetensors
+from emakit.posthoc.snapshots.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    SHARDED_METADATA_FILE,
+    SNAPSHOT_DTYPES,
+    _check_int,
+    snapshot_name,
+)
+
+__all__ = [
+    "write_snapshot",
+]
+
+
+def _dtensor_type() -> type | None:
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist before it is imported
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _check_profiles(profiles: Sequence[object], count: int) -> list[Profile]:
+    if len(profiles) != count:
+        raise ValueError(f"profiles must have one profile per average ({count}), got {len(profiles)}")
+    out: list[Profile] = []
+    for j, profile in enumerate(profiles):
+        if isinstance(profile, (PowerProfile, HalfLifeProfile)):
+            out.append(profile)
+        elif isinstance(profile, Mapping):
+            out.append(profile_from_dict(profile, f"profiles[{j}]"))
+        else:
+            raise TypeError(f"profiles[{j}] must be a PowerProfile, a HalfLifeProfile or a dict, got {profile!r}")
+    return out
+
+
+def _check_averages(averages: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    if isinstance(averages, Mapping) or not isinstance(averages, Sequence) or not averages:
+        raise ValueError(f"averages must be a non-empty list of dicts of tensors (one per average), got {averages!r}")
+    for j, average in enumerate(averages):
+        if not isinstance(average, Mapping) or not average:
+            raise ValueError(f"averages[{j}] must be a non-empty dict of tensors by name")
+    names = list(averages[0])
+    for j, average in enumerate(averages):
+        if set(average) != set(names):
+            extra = sorted(set(average) ^ set(names))
+            raise ValueError(f"averages[{j}] and averages[0] hold different tensor names (e.g. {extra[0]!r})")
+        for name, tensor in average.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"averages[{j}][{name!r}] must be a tensor, got {type(tensor).__name__}")
+            first = averages[0][name]
+            if tensor.shape != first.shape:
+                raise ValueError(
+                    f"averages[{j}][{name!r}] has shape {tuple(tensor.shape)}, averages[0]'s has {tuple(first.shape)}"
+                )
+    return names
+
+
+def write_snapshot(
+    folder: str | os.PathLike[str],
+    index: int,
+    averages: Sequence[Mapping[str, torch.Tensor]],
+    profiles: Sequence[Profile | Mapping[str, Any]],
+    t: int,
+    step: int,
+    *,
+    update_interval: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write snapshot ``index`` of ``averages`` (one dict of tensors by canonical name per average) into ``folder``.
+
+    ``profiles[j]`` is average ``j``'s profile; ``t`` the number of EMA updates so far (the averages' time axis),
+    ``step`` the optimizer steps so far, ``update_interval`` the steps per update. Floating tensors are stored
+    in ``dtype``. An existing snapshot ``index`` is replaced (a resumed run writing it again).
+
+    Plain tensors make one safetensors file; under a process group only rank 0 writes it and no collective
+    is made. If any tensor is a DTensor (FSDP2), every rank must call this: each writes its own shards into a
+    DCP directory, no tensor is gathered.
+
+    Returns:
+        The path of the snapshot (also on ranks that wrote nothing).
+    Raises:
+        ValueError: bad arguments (each names the argument), or a value that overflows ``dtype``.
+    """
+    folder = Path(folder)
+    index = _check_int(index, "index", 0)
+    t = _check_int(t, "t", 1)
+    step = _check_int(step, "step", 0)
+    update_interval = _check_int(update_interval, "update_interval", 1)
+    if dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {dtype!r}")
+    names = _check_averages(averages)
+    checked = _check_profiles(profiles, len(averages))
+    dtensor = _dtensor_type()
+    sharded = dtensor is not None and any(isinstance(x, dtensor) for a in averages for x in a.values())
+    world_size, rank = 1, 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "emakit_version": __version__,
+        "index": index,
+        "t": t,
+        "step": step,
+        "update_interval": update_interval,
+        "dtype": str(dtype).removeprefix("torch."),
+        "sharded": sharded,
+        "world_size": world_size if sharded else 1,
+        "averages": [p.to_dict() for p in checked],
+    }
+    path = folder / snapshot_name(index, sharded)
+    keys = [(f"{j}/{name}", average[name]) for j, average in enumerate(averages) for name in names]
+    if sharded:
+        metadata["names"] = names  # DCP's metadata does not keep the order
+        stored = {k: _cast(x, dtype, f"tensor {k!r}") if is_averaged(x) else x.detach() for k, x in keys}
+        _write_sharded(path, stored, metadata, rank)
+        return path
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        stale = folder / snapshot_name(index, sharded=True)
+        write_safetensors(path, keys, {METADATA_KEY: json.dumps(metadata)}, float_dtype=dtype)
+        if stale.is_dir():  # the same index written sharded by an earlier run
+            shutil.rmtree(stale)
+    return path
+
+
+def _write_sharded(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], rank: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # every rank writes its shards, synced
+    if rank == 0:
+        _write_json(tmp / SHARDED_METADATA_FILE, metadata)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        (path.parent / snapshot_name(metadata["index"])).unlink(missing_ok=True)  # an unsharded one of this index
+    dist.barrier()
