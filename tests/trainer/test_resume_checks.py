@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import make_loader, make_model
 from emakit.algorithms import EMA
@@ -69,3 +72,55 @@ def test_resuming_with_the_ema_gives_no_warning(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         Trainer(make_model(0), make_loader(n=32), "2ep", algorithms=[EMA(half_life="2ba")], progress_bar=False,
                 load_path=tmp_path / "ep1-ba4.pt")  # fmt: skip
+
+
+# ---------------------------------------------------------------- files that are not checkpoints
+
+
+def test_a_folder_as_load_path_says_what_is_accepted(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        Trainer(make_model(0), make_loader(), "1ep", load_path=folder, progress_bar=False)
+    message = str(info.value)
+    assert f"checkpoint {str(folder)!r} is a folder, not a checkpoint" in message
+    assert "ep{E}-ba{B}.pt" in message and "DCP checkpoint directory" in message
+    assert f"save_folder={str(folder)!r} with load_path='latest'" in message
+    assert "does not exist" not in message
+
+
+def test_a_safetensors_file_is_named_as_weights_not_a_run(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    trainer = Trainer(make_model(0), make_loader(), "1ep", algorithms=[EMA(half_life="2ba")], progress_bar=False)
+    trainer.fit()
+    for name in ("ema.safetensors", "ema.pt"):  # recognised by its bytes, whatever its name
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in trainer.state.model.state_dict().items()}, str(path))
+        with pytest.raises(ValueError) as info:
+            Trainer(make_model(0), make_loader(), "1ep", load_path=path, progress_bar=False)
+        message = str(info.value)
+        assert f"checkpoint {str(path)!r} is a safetensors file: it holds weights only" in message
+        assert "safetensors.torch.load_file(path)" in message and "torch.load(" not in message
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=0, max_size=3000), zip_head=st.booleans())
+def test_random_bytes_are_called_damaged_never_retry_with_weights_only_false(
+    tmp_path: Path, data: bytes, zip_head: bool
+) -> None:
+    path = tmp_path / "ep3-ba12.pt"
+    path.write_bytes((b"PK\x03\x04" if zip_head else b"") + data)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_file(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "weights_only=False" not in message and "will likely succeed" not in message, message
+    assert "truncated or damaged" in message or "is empty" in message or "not an emakit checkpoint" in message
+
+
+def test_random_bytes_name_the_unpicklers_reason(tmp_path: Path) -> None:
+    path = tmp_path / "ep3-ba12.pt"
+    path.write_bytes(random.Random(0).randbytes(4000))
+    with pytest.raises(ValueError, match=r"'.*ep3-ba12.pt' is truncated or damaged \(4,000 bytes\): torch.load failed with 'Unsupported operand \d+'\. The write"):
+        load_checkpoint_file(path)
