@@ -124,3 +124,35 @@ def test_random_bytes_name_the_unpicklers_reason(tmp_path: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(4000))
     with pytest.raises(ValueError, match=r"'.*ep3-ba12.pt' is truncated or damaged \(4,000 bytes\): torch.load failed with 'Unsupported operand \d+'\. The write"):
         load_checkpoint_file(path)
+
+
+# ---------------------------------------------------------------- one step, one checkpoint
+
+
+class NoLength:
+    """An iterable of batches without ``len``: the Trainer cannot know which batch ends an epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.loader = make_loader(n=n)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_step_at_the_end_of_the_last_epoch_is_saved_once(tmp_path: Path, sized: bool) -> None:
+    # 5 batches an epoch, a checkpoint every 10 batches: batch 20 is both a batch checkpoint and the end.
+    loader = make_loader(n=40) if sized else NoLength(40)
+    trainer = Trainer(make_model(0), loader, "4ep", algorithms=[EMA(half_life="1ep")],
+                      save_folder=tmp_path, save_interval="10ba", progress_bar=False)  # fmt: skip
+    trainer.fit()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ep1-ba10.pt", "ep4-ba20.pt", "latest.pt"], names
+    assert (tmp_path / "latest.pt").resolve().name == "ep4-ba20.pt"
+    final = load_checkpoint_file(tmp_path / "ep4-ba20.pt")
+    assert final["state"]["timestamp"]["epoch"] == 4 and final["state"]["callbacks"]["CheckpointSaver"]["saved"] == [
+        "ep1-ba10.pt",
+        "ep4-ba20.pt",
+    ]
+    # the final file holds the state after the last epoch's end: the EMA's epoch update included
+    assert final["state"]["algorithms"]["EMA"]["num_updates"] == trainer.state.algorithms[0].num_updates
