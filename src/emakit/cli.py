@@ -13,6 +13,7 @@ and the module is imported only when its subcommand runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -265,10 +266,8 @@ def _cannot_create(folder: Path) -> str | None:
         return e.strerror or str(e)
     finally:
         for made in reversed(created):
-            try:
+            with contextlib.suppress(OSError):
                 made.rmdir()
-            except OSError:
-                pass
     return None
 
 

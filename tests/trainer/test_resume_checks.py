@@ -122,7 +122,10 @@ def test_random_bytes_are_called_damaged_never_retry_with_weights_only_false(
 def test_random_bytes_name_the_unpicklers_reason(tmp_path: Path) -> None:
     path = tmp_path / "ep3-ba12.pt"
     path.write_bytes(random.Random(0).randbytes(4000))
-    with pytest.raises(ValueError, match=r"'.*ep3-ba12.pt' is truncated or damaged \(4,000 bytes\): torch.load failed with 'Unsupported operand \d+'\. The write"):
+    with pytest.raises(
+        ValueError,
+        match=r"'.*ep3-ba12.pt' is truncated or damaged \(4,000 bytes\): torch.load failed with 'Unsupported operand \d+'\. The write",
+    ):
         load_checkpoint_file(path)
 
 
