@@ -13,6 +13,7 @@ and the module is imported only when its subcommand runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -240,7 +241,45 @@ def _run_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
         parser.error(f"{option}: {str(out)!r} exists and is not a folder")
     if (out / "metrics.jsonl").exists():
         parser.error(f"{option}: {str(out)!r} already holds a run (metrics.jsonl); choose another or delete it")
+    problem = _cannot_create(out)
+    if problem is not None:
+        parser.error(f"{option}: cannot create the folder {str(out)!r}: {problem}")
     return out
+
+
+def _cannot_create(folder: Path) -> str | None:
+    """Why ``folder`` cannot be created and written to, or None; the folders made to find out are removed.
+
+    An existing file at ``folder`` is left to the demos' own check ("exists and is not a folder").
+    """
+    if folder.exists() and not folder.is_dir():
+        return None
+    created: list[Path] = []
+    try:
+        for parent in reversed([folder, *folder.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return None
+
+
+def _option_value(argv: list[str], option: str) -> str | None:
+    """The value of ``option`` (``--out DIR`` or ``--out=DIR``) in ``argv``, the last one given; None if absent."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(option + "="):
+            value = token[len(option) + 1 :]
+    return value
 
 
 def _check_packages(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -391,6 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["demo"] and "--posthoc" in args[1:]:  # `emakit demo --posthoc` is the post-hoc demo
+        out = _option_value(args[1:], "--out")
+        problem = None if out is None else _cannot_create(Path(out))
+        if problem is not None:
+            print(f"emakit demo --posthoc: error: --out: cannot create the folder {out!r}: {problem}", file=sys.stderr)
+            return 2
         return _delegate("posthoc-demo", args[1:])
     if args and args[0] in _DELEGATED:
         return _delegate(args[0], args[1:])

@@ -9,7 +9,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,12 @@ from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
 from emakit.checkpoint import load_checkpoint, save_checkpoint
 from emakit.core.algorithm import Algorithm
+from emakit.core.batches import LossFn, batch_size, forward_and_loss, loss_of_first, to_device
 from emakit.core.callback import Callback
 from emakit.core.engine import Engine
 from emakit.core.event import Event
 from emakit.core.logger import InMemoryLogger, Logger, LoggerDestination
 from emakit.core.state import State
-from emakit.functional import unwrap_model
 from emakit.parallel.data import set_sampler_epoch, shard_dataloader
 from emakit.parallel.launch import (
     DEFAULT_TIMEOUT,
@@ -44,37 +44,6 @@ from emakit.time import Time, TimeUnit
 
 __all__ = ["Trainer", "evaluate"]
 
-LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else 1
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1
-
-
-def _split(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        "batches must be (inputs, targets) pairs unless the model defines loss(outputs, batch); "
-        f"got a {type(batch).__name__}"
-    )
-
 
 def _as_list(value: Any, name: str, kind: type) -> list[Any]:
     if value is None:
@@ -84,41 +53,6 @@ def _as_list(value: Any, name: str, kind: type) -> list[Any]:
         if not isinstance(item, kind):
             raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(item).__name__}")
     return items
-
-
-def _forward_and_loss(model: nn.Module, batch: Any, loss_fn: LossFn) -> tuple[Any, torch.Tensor, Any]:
-    """Return (outputs, loss, targets or None). Uses ``model.loss(outputs, batch)`` when the model has one."""
-    model_loss = getattr(unwrap_model(model), "loss", None)
-    if callable(model_loss):
-        outputs = model(batch)
-        targets = batch[1] if isinstance(batch, (list, tuple)) and len(batch) == 2 else None
-        return outputs, model_loss(outputs, batch), targets
-    inputs, targets = _split(batch)
-    outputs = model(inputs)
-    return outputs, loss_fn(outputs, targets), targets
-
-
-def _first(batch: Any, k: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:k] if batch.dim() > 0 else batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_first(b, k) for b in batch)
-    if isinstance(batch, dict):
-        return {key: _first(v, k) for key, v in batch.items()}
-    return batch
-
-
-def _loss_of_first(
-    model: nn.Module, batch: Any, outputs: Any, k: int, loss_fn: LossFn
-) -> tuple[Any, torch.Tensor, Any]:
-    """(outputs, loss, targets) of the first ``k`` samples of a batch whose forward has run on all of it."""
-    part, head = _first(batch, k), _first(outputs, k)
-    model_loss = getattr(unwrap_model(model), "loss", None)
-    if callable(model_loss):
-        targets = part[1] if isinstance(part, (list, tuple)) and len(part) == 2 else None
-        return head, model_loss(head, part), targets
-    _, targets = _split(part)
-    return head, loss_fn(head, targets), targets
 
 
 @torch.no_grad()
@@ -146,12 +80,12 @@ def evaluate(
     total_loss, total_correct, total, counted = 0.0, 0, 0, 0
     try:
         for raw in dataloader:
-            batch = _to_device(raw, device)
-            n = _batch_size(batch)
-            outputs, loss, targets = _forward_and_loss(model, batch, loss_fn)
+            batch = to_device(raw, device)
+            n = batch_size(batch)
+            outputs, loss, targets = forward_and_loss(model, batch, loss_fn)
             if remaining is not None:
                 if remaining < n:  # padding in this batch: the loss of the real samples only
-                    outputs, loss, targets = _loss_of_first(model, batch, outputs, remaining, loss_fn)
+                    outputs, loss, targets = loss_of_first(model, batch, outputs, remaining, loss_fn)
                     n = remaining
                 remaining -= n
             if n == 0:
@@ -463,19 +397,19 @@ class Trainer:
 
     def _train_batch(self, raw_batch: Any) -> None:
         state = self.state
-        batch = _to_device(raw_batch, self.device)
+        batch = to_device(raw_batch, self.device)
         state.batch = batch
         self.engine.run_event(Event.BATCH_START)
         for opt in state.optimizers:
             opt.zero_grad(set_to_none=True)
-        outputs, loss, _ = _forward_and_loss(state.model, batch, self.loss_fn)
+        outputs, loss, _ = forward_and_loss(state.model, batch, self.loss_fn)
         loss.backward()
         for opt in state.optimizers:
             opt.step()
         for sch in state.schedulers:
             sch.step()
         state.outputs, state.loss = outputs, loss.detach()
-        state.timestamp.advance_batch(_batch_size(batch) * state.world_size)  # samples over all ranks
+        state.timestamp.advance_batch(batch_size(batch) * state.world_size)  # samples over all ranks
         loss_value = float(state.loss)
         if not math.isfinite(loss_value):
             warnings.warn(f"training loss is {loss_value} at batch {state.timestamp.batch}", stacklevel=2)

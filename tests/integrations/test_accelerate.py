@@ -129,6 +129,22 @@ def test_prepare_ema_attaches_and_registers_for_checkpointing(tmp_path: Path) ->
     assert restored.num_updates == 1 and restored.timestamp.batch == 2
 
 
+def test_prepare_ema_twice_with_the_same_ema_is_refused_and_resume_still_works(tmp_path: Path) -> None:
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(nn.Linear(3, 2))
+    ema = prepare_ema(accelerator, model, EMA(smoothing=0.5))
+    with pytest.raises(ValueError, match=r"prepare_ema was already called with this EMA: it is registered with the"):
+        prepare_ema(accelerator, model, ema)
+    ema.step()
+    accelerator.save_state(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("custom_checkpoint_*.pkl")) == ["custom_checkpoint_0.pkl"]
+
+    other = Accelerator(cpu=True)
+    restored = prepare_ema(other, other.prepare(nn.Linear(3, 2)), EMA(smoothing=0.5))
+    other.load_state(str(tmp_path))  # the resumed script prepares its EMA once, as it should
+    assert_same(restored.ema_tensors, ema.ema_tensors)
+
+
 def test_prepare_ema_default_and_bad_arguments() -> None:
     accelerator = Accelerator(cpu=True)
     assert isinstance(prepare_ema(accelerator, nn.Linear(2, 2)), EMA)

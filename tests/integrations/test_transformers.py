@@ -298,6 +298,16 @@ def test_resume_refuses_ema_state_from_another_step(tmp_path: Path) -> None:
         train(tmp_path, EMACallback(smoothing=0.5), resume=True, **run)
 
 
+def test_resume_from_a_truncated_ema_state_names_the_file(tmp_path: Path) -> None:
+    run = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
+    train(tmp_path, EMACallback(smoothing=0.5), StopAt(3), **run)
+    state = tmp_path / "checkpoint-3" / EMA_STATE_NAME
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"checkpoint '.*checkpoint-3/{EMA_STATE_NAME}' is truncated or damaged"):
+        train(tmp_path, EMACallback(smoothing=0.5), resume=True, **run)
+
+
 def test_load_best_model_at_end_keeps_the_best_checkpoints_ema(tmp_path: Path) -> None:
     callback = EMACallback(smoothing=0.5)
     trainer = train(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,30 @@ def test_writes_what_reconstruct_returns(folder: Path, tmp_path: Path, capsys: p
     assert got["count"].item() == 200
     printed = capsys.readouterr().out
     assert "power(sigma_rel=0.07" in printed and "t=200 (step 600)" in printed and "from 10 snapshots x 2" in printed
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_a_torch_suffix_gets_a_torch_save_file(folder: Path, tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"ema{suffix}"
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(out)]) == 0
+    assert zipfile.is_zipfile(out)  # torch.save's format, not safetensors bytes under a .pt name
+    with pytest.raises(Exception):  # noqa: B017 (safetensors' own error type is not public)
+        load_file(out)
+    expected = reconstruct(folder, sigma_rel=0.07)
+    got = torch.load(out, weights_only=True)
+    assert list(got) == list(expected) and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+@pytest.mark.parametrize("name", ["ema.bin", "ema", "ema.safetensors.tmp"])
+def test_other_suffixes_are_refused(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    out = tmp_path / name
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emakit posthoc: error: --out: {str(out)!r} ") and err.count("\n") == 1, err
+    assert "'.safetensors'" in err and "'.pt'" in err
+    assert not out.exists()
 
 
 def test_half_life_at_an_earlier_time_in_half_precision(folder: Path, tmp_path: Path) -> None:

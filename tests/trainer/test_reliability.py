@@ -98,8 +98,8 @@ def test_load_latest_skips_a_truncated_newest_file(tmp_path: Path) -> None:
     ):
         trainer = Trainer(make_model(0), make_loader(n=32), "1ep", algorithms=[EMA(half_life="2ba")],
                           save_folder=tmp_path, load_path="latest", progress_bar=False)  # fmt: skip
-    assert trainer.resumed_from is not None and trainer.resumed_from.endswith("ep0-ba4.pt")
-    assert trainer.state.timestamp.batch == 4 and trainer.state.timestamp.epoch == 0
+    assert trainer.resumed_from is not None and trainer.resumed_from.endswith("ep0-ba3.pt")
+    assert trainer.state.timestamp.batch == 3 and trainer.state.timestamp.epoch == 0
 
 
 def test_autoresume_starts_fresh_then_resumes(tmp_path: Path) -> None:

@@ -211,8 +211,8 @@ def test_eval_method_swaps_and_restores() -> None:
 def test_checkpoint_saver_publishes_ema_weights(tmp_path: Path) -> None:
     trainer, ema = fit("1ep", save_folder=tmp_path, save_interval="2ba")
     files = sorted(p.name for p in tmp_path.iterdir())
-    # ep0-ba4 is the batch checkpoint before EPOCH_END; ep1-ba4 the final state, written at FIT_END
-    assert files == ["ep0-ba2.pt", "ep0-ba4.pt", "ep1-ba4.pt", "latest.pt"]
+    # batch 4 was saved before EPOCH_END as ep0-ba4; the final state of that step, ep1-ba4, replaced it
+    assert files == ["ep0-ba2.pt", "ep1-ba4.pt", "latest.pt"]
     assert (tmp_path / "latest.pt").resolve().name == "ep1-ba4.pt"
     ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
     model_state = ckpt["state"]["model"]
@@ -308,7 +308,8 @@ def test_resume_with_shuffled_data(tmp_path: Path) -> None:
 
 def test_checkpoint_rotation(tmp_path: Path) -> None:
     fit("2ep", save_folder=tmp_path, save_interval="1ba", save_num_checkpoints_to_keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep1-ba8.pt", "ep2-ba8.pt", "latest.pt"]
+    # ep1-ba8 (batch 8 before the last EPOCH_END) was replaced by the final ep2-ba8: two steps are kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ep1-ba7.pt", "ep2-ba8.pt", "latest.pt"]
 
 
 def test_checkpoint_saver_arguments() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,10 @@ LATEST_SHARDED = "latest"
 
 class CheckpointSaver(Callback):
     """Write ``ep{E}-ba{B}.pt`` into ``folder`` every ``save_interval`` and at the end of training.
+
+    Each step is saved once: a batch checkpoint at an epoch's last batch is written before the epoch's end
+    (``ep{E-1}-ba{B}``); if training ends there, the final checkpoint ``ep{E}-ba{B}``, written after the
+    epoch's end, replaces it.
 
     Each file's ``state.model`` holds the weights algorithms publish (the EMA weights once the EMA has
     started) under canonical names; the training weights, optimizer, scheduler, algorithm, RNG and
@@ -100,13 +105,16 @@ class CheckpointSaver(Callback):
         Every rank keeps the same ``saved`` list.
         """
         name = checkpoint_name(state)
-        path = save_checkpoint(
-            state, self.folder / name, publish=True, callback_states={self.name: {"saved": [*self.saved, name]}}
-        )
-        if name not in self.saved:
-            self.saved.append(name)
+        # The same step saved before its epoch's end (a batch checkpoint at the epoch's last batch): this one
+        # replaces it, so that every step is saved once.
+        superseded = [old for old in self.saved if old != name and _step_of(old) == state.timestamp.batch]
+        saved = [old for old in self.saved if old != name and old not in superseded] + [name]
+        path = save_checkpoint(state, self.folder / name, publish=True, callback_states={self.name: {"saved": saved}})
+        self.saved = saved
         if state.rank == 0:
             self._point_latest(name, LATEST_SHARDED if is_sharded_model(state.model) else LATEST)
+            for old in superseded:
+                _remove(self.folder / old)
         self._rotate(delete=state.rank == 0)
         return path if state.rank == 0 else None
 
@@ -122,15 +130,28 @@ class CheckpointSaver(Callback):
             return
         while len(self.saved) > self.num_checkpoints_to_keep:
             old = self.folder / self.saved.pop(0)
-            if not delete:
-                continue
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            if delete:
+                _remove(old)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": list(self.saved)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.saved = [str(s) for s in state.get("saved", [])]
+
+
+_STEP = re.compile(r"-ba(\d+)(?:\.pt)?$")
+
+
+def _step_of(name: str) -> int | None:
+    """The batch count in a checkpoint name ``ep{E}-ba{B}[.pt]``; None for other names."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint this saver wrote: a file, or a sharded run's DCP directory."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

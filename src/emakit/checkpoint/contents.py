@@ -18,13 +18,17 @@ A checkpoint is a dict of plain data and tensors::
     }
 
 "published" checkpoints (written by CheckpointSaver) carry the weights algorithms publish, the EMA's, as
-``state.model``; the training weights then sit in the algorithm's state. "training" checkpoints
-(``Trainer.save_checkpoint``) carry the training weights as ``state.model``.
+``state.model``; the training weights then sit in the algorithm's state, under ``"training_weights"``.
+"training" checkpoints (``Trainer.save_checkpoint``) carry the training weights as ``state.model``.
+
+A run resumed without an algorithm the checkpoint was written with still gets the training weights: they
+are read from that algorithm's ``"training_weights"``, and a warning says that its state is not used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,7 +39,10 @@ from emakit.core.state import State
 from emakit.functional import canonical_name, unwrap_model
 from emakit.rng import capture_rng, loader_generators
 
-__all__ = ["apply_checkpoint", "build_checkpoint", "model_state_dict", "unique_names"]
+__all__ = ["TRAINING_WEIGHTS", "apply_checkpoint", "build_checkpoint", "model_state_dict", "unique_names"]
+
+#: The key under which an algorithm that publishes its weights keeps the training weights they replaced.
+TRAINING_WEIGHTS = "training_weights"
 
 
 def unique_names(objects: list[Any]) -> list[str]:
@@ -104,6 +111,7 @@ def apply_checkpoint(
     model_state = saved["model"]
     for name, algorithm in zip(names, state.algorithms, strict=True):
         model_state = algorithm.restore_model_state(model_state, algorithms_saved.get(name, {}))
+    model_state, unused = _without_absent_algorithms(model_state, algorithms_saved, names, source)
 
     module = unwrap_model(state.model)
     own = {canonical_name(k): k for k in module.state_dict()}
@@ -150,3 +158,37 @@ def apply_checkpoint(
             cb.load_state_dict(callbacks_saved[name])
     state.timestamp.load_state_dict(saved["timestamp"])
     state.epoch_start_rng = saved["rng"]["epoch_start"]
+    for message in unused:
+        warnings.warn(message, stacklevel=3)
+
+
+def _without_absent_algorithms(
+    model_state: dict[str, Any], algorithms_saved: Mapping[str, Any], names: list[str], source: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The training weights when the checkpoint has state for algorithms this run lacks, and what to warn.
+
+    An algorithm that published its weights (the EMA's) as the checkpoint's model kept the training weights
+    under :data:`TRAINING_WEIGHTS`: those are the weights to train on, not the published ones.
+    """
+    unused: list[str] = []
+    for name, saved in algorithms_saved.items():
+        if name in names or not saved:
+            continue
+        training = saved.get(TRAINING_WEIGHTS) if isinstance(saved, Mapping) else None
+        if training is None:
+            unused.append(f"{source} holds state for algorithm {name!r}, which this run does not have: it is not used")
+            continue
+        if not isinstance(training, Mapping):
+            raise ValueError(f"{source}: algorithm {name!r}'s {TRAINING_WEIGHTS!r} must be a dict of tensors")
+        unknown = [n for n in training if n not in model_state]
+        if unknown:
+            raise ValueError(
+                f"{source}: algorithm {name!r}'s training weights have a tensor {unknown[0]!r} the model state lacks"
+            )
+        model_state = {**model_state, **training}
+        unused.append(
+            f"{source} was written with algorithm {name!r}, which this run does not have: the checkpoint's model "
+            f"weights are the ones {name!r} published, so the training weights stored beside them were loaded "
+            "instead, and its state is not used"
+        )
+    return model_state, unused

@@ -11,6 +11,7 @@ import pickletools
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint_file",
     "newest_loadable_checkpoint",
+    "read_checkpoint_file",
     "remove_stale_temporaries",
     "save_checkpoint_file",
     "unreadable_checkpoint",
@@ -75,18 +77,55 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable emakit checkpoint (truncated, corrupt, foreign, or it
-            carries objects other than tensors and plain data).
+        IsADirectoryError: ``path`` is a folder that is not a DCP checkpoint.
+        ValueError: the file is not a readable emakit checkpoint (truncated, corrupt, foreign, a safetensors
+            file of weights, or it carries objects other than tensors and plain data).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
-        raise unreadable_checkpoint(path, e) from e
+    checkpoint = read_checkpoint_file(path)
     check_checkpoint_format(checkpoint, f"checkpoint {str(path)!r}")
     return checkpoint
+
+
+def read_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors that name the file and say what is wrong.
+
+    The reader of every ``.pt`` file emakit writes (checkpoints, the EMA state of the framework integrations);
+    it does not check what the file holds.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {str(path)!r} is a folder, not a checkpoint: give a checkpoint file (ep{{E}}-ba{{B}}.pt), "
+            "a DCP checkpoint directory (written by an FSDP run, with a .metadata file in it), or "
+            f"save_folder={str(path)!r} with load_path='latest' to resume from the newest checkpoint in it"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if _is_safetensors(path):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is a safetensors file: it holds weights only (as export_ema_weights and "
+            "emakit posthoc write them), not a run to resume. Load it into a model with "
+            "model.load_state_dict(safetensors.torch.load_file(path)); to resume, give an emakit checkpoint "
+            "(ep{E}-ba{B}.pt in the save_folder)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # torch.load raises many kinds on damaged bytes (IndexError, KeyError, ...)
+        raise unreadable_checkpoint(path, e) from e
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: an 8-byte little-endian header length, then ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) -> ValueError:
@@ -97,7 +136,7 @@ def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) ->
     in the same folder that reads back whole is named, if there is one.
     """
     path = Path(path)
-    first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    first_line = _first_line(cause)
     if isinstance(cause, pickle.UnpicklingError) and _would_run_code(path, cause):
         return ValueError(
             f"checkpoint {str(path)!r} was refused for safety: it holds objects other than tensors and plain data, "
@@ -113,23 +152,52 @@ def unreadable_checkpoint(path: str | os.PathLike[str], cause: BaseException) ->
     )
 
 
+def _first_line(cause: BaseException) -> str:
+    """What went wrong, in one line: for a weights_only refusal, the unpickler's own reason, without torch's
+    advice to retry with ``weights_only=False`` (wrong for a damaged file, and unsafe for a foreign one)."""
+    text = str(cause).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
 _CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
 
 
 def _would_run_code(path: Path, cause: BaseException) -> bool:
     """Whether a file that ``weights_only`` refused holds objects that loading would have to run as code.
 
-    torch names the blocked global for a torch.save file; a raw pickle is scanned opcode by opcode
-    (``pickletools`` runs nothing). Bytes that are not a whole pickle are damage, not a threat.
+    Only a whole pickle can (the ``data.pkl`` of a torch.save zip, or the file itself): damaged bytes can
+    make torch's unpickler report a "blocked global" too, and are damage, not a threat. torch names the
+    blocked global for a whole pickle; without that, its opcodes are scanned (``pickletools`` runs nothing).
+    The entries of a DCP directory are read one by one, so there torch's word is taken.
     """
     text = str(cause)
-    if "GLOBAL" in text and ("blocked" in text or "Unsupported global" in text):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(f))
-    except Exception:  # not a (whole) pickle: damaged, or some other format
+    blocked = "GLOBAL" in text and ("blocked" in text or "Unsupported global" in text)
+    if path.is_dir():  # a DCP checkpoint: torch read each entry whole before refusing it
+        return blocked
+    opcodes = _pickle_opcodes(path)
+    if opcodes is None:
         return False
+    return blocked or any(name in _CODE_OPCODES for name in opcodes)
+
+
+def _pickle_opcodes(path: Path) -> list[str] | None:
+    """The opcodes of the pickle in ``path`` (a torch.save zip's ``data.pkl``), or None if it is not whole."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not pickles:
+                    return None
+                with archive.open(pickles[0]) as f:
+                    return [op.name for op, _, _ in pickletools.genops(f)]
+        with open(path, "rb") as f:
+            return [op.name for op, _, _ in pickletools.genops(f)]
+    except Exception:  # not a (whole) pickle: damaged, or some other format
+        return None
 
 
 def _intact_predecessor(path: Path) -> str:

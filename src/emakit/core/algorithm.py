@@ -43,8 +43,9 @@ class Algorithm:
         """Return the model weights a checkpoint should carry, given the model's current state_dict.
 
         With ``publish`` false the result must be the training weights; with ``publish`` true an algorithm may
-        put other weights there (the EMA's), moving what it replaced into ``algorithm_state`` so that
-        :meth:`restore_model_state` can undo it. The default returns ``model_state`` unchanged.
+        put other weights there (the EMA's), moving what it replaced into ``algorithm_state["training_weights"]``
+        so that :meth:`restore_model_state` can undo it (and a run without the algorithm finds them there). The
+        default returns ``model_state`` unchanged.
         """
         return model_state
 

@@ -54,7 +54,7 @@ def prepare_ema(
     ``batches_per_epoch`` go to :meth:`emakit.EMA.attach` (only ``'dur'`` times need them; count optimizer
     steps as ``'ba'``). Refuses, with a ValueError, the set-ups whose EMA ``save_state`` would lose: FSDP,
     DeepSpeed ZeRO-3 and Megatron-LM (each rank holds only part of the weights, and Accelerate writes
-    registered objects from the main process only).
+    registered objects from the main process only), and a second call with the same ``ema``.
     """
     if ema is None:
         ema = EMA()
@@ -62,6 +62,12 @@ def prepare_ema(
         raise TypeError(f"ema must be an emakit.EMA, got {type(ema).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(registered is ema for registered in getattr(accelerator, "_custom_objects", ())):
+        raise ValueError(
+            "prepare_ema was already called with this EMA: it is registered with the Accelerator once, and a second "
+            "registration would save its state twice and make a resumed run's load_state fail. Call prepare_ema "
+            "once per EMA"
+        )
     _refuse_unsupported(accelerator, model)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:

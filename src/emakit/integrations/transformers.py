@@ -49,6 +49,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
+from emakit.checkpoint import read_checkpoint_file
 
 __all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
 
@@ -221,7 +222,8 @@ class EMACallback(TrainerCallback):
             )
 
     def _load(self, path: Path) -> None:
-        self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        # emakit's checkpoint reader: weights_only, and a damaged file is named as such
+        self.ema.load_state_dict(read_checkpoint_file(path))
 
     def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
         """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""

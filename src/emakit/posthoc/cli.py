@@ -31,6 +31,8 @@ examples:
   emakit posthoc runs/x/snapshots --half-life 2000 --at 40000 --out ema.safetensors"""
 
 _DTYPES = ("float32", "float16", "bfloat16")
+#: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
+_TORCH_SUFFIXES = (".pt", ".pth")
 PROG = "emakit posthoc"
 #: Profile fit error above which the result is printed with a warning.
 POOR_FIT = 0.05
@@ -68,7 +70,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="T",
         help="reconstruct the average as it was after T EMA updates (default: at the last snapshot)",
     )
-    p.add_argument("--out", metavar="FILE", help="write the result here (safetensors); needed unless --list")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the result here (.safetensors, or .pt/.pth for torch.save); needed unless --list",
+    )
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="of the floating tensors (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list the snapshots (t, step, averages) and exit")
     return p
@@ -93,7 +99,13 @@ def _run(args: argparse.Namespace) -> None:
     from emakit.posthoc.reconstruction import describe, execute_plan, plan_reconstruction
 
     plan = plan_reconstruction(args.snapshots, sigma_rel=args.sigma_rel, half_life=args.half_life, t=args.at)
-    result = execute_plan(plan, out=args.out, dtype=getattr(torch, args.dtype))
+    if Path(args.out).suffix in _TORCH_SUFFIXES:
+        from emakit.checkpoint.files import save_checkpoint_file
+
+        result = execute_plan(plan, dtype=getattr(torch, args.dtype))
+        save_checkpoint_file(result, args.out)  # atomic, like the safetensors write
+    else:
+        result = execute_plan(plan, out=args.out, dtype=getattr(torch, args.dtype))
     summary = describe(plan)
     averages = len(plan.latest.profiles)
     print(
@@ -126,6 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if Path(args.out).is_dir():
             print(f"{parser.prog}: error: --out: {args.out!r} is a directory; give a file name", file=sys.stderr)
+            return 2
+        if Path(args.out).suffix not in (".safetensors", *_TORCH_SUFFIXES):
+            print(
+                f"{parser.prog}: error: --out: {args.out!r} has neither suffix '.safetensors' (written with safetensors) "
+                "nor '.pt'/'.pth' (written with torch.save); name the file for the format you want",
+                file=sys.stderr,
+            )
             return 2
     try:
         if args.list:
