@@ -1,18 +1,17 @@
-"""Every Python block of README.md runs as written: verbatim, in a fresh namespace, in an empty folder.
+"""Every code block of the README and of the documentation site (docs/**/*.md) runs as written.
 
-Blocks are the fences ```` ```python ````, ```` ```py ```` and ```` ```python3 ````, found anew at every run, so
-a section added to the README is tested without touching this file. A block is not given anything: no
-``model``, no data; what it uses, it defines.
+Python blocks (```` ```python ````, ```` ```py ````, ```` ```python3 ````) run verbatim, in a fresh namespace
+and an empty folder; they are found anew at every run, so a page or a block added later is tested without
+touching this file. A block is not given anything: no ``model``, no data; what it uses, it defines.
 
-Two kinds of block need more than ``exec``:
-
-- A block that only defines functions (the functional ``training_loop``) is run, and then each of its
-  top-level functions is called by the entry for it in ``CALLS`` with a tiny model and loader. A block that
-  defines a function with no entry fails, so every function the README shows is run at least once.
-- A block that needs several processes says so on its first line, a comment naming ``torchrun``
-  (``# train.py; run it with: torchrun ...``). Those blocks are skipped here, and ``SKIPPED`` lists each of
-  them by that first line with the test that runs it; a marked block missing from the list (or a listed
-  block no longer in the README) fails ``test_skipped_blocks_are_listed``.
+- A block that only defines functions is run, and then each of its top-level functions is called by the
+  entry for it in ``CALLS``; a block that defines a function with no entry fails.
+- A block that cannot run here says why on the line just above its fence, ``<!-- not run: <reason> -->``
+  (invisible on the site and on GitHub). The reason must not be empty. Blocks of other languages (shell
+  commands: installs, ``torchrun`` launches, ``emakit bench``) must all carry one; fences without a language
+  or marked ``text`` are displays (diagrams, formulas), not code.
+- Pages or sections whose Python blocks a dedicated test runs, with checks of its own, are listed in
+  ``RUN_ELSEWHERE``; each listed test must exist and name the page.
 """
 
 from __future__ import annotations
@@ -29,22 +28,57 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import make_loader, make_model
-from docs._blocks import Block, code_blocks
+from docs._blocks import PYTHON_FENCES, Block, code_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-BLOCKS = code_blocks(README)
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+#: Fence languages that are displays, not code.
+DISPLAYS = ("", "text")
 
-#: First line of each block skipped here -> why, and where it runs instead.
-SKIPPED: dict[str, str] = {
-    "# train.py; run it with: torchrun --standalone --nproc_per_node=2 train.py": (
-        "two processes under torchrun: tests/distributed/test_two_ranks.py runs it"
-    ),
+#: (page relative to the root, its section's title or None for the whole page) -> the test that runs its blocks.
+RUN_ELSEWHERE: dict[tuple[str, str | None], str] = {
+    ("docs/posthoc.md", None): "tests/posthoc/test_docs.py",
+    ("docs/guides/lightning.md", "Lightning"): "tests/integrations/test_lightning.py",
+    ("docs/guides/transformers.md", "Hugging Face Transformers"): "tests/integrations/test_transformers.py",
+    ("docs/guides/accelerate.md", "Accelerate"): "tests/integrations/test_accelerate.py",
 }
 
 
-def _needs_torchrun(block: Block) -> bool:
-    return block.first_line.startswith("#") and "torchrun" in block.first_line
+def _all_blocks(languages: tuple[str, ...] | None = None) -> list[Block]:
+    blocks = []
+    for page in PAGES:
+        found = code_blocks(page, languages) if languages is not None else _every_block(page)
+        blocks.extend(found)
+    return blocks
+
+
+def _every_block(page: Path) -> list[Block]:
+    import re
+
+    text = page.read_text()
+    languages = {(m.group(1).strip().split() or [""])[0].lower() for m in re.finditer(r"^```([^\n`]*)\n", text, re.M)}
+    return code_blocks(page, tuple(languages | set(PYTHON_FENCES)))
+
+
+def _section(block: Block) -> str | None:
+    """The title of the ``## `` section holding ``block``; before the first one, the page's ``# `` title."""
+    lines = block.path.read_text().split("\n")[: block.line]
+    titles = [line.lstrip("#").strip() for line in lines if line.startswith(("# ", "## "))]
+    return titles[-1] if titles else None
+
+
+def _run_elsewhere(block: Block) -> str | None:
+    page = block.path.relative_to(ROOT).as_posix()
+    return RUN_ELSEWHERE.get((page, None)) or RUN_ELSEWHERE.get((page, _section(block)))
+
+
+BLOCKS = _all_blocks(PYTHON_FENCES)
+OTHER_BLOCKS = [block for block in _all_blocks() if block.language not in PYTHON_FENCES]
+
+
+def _block_id(block: Block) -> str:
+    return f"{block.path.relative_to(ROOT).as_posix()}:{block.line}"
 
 
 @pytest.fixture(autouse=True)
@@ -104,36 +138,71 @@ def _call_training_loop(training_loop: Callable[..., Any]) -> None:
     assert moved, "the average never moved from the initial weights"
 
 
-#: Top-level function a README block defines -> what calls it (and checks what the README says of it).
+#: Top-level function a block defines -> what calls it (and checks what the page says of it).
+def _call_diffusers_decay(decay: Callable[..., float]) -> None:
+    """diffusers' schedule at a few steps, by hand: s = step - 1, min((1 + s) / (10 + s), d)."""
+    assert decay(1, 0.9999) == 0.0  # the first step copies
+    assert decay(2, 0.9999) == 2 / 11
+    assert decay(91, 0.9999) == 91 / 100
+    assert decay(10**6, 0.9999) == 0.9999
+    assert decay(3, 0.9999, update_after_step=2) == 0.0
+    assert decay(2, 0.9, min_decay=0.5) == 0.5
+
+
+def _call_ema_pytorch_decay(decay: Callable[..., float | None]) -> None:
+    """ema-pytorch's defaults by hand: copy on call 1 and on calls 11..101 of every 10th, then 1 - (1 + s)^(-2/3)."""
+    assert decay(1, beta=0.9999) == 0.0
+    assert decay(2, beta=0.9999) is None
+    assert decay(11, beta=0.9999) == 0.0 and decay(101, beta=0.9999) == 0.0
+    assert decay(111, beta=0.9999) == 1 - 11 ** (-2 / 3)
+    assert decay(10**9 + 1, beta=0.9999, update_after_step=0, update_every=1) == 0.9999
+
+
 CALLS: dict[str, Callable[[Callable[..., Any]], None]] = {
     "training_loop": _call_training_loop,
+    "diffusers_decay": _call_diffusers_decay,
+    "ema_pytorch_decay": _call_ema_pytorch_decay,
 }
 
 
 # ---------------------------------------------------------------------------------------------- tests
 
 
-def test_readme_has_the_blocks_this_file_knows() -> None:
+def test_the_pages_have_the_blocks_this_file_knows() -> None:
     codes = [block.code for block in BLOCKS]
     assert any("def training_loop" in code for code in codes)
-    assert any("model = ema.ema_model" in code for code in codes)
-    assert set(SKIPPED) <= {block.first_line for block in BLOCKS}
+    assert any("\nmodel = ema.ema_model" in code for code in codes)
+    assert len({block.path for block in BLOCKS}) >= 10, "README and the site's pages"
+    assert any(block.path == README for block in BLOCKS)
 
 
-def test_skipped_blocks_are_listed() -> None:
-    marked = {block.first_line for block in BLOCKS if _needs_torchrun(block)}
-    assert marked == set(SKIPPED)
+def test_blocks_run_elsewhere_are_run_there() -> None:
+    for (page, section), test in RUN_ELSEWHERE.items():
+        blocks = [b for b in BLOCKS if b.path == ROOT / page and (section is None or _section(b) == section)]
+        assert blocks, f"{page} {section!r} has no python block: remove it from RUN_ELSEWHERE"
+        assert page in (ROOT / test).read_text(), f"{test} does not read {page}"
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[block.name for block in BLOCKS])
+def test_blocks_that_do_not_run_say_why() -> None:
+    for block in BLOCKS + OTHER_BLOCKS:
+        if block.not_run is not None:
+            assert block.not_run, f"{_block_id(block)}: '<!-- not run: -->' needs a reason"
+    unmarked = [_block_id(b) for b in OTHER_BLOCKS if b.language not in DISPLAYS and b.not_run is None]
+    assert not unmarked, f"code that is not run needs a '<!-- not run: why -->' line above it: {unmarked}"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[_block_id(block) for block in BLOCKS])
 def test_block_runs_as_written(block: Block) -> None:
-    if _needs_torchrun(block):
-        pytest.skip(f"{block.name}: {SKIPPED.get(block.first_line, 'needs torchrun, and is not in SKIPPED')}")
+    if block.not_run is not None:
+        pytest.skip(f"not run: {block.not_run}")
+    elsewhere = _run_elsewhere(block)
+    if elsewhere is not None:
+        pytest.skip(f"run by {elsewhere}")
     namespace = _run(block)
     for name, function in _defined_functions(block, namespace).items():
         assert name in CALLS, f"{block.name} defines {name}(); add a call for it to CALLS in {Path(__file__).name}"
         CALLS[name](function)
-    if "model = ema.ema_model" in block.code:  # the Trainer example: `model` is now the average
+    if "\nmodel = ema.ema_model" in block.code:  # a Trainer example: `model` is now the average
         from emakit import EMA
 
         ema, model = namespace["ema"], namespace["model"]
