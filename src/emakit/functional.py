@@ -402,7 +402,8 @@ class UpdatePlan:
     finds a tensor moved).
 
     Args:
-        targets, sources: the pairs, position by position; zero-size pairs are skipped.
+        targets: the tensors written, paired with ``sources`` position by position; zero-size pairs are skipped.
+        sources: the tensors read, one per target.
         averaged: per pair, blend (True) or copy (False).
         protected: tensors that a flat group must not write into unless they are its own targets.
         watch_targets: also watch the targets (False when the caller owns them).

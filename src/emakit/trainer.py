@@ -130,9 +130,11 @@ class Trainer:
         optimizers: an optimizer or a list; default ``SGD(lr=0.1)`` over the trainable parameters.
         schedulers: a learning-rate scheduler or a list, stepped after every batch.
         loss_fn: default ``torch.nn.functional.cross_entropy``.
-        eval_dataloader, eval_interval: evaluate every ``eval_interval`` (``'Nep'``/``'Nba'``; default
-            ``'1ep'``), on the EMA weights once an EMA has started.
-        save_folder, save_interval, save_num_checkpoints_to_keep: see :class:`CheckpointSaver`.
+        eval_dataloader: batches to evaluate on, on the EMA weights once an EMA has started.
+        eval_interval: how often to evaluate, ``'Nep'`` or ``'Nba'`` (default ``'1ep'``).
+        save_folder: where checkpoints go; see :class:`CheckpointSaver`.
+        save_interval: how often to save; see :class:`CheckpointSaver`.
+        save_num_checkpoints_to_keep: how many checkpoints to keep; see :class:`CheckpointSaver`.
         load_path: a checkpoint to resume from, or ``'latest'``: the newest readable checkpoint in
             ``save_folder`` (unreadable newer files are reported and skipped).
         autoresume: resume from the newest readable checkpoint in ``save_folder`` if there is one, else

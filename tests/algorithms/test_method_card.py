@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from docs._blocks import python_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "src/emakit/algorithms/ema/README.md"]  # README.md's blocks run in tests/docs/test_readme_blocks.py
+DOCS = [ROOT / "src/emakit/algorithms/ema/README.md"]  # README and docs/ blocks run in tests/docs/test_blocks.py
 
 
 BLOCKS = [(path, i, code) for path in DOCS for i, code in enumerate(python_blocks(path))]
@@ -42,11 +42,11 @@ def test_code_block_runs(path: Path, index: int, code: str, tmp_path: Path, monk
 
 def test_method_card_examples_verbatim_with_names_swapped() -> None:
     """The two examples of Composer's method card, with emakit's module names in place of Composer's."""
-    readme = (ROOT / "README.md").read_text()
-    assert "ef.compute_ema(model, ema_model, smoothing=0.99)" in readme
-    assert 'ema = EMA(half_life="50ba")' in readme
+    own_loop, trainer_page = ROOT / "docs/guides/own-loop.md", ROOT / "docs/guides/trainer.md"
+    assert "ef.compute_ema(model, ema_model, smoothing=0.99)" in own_loop.read_text()
+    assert 'ema = EMA(half_life="50ba")' in trainer_page.read_text()
     namespace = prelude()
-    trainer_block = next(code for code in python_blocks(ROOT / "README.md") if "Trainer(" in code)
-    exec(compile(trainer_block, "README.md", "exec"), namespace)
+    trainer_block = next(code for code in python_blocks(trainer_page) if "Trainer(" in code)
+    exec(compile(trainer_block, "docs/guides/trainer.md", "exec"), namespace)
     assert isinstance(namespace["model"], nn.Module)
     assert namespace["model"] is namespace["ema"].ema_model  # type: ignore[attr-defined]

@@ -266,8 +266,7 @@ def test_demo_runs_on_two_cpu_processes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_readme_fsdp_script_runs_under_torchrun(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Distributed", 1)[1]
+    section = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "distributed.md").read_text()
     script = next(block for block in re.findall(r"```py\n(.*?)```", section, flags=re.S) if "# train.py" in block)
     (tmp_path / "train.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

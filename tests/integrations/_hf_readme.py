@@ -1,15 +1,16 @@
-"""The python blocks of one README section, to run them verbatim as the README shows them."""
+"""The python blocks of one section of a guide page, to run them verbatim as the page shows them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-README = Path(__file__).parents[2] / "README.md"
+GUIDES = Path(__file__).parents[2] / "docs" / "guides"
 
 
-def readme_blocks(title: str) -> list[str]:
-    """The ```python blocks of the section ``## <title>`` (up to the next ``## `` heading)."""
-    text = README.read_text()
+def readme_blocks(title: str, page: str) -> list[str]:
+    """The ```python blocks of the section ``## <title>`` of ``docs/guides/<page>`` (up to the next ``## ``
+    heading); the page's own ``# <title>`` heading counts as a section too."""
+    text = "\n" + (GUIDES / page).read_text().replace(f"# {title}\n", f"## {title}\n", 1)
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     section = text[start : end if end != -1 else len(text)]

@@ -197,11 +197,11 @@ def test_prepare_ema_warns_when_launched_processes_train_alone(monkeypatch: pyte
 
 # ------------------------------------------------------------------------------------- README
 def test_readme_accelerate_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = readme_blocks("Accelerate")
+    blocks = readme_blocks("Accelerate", "accelerate.md")  # docs/guides/accelerate.md
     assert blocks
     monkeypatch.chdir(tmp_path)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+        exec(compile(block, "docs/guides/accelerate.md", "exec"), {"__name__": "__readme__"})
 
 
 # ------------------------------------------------------------------------------------- 2 ranks

@@ -462,11 +462,11 @@ def test_import_emakit_does_not_import_transformers() -> None:
 
 # ------------------------------------------------------------------------------------- README
 def test_readme_transformers_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = readme_blocks("Hugging Face Transformers")
+    blocks = readme_blocks("Hugging Face Transformers", "transformers.md")  # docs/guides/transformers.md
     assert blocks
     monkeypatch.chdir(tmp_path)
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+        exec(compile(block, "docs/guides/transformers.md", "exec"), {"__name__": "__readme__"})
 
 
 # ------------------------------------------------------------------------------------- DDP
