@@ -343,7 +343,7 @@ def _demo(argv: list[str], parser: argparse.ArgumentParser, started: float) -> i
 
     # The run's own names: the same classes as emakit.demo.config's once demo/run.py imports them from there.
     from emakit.demo.run import DemoConfig, OptionError, prepare, run_demo
-    from emakit.functional import unwrap_model
+    from emakit.engine.naming import unwrap_model
 
     config = DemoConfig(
         out=out,

@@ -17,7 +17,7 @@ from conftest import TinyNet, make_loader, make_model
 from emakit.algorithms import EMA
 from emakit.checkpoint import load_checkpoint_file
 from emakit.core import Callback
-from emakit.overlap import Overlap, StreamOverlap, ThreadOverlap, make_overlap
+from emakit.engine.overlap import Overlap, StreamOverlap, ThreadOverlap, make_overlap
 from emakit.trainer import Trainer
 
 
@@ -219,7 +219,7 @@ def test_a_failed_update_is_raised_at_the_wait_and_only_once() -> None:
 def test_one_optimizer_hook_serves_every_overlap_while_it_lives() -> None:
     from torch.optim import optimizer
 
-    from emakit import overlap as overlap_module
+    from emakit.engine import overlap as overlap_module
 
     hooks = optimizer._global_optimizer_pre_hooks
     ThreadOverlap()

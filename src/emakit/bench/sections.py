@@ -23,8 +23,9 @@ from emakit.bench.peers import SMOOTHING, Peer
 from emakit.bench.report import Table
 from emakit.bench.shapes import averaged_elements, build_model, demo_cnn, describe, tracked
 from emakit.bench.timing import Update, time_interleaved
-from emakit.flatten import flatten_model_
-from emakit.functional import compute_ema, is_averaged
+from emakit.engine.flatten import flatten_model_
+from emakit.engine.naming import is_averaged
+from emakit.functional import compute_ema
 
 __all__ = [
     "LIMIT",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from emakit.functional import is_averaged
+from emakit.engine.naming import is_averaged
 
 __all__ = [
     "MLP",

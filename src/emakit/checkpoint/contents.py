@@ -36,7 +36,7 @@ import torch
 from emakit._version import __version__
 from emakit.checkpoint.files import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from emakit.core.state import State
-from emakit.functional import canonical_name, unwrap_model
+from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.rng import capture_rng, loader_generators
 
 __all__ = ["TRAINING_WEIGHTS", "apply_checkpoint", "build_checkpoint", "model_state_dict", "unique_names"]

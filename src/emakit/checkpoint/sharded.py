@@ -21,7 +21,7 @@ from torch import nn
 from emakit.checkpoint.contents import build_checkpoint, unique_names
 from emakit.checkpoint.files import check_checkpoint_format, fsync_dir, unreadable_checkpoint
 from emakit.core.state import State
-from emakit.functional import canonical_name, unwrap_model
+from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.ranks import barrier, get_rank, get_world_size, is_distributed
 from emakit.parallel.sharding import local_tensor, reshard_model, sharded_like
 

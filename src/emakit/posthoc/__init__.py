@@ -12,8 +12,8 @@ The maths, in the terms every module here uses:
   where ``x`` solves the least-squares problem ``<p_i, p_j> x = <p_i, p*>`` and is rescaled to sum to 1.
   Targets may be power profiles or constant half-lives.
 
-Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.posthoc.kernels` (k averages updated
-with one read of the weights), :mod:`~emakit.posthoc.snapshots` (the folder format),
+Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.engine.blend` (k averages updated
+with one read of the weights; also as :mod:`~emakit.posthoc.kernels`), :mod:`~emakit.posthoc.snapshots` (the folder format),
 :mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
 Names are imported on first use, so ``emakit posthoc --help`` does not load torch.
 """
@@ -24,7 +24,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from emakit.posthoc.kernels import blend_averages_
+    from emakit.engine.blend import blend_averages_
     from emakit.posthoc.profiles import (
         SIGMA_REL_MAX,
         HalfLifeProfile,
@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 _LAZY: dict[str, str] = {
-    "blend_averages_": "emakit.posthoc.kernels",
+    "blend_averages_": "emakit.engine.blend",
     **dict.fromkeys(
         [
             "SIGMA_REL_MAX",

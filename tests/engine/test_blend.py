@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emakit.posthoc.kernels import PreparedBlend, blend_averages_
+from emakit.engine.blend import PreparedBlend, blend_averages_
 from emakit.posthoc.profiles import PowerProfile, power_weights
 
 FP32 = {"rtol": 1.2e-7, "atol": 1e-30}  # fp32 rounding: one ulp
@@ -152,7 +152,7 @@ def test_bad_input_names_the_argument() -> None:
 
 def test_without_per_pair_weights_in_foreach_lerp(monkeypatch: pytest.MonkeyPatch) -> None:
     # Older torch has no _foreach_lerp_ with a list of weights: the per-average path must give the same result.
-    import emakit.posthoc.kernels as kernels
+    import emakit.engine.blend as kernels
 
     monkeypatch.setattr(kernels, "_SCALAR_LIST", False)
     averages, sources = make([(50_000,), (30, 3), (7,)], 3, torch.float32, seed=3)

@@ -18,8 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import emakit.engine.pairing as engine_pairing
 import emakit.functional as ef
 from conftest import TinyNet, make_model
+from emakit.engine.naming import tensor_slots
+from emakit.engine.pairing import kept_plan
+from emakit.engine.plan import _CHUNK_PAIRS
 
 S = 0.5  # a step moves every value halfway: a stale read or write cannot hide
 
@@ -83,14 +87,14 @@ def test_the_kept_plan_is_reused_while_nothing_changes() -> None:
     model, ema_model = pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     step_and_check(model, ema_model, steps=1)
-    plan = ef._kept_plan(model, ema_model)
+    plan = kept_plan(model, ema_model)
     assert plan is not None and plan.loose  # separate tensors: the grouped multi-tensor path
     for k in range(3):
         model(torch.randn(8, 4)).sum().backward()  # BatchNorm updates its buffers in place
         opt.step()
         opt.zero_grad()
         step_and_check(model, ema_model, steps=1, seed=10 + k)
-        assert ef._kept_plan(model, ema_model) is plan
+        assert kept_plan(model, ema_model) is plan
 
 
 # ------------------------------------------------------------------ every change noticed
@@ -230,13 +234,13 @@ def test_a_change_between_calls_is_followed(change: Callable[[nn.Module, nn.Modu
 def test_a_change_between_calls_of_flattened_models_is_followed(change: Callable[[nn.Module, nn.Module], None]) -> None:
     """Flattened models are checked without reading every tensor (see UpdatePlan): replaced tensors are
     noticed when they are released, re-pointed ones at once."""
-    from emakit.flatten import flatten_model_
+    from emakit.engine.flatten import flatten_model_
 
     model, ema_model = pair()
     flatten_model_(model)
     flatten_model_(ema_model)
     step_and_check(model, ema_model)
-    plan = ef._kept_plan(model, ema_model)
+    plan = kept_plan(model, ema_model)
     assert plan is not None and plan.reusable
     held = list(model.parameters()) if change is not to_with_overwrite else []  # an optimizer holds them
     change(model, ema_model)
@@ -310,11 +314,11 @@ def test_kept_pairings_do_not_keep_models_alive() -> None:
     model, ema_model = pair()
     ef.compute_ema(model, ema_model, S)
     key = (id(model), id(ema_model))
-    assert key in ef._pairings
+    assert key in engine_pairing._pairings
     refs = weakref.ref(model), weakref.ref(ema_model)
     del model
     gc.collect()
-    assert refs[0]() is None and key not in ef._pairings
+    assert refs[0]() is None and key not in engine_pairing._pairings
     assert refs[1]() is not None
     del ema_model
     gc.collect()
@@ -417,11 +421,11 @@ MODEL_CHANGES = [
 @pytest.mark.parametrize("change", MODEL_CHANGES)
 def test_storage_blend_with_a_reader_follows_changes(change: Callable[[nn.Module, nn.Module], None]) -> None:
     """What EMA.update does on a model as it is: a reader of the live tensors, the plan kept between calls."""
-    from emakit.storage import FlatStorage
+    from emakit.engine.storage import FlatStorage
 
     model = make_model(0)
     names = list(by_name(model))
-    slots = ef.tensor_slots(model, names)
+    slots = tensor_slots(model, names)
 
     def read() -> list[torch.Tensor]:
         return [table[key] for table, key in slots]
@@ -472,7 +476,7 @@ def wide(seed: int) -> nn.Module:
 def test_a_tensor_re_pointed_late_in_a_long_group_is_updated_exactly_once(
     repoint: Callable[[nn.Module], None], side: str
 ) -> None:
-    assert ef._CHUNK_PAIRS < 150
+    assert _CHUNK_PAIRS < 150
     model, ema_model = wide(0), wide(1)
     step_and_check(model, ema_model)
     repoint(model if side == "model" else ema_model)
@@ -489,11 +493,11 @@ def test_a_shape_changed_late_in_a_long_group_is_an_error() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_storage_blend_follows_a_tensor_re_pointed_late_in_a_long_group(dtype: torch.dtype) -> None:
-    from emakit.storage import FlatStorage
+    from emakit.engine.storage import FlatStorage
 
     model = wide(0)
     names = list(by_name(model))
-    slots = ef.tensor_slots(model, names)
+    slots = tensor_slots(model, names)
 
     def read() -> list[torch.Tensor]:
         return [table[key] for table, key in slots]
@@ -517,14 +521,14 @@ def test_storage_blend_follows_a_tensor_re_pointed_late_in_a_long_group(dtype: t
 def test_a_flat_plan_made_again_is_kept_again() -> None:
     """A flat plan made again must count the buffers' references without the plan it replaces, or it is never
     current again and every update pairs anew (a view of the buffer taken elsewhere makes it re-pair once)."""
-    from emakit.flatten import flatten_model_
-    from emakit.storage import FlatStorage
+    from emakit.engine.flatten import flatten_model_
+    from emakit.engine.storage import FlatStorage
 
     model, ema_model = pair()
     flat = flatten_model_(model)
     flatten_model_(ema_model)
     names = list(by_name(model))
-    slots = ef.tensor_slots(model, names)
+    slots = tensor_slots(model, names)
 
     def read() -> list[torch.Tensor]:
         return [table[key] for table, key in slots]
@@ -537,7 +541,7 @@ def test_a_flat_plan_made_again_is_kept_again() -> None:
     for _ in range(3):
         storage.blend(read, 0.5)
         step_and_check(model, ema_model, steps=1)
-        plans.append((storage._plan, ef._kept_plan(model, ema_model)))
+        plans.append((storage._plan, kept_plan(model, ema_model)))
     assert plans[1][0] is plans[2][0] and plans[1][1] is plans[2][1]
     assert plans[2][0] is not None and plans[2][0].reusable
     del views

@@ -15,8 +15,11 @@ from torch import nn
 
 import emakit.functional as ef
 from emakit.algorithms.ema import EMA
-from emakit.flatten import flatten_model_, is_flattened
-from emakit.storage import ALIGN_ELEMENTS, FlatStorage
+from emakit.engine import kernels
+from emakit.engine.flatten import flatten_model_, is_flattened
+from emakit.engine.pairing import kept_plan
+from emakit.engine.plan import UpdatePlan
+from emakit.engine.storage import ALIGN_ELEMENTS, FlatStorage
 
 SMOOTHING = 0.9
 
@@ -103,7 +106,7 @@ def started_ema(model: nn.Module, **kwargs: object) -> EMA:
     return ema
 
 
-def plan_of(ema: EMA) -> ef.UpdatePlan | None:
+def plan_of(ema: EMA) -> UpdatePlan | None:
     assert ema._storage is not None
     return ema._storage._plan
 
@@ -251,13 +254,13 @@ def test_fp32_ema_of_low_precision_model_is_one_flat_group_and_exact(model_dtype
 
 
 def test_mixed_dtypes_unflattened_use_the_batched_cast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ef, "_chunk_elements", lambda device: 20)  # several batches and a chunked large tensor
+    monkeypatch.setattr(kernels, "_chunk_elements", lambda device: 20)  # several batches and a chunked large tensor
     torch.manual_seed(0)
     sources = [torch.randn(s).to(torch.bfloat16) for s in [(3,), (50,), (4, 5), (7,), (2, 3, 4), (1,)]]
     sources.append(torch.randn(6, 4).to(torch.float16).t())  # non-contiguous
     targets = [torch.randn(s.shape) for s in sources]
     expected = [t.lerp(s.float(), 0.3) for t, s in zip(targets, sources, strict=True)]
-    ef.lerp_tensors_(targets, sources, 0.3)
+    kernels.lerp_tensors_(targets, sources, 0.3)
     for got, want in zip(targets, expected, strict=True):
         torch.testing.assert_close(got, want)
 
@@ -395,7 +398,7 @@ def test_compute_ema_on_flattened_models_matches_reference_and_reuses_its_plan()
         train_step(model, opt, step)
         ef.compute_ema(model, ema_model, SMOOTHING)
         reference.update(model)
-        plans.append(ef._kept_plan(model, ema_model))
+        plans.append(kept_plan(model, ema_model))
     assert plans[0] is plans[1] is plans[2] and not plans[0].loose
     reference.assert_matches(tracked(ema_model))
 
@@ -426,7 +429,7 @@ def test_compute_ema_with_frozen_parameters_in_their_own_buffer() -> None:
     for name, src in model.state_dict().items():
         e = reference.values[name]
         reference.values[name] = SMOOTHING * e + (1 - SMOOTHING) * src if e.is_floating_point() else src.clone()
-    plan = ef._kept_plan(model, ema_model)
+    plan = kept_plan(model, ema_model)
     assert plan is not None and plan.reusable
     for name, value in ema_model.state_dict().items():
         torch.testing.assert_close(value, reference.values[name], msg=name)
