@@ -28,7 +28,7 @@ from emakit.checkpoint import (
     save_sharded_checkpoint,
 )
 from emakit.checkpoint.average import normalize_weights
-from emakit.checkpoint.weight_readers import open_weights
+from emakit.checkpoint.weight_readers import Piece, open_weights
 from emakit.core import Callback
 from emakit.trainer import Trainer
 
@@ -417,3 +417,21 @@ def test_weights_are_accepted_exactly_when_valid(weights: list[float]) -> None:
     else:
         with pytest.raises(ValueError, match=r"^weights: "):
             normalize_weights(weights, len(weights))
+
+
+# ------------------------------------------------------------------------------------------ memory-mapped reads
+def test_pages_handed_back_after_a_group_read_back_the_same_values(tmp_path: Path) -> None:
+    """``done()`` drops the mapped pages; reading again re-reads them from the file, tied tensors included."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(64, 1024, generator=g)
+    sd = {"tied.a": shared, "tied.b": shared, "t": torch.randn(1024, 3, generator=g).t(), "n": torch.tensor(5)}
+    torch.save(sd, tmp_path / "m.pt")
+    reader = open_weights(tmp_path / "m.pt")
+    for _ in range(3):
+        for piece in [Piece("tied.a"), Piece("tied.b", 10, 20), Piece("t"), Piece("n")]:
+            got = reader.read([piece])[piece].clone()
+            reader.done()
+            assert torch.equal(got, piece.of(sd[piece.name])), piece
+    inputs = [sd, {k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}]
+    torch.save(inputs[1], tmp_path / "m2.pt")
+    average_and_check([tmp_path / "m.pt", tmp_path / "m2.pt"], inputs, tmp_path / "o.safetensors", chunk_bytes=4096)

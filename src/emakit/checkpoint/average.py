@@ -16,8 +16,8 @@ same shapes and dtypes, and writes the mean:
 
 Memory stays near a group of tensors, not K models: the tensors are processed in groups of about
 ``chunk_bytes`` of float64 accumulators (large tensors split by rows), and for each group every checkpoint
-is opened, the group read from it (memory-mapped: only those pages are touched) and let go of before the
-next. A ``.safetensors`` output is written group by group as it is computed; a ``.pt`` output is kept in
+in turn is read (memory-mapped: only the group's pages are touched) and the memory that took is let go of
+before the next. A ``.safetensors`` output is written group by group as it is computed; a ``.pt`` output is kept in
 memory until the end (one model), as ``torch.save`` needs it whole.
 """
 
@@ -270,6 +270,7 @@ def _average_group(readers: list[WeightReader], weights: list[float], group: lis
             else:
                 current.add_(term)
         del got
+        reader.done()
     for piece, total in sums.items():
         assert total is not None  # at least one weight is positive
         result[piece] = total.to(infos[piece.name].dtype)

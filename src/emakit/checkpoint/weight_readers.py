@@ -1,9 +1,9 @@
 """Model weights in checkpoint files of several formats, read a few tensors at a time.
 
 :func:`open_weights` looks at a path and returns a :class:`WeightReader`: the names, shapes and dtypes of the
-model weights it holds (read without reading the tensors), and :meth:`WeightReader.read`, which opens the
-file, returns the requested tensors (or row ranges of them) and lets go of the file again, so that memory
-holds only what was asked for. Formats:
+model weights it holds (read without reading the tensors), :meth:`WeightReader.read`, which returns the
+requested tensors (or row ranges of them), and :meth:`WeightReader.done`, which lets go of the memory that
+took, so that memory holds only what was asked for, however large the files. Formats:
 
 - emakit checkpoints: a ``.pt`` file, or the DCP directory of a sharded run. ``which="training"`` gives the
   training weights, ``which="ema"`` the EMA's (a published checkpoint holds the EMA as ``state.model`` and
@@ -16,17 +16,21 @@ holds only what was asked for. Formats:
   reads ``ema_weights.safetensors``, which emakit's Transformers callback writes beside them.
 
 Files holding one set of weights (safetensors, a plain state_dict) are read as they are for either ``which``.
-``.pt`` files load with ``torch.load(mmap=True, weights_only=True)``: tensors are paged in from the file
-only when touched, and nothing in the file can run code.
+``.pt`` files load once with ``torch.load(mmap=True, weights_only=True)``: tensors are paged in from the file
+only when touched (and handed back after each group), and nothing in the file can run code. safetensors files
+are opened for each group (their mapping is released only on close), DCP directories read for each group.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
+import sys
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,15 +101,22 @@ class WeightReader:
         kind: str,
         tensors: dict[str, TensorInfo],
         read: Callable[[list[Piece]], dict[Piece, torch.Tensor]],
+        done: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.kind = kind
         self.tensors = tensors
         self._read = read
+        self._done = done
 
     def read(self, pieces: list[Piece]) -> dict[Piece, torch.Tensor]:
-        """The requested pieces in their stored dtype; views of a mapped file, valid until dropped."""
+        """The requested pieces in their stored dtype: often views of a mapped file, to be copied before :meth:`done`."""
         return self._read(pieces)
+
+    def done(self) -> None:
+        """The tensors of the last :meth:`read` are no longer used: let the memory they occupy go."""
+        if self._done is not None:
+            self._done()
 
     def __repr__(self) -> str:
         return f"WeightReader({str(self.path)!r}, {self.kind}, {len(self.tensors)} tensors)"
@@ -164,18 +175,13 @@ def _read_safetensors(path: Path, pieces: list[Piece]) -> dict[Piece, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------ torch files
-@contextmanager
-def _torch_file(path: Path) -> Iterator[Any]:
-    """``torch.load`` of ``path``, memory-mapped when the file is in torch's zip format (any since torch 1.6)."""
-    mmap = zipfile.is_zipfile(path)
+def _load_torch_file(path: Path) -> tuple[Any, bool]:
+    """``torch.load`` of ``path``, memory-mapped when it is in torch's zip format (any file since torch 1.6)."""
+    mapped = zipfile.is_zipfile(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped), mapped
     except Exception as e:
         raise unreadable_checkpoint(path, e) from e
-    try:
-        yield loaded
-    finally:
-        del loaded
 
 
 def _walk(root: Any, keys: KeyPath) -> Any:
@@ -185,15 +191,58 @@ def _walk(root: Any, keys: KeyPath) -> Any:
 
 
 def _torch_reader(path: Path, which: str) -> WeightReader:
-    with _torch_file(path) as loaded:
-        kind, locations = _torch_locations(loaded, path, which)
-        infos = {name: _info(_walk(loaded, keys), dtype) for name, (keys, dtype) in locations.items()}
+    """Loads the file once (unpickling a large checkpoint takes seconds) and keeps it mapped; after each group the
+    pages it touched are handed back (see :func:`_drop_file_pages`), so memory holds one group, not the file."""
+    loaded, mapped = _load_torch_file(path)
+    kind, locations = _torch_locations(loaded, path, which)
+    infos = {name: _info(_walk(loaded, keys), dtype) for name, (keys, dtype) in locations.items()}
+    touched: list[torch.Tensor] = []
 
     def read(pieces: list[Piece]) -> dict[Piece, torch.Tensor]:
-        with _torch_file(path) as again:
-            return {piece: piece.of(_walk(again, locations[piece.name][0])) for piece in pieces}
+        out = {piece: piece.of(_walk(loaded, locations[piece.name][0])) for piece in pieces}
+        touched.extend(out.values())
+        return out
 
-    return WeightReader(path, kind, infos, read)
+    def done() -> None:
+        if mapped:
+            _drop_file_pages(touched)
+        touched.clear()
+
+    return WeightReader(path, kind, infos, read, done)
+
+
+def _drop_file_pages(tensors: list[torch.Tensor]) -> None:
+    """``madvise(MADV_DONTNEED)`` over the tensors' bytes: the kernel unmaps those pages of the read-only file
+    mapping (they stay in the page cache, and are read again from it if touched again). Without it every page
+    read stays in the process's resident memory until the whole file is unmapped. Linux only; elsewhere nothing.
+
+    Only for tensors of ``torch.load(mmap=True)``: a private mapping of the file that nothing writes to.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        start = tensor.data_ptr()
+        end = start + (sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True)) + 1) * (
+            tensor.element_size()
+        )
+        start -= start % page
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _info(tensor: Any, dtype: torch.dtype | None = None) -> TensorInfo:
@@ -333,29 +382,27 @@ def _transformers_reader(folder: Path, which: str) -> WeightReader:
         reader.kind = "Transformers EMA weights"
         return reader
     files = _transformers_files(folder)
-    owner: dict[str, Path] = {}
+    readers = [_safetensors_reader(f) if f.suffix == ".safetensors" else _torch_reader(f, "training") for f in files]
+    owner: dict[str, WeightReader] = {}
     infos: dict[str, TensorInfo] = {}
-    for file in files:
-        reader = _safetensors_reader(file) if file.suffix == ".safetensors" else _torch_reader(file, "training")
+    for reader in readers:
         for name, info in reader.tensors.items():
-            owner[name] = file
+            owner[name] = reader
             infos[name] = info
 
     def read(pieces: list[Piece]) -> dict[Piece, torch.Tensor]:
         out: dict[Piece, torch.Tensor] = {}
-        for file in files:
-            mine = [p for p in pieces if owner[p.name] == file]
+        for reader in readers:
+            mine = [p for p in pieces if owner[p.name] is reader]
             if mine:
-                reader_read = _read_safetensors if file.suffix == ".safetensors" else _read_torch_state_dict
-                out.update(reader_read(file, mine))
+                out.update(reader.read(mine))
         return out
 
-    return WeightReader(folder, "Transformers checkpoint", infos, read)
+    def done() -> None:
+        for reader in readers:
+            reader.done()
 
-
-def _read_torch_state_dict(path: Path, pieces: list[Piece]) -> dict[Piece, torch.Tensor]:
-    with _torch_file(path) as loaded:
-        return {piece: piece.of(loaded[piece.name]) for piece in pieces}
+    return WeightReader(folder, "Transformers checkpoint", infos, read, done)
 
 
 def _transformers_files(folder: Path) -> list[Path]:
