@@ -15,7 +15,8 @@ same shapes and dtypes, and writes the mean:
   last checkpoint listed: a mean of counters is not a counter.
 
 Memory stays near a group of tensors, not K models: the tensors are processed in groups of about
-``chunk_bytes`` of float64 accumulators (large tensors split by rows), and for each group every checkpoint
+``chunk_bytes`` of float64 accumulators (large tensors split by rows, unless a DCP directory, which is read
+tensor by tensor, is among the inputs), and for each group every checkpoint
 in turn is read (memory-mapped: only the group's pages are touched) and the memory that took is let go of
 before the next. A ``.safetensors`` output is written group by group as it is computed; a ``.pt`` output is kept in
 memory until the end (one model), as ``torch.save`` needs it whole.
@@ -111,7 +112,8 @@ def average_checkpoints(
         force: replace an existing ``out``; the old file is kept beside it as ``<name>.old`` (and said so in
             the result's ``moved_aside``). Without it an existing ``out`` is refused.
         chunk_bytes: float64 accumulator memory per group of tensors (tensors larger than this are split
-            by rows); the peak memory is a few times this, plus one model for a ``.pt`` output.
+            by rows, except with DCP inputs); the peak memory is a few times this (or the largest tensor),
+            plus one model for a ``.pt`` output.
 
     Raises:
         ValueError: bad weights, ``which`` or ``out`` suffix; checkpoints of different models (naming the
@@ -136,7 +138,7 @@ def average_checkpoints(
     try:
         with os.fdopen(fd, "wb") as f:
             writer.begin(f)
-            for group in _groups(infos, chunk_bytes):
+            for group in _groups(infos, chunk_bytes, split=all(r.reads_rows for r in readers)):
                 for piece, tensor in _average_group(readers, normalized, group).items():
                     writer.write(f, piece, tensor)
             writer.end(f)
@@ -213,8 +215,8 @@ def _check_same_model(readers: list[WeightReader]) -> None:
             )
 
 
-def _groups(infos: dict[str, TensorInfo], chunk_bytes: int) -> list[list[Piece]]:
-    """The tensors in file order, cut into groups of about ``chunk_bytes`` of float64 (large ones by rows)."""
+def _groups(infos: dict[str, TensorInfo], chunk_bytes: int, *, split: bool = True) -> list[list[Piece]]:
+    """The tensors in file order, cut into groups of about ``chunk_bytes`` of float64 (large ones by rows if ``split``)."""
     groups: list[list[Piece]] = []
     group: list[Piece] = []
     size = 0
@@ -230,7 +232,7 @@ def _groups(infos: dict[str, TensorInfo], chunk_bytes: int) -> list[list[Piece]]
     for name, info in infos.items():
         numel = math.prod(info.shape)
         width = 16 if info.dtype.is_complex else 8
-        if numel * width <= chunk_bytes or len(info.shape) == 0 or info.shape[0] < 2:
+        if not split or numel * width <= chunk_bytes or len(info.shape) == 0 or info.shape[0] < 2:
             add(Piece(name), numel * width)
             continue
         row = numel // info.shape[0] * width

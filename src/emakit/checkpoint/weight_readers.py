@@ -102,10 +102,14 @@ class WeightReader:
         tensors: dict[str, TensorInfo],
         read: Callable[[list[Piece]], dict[Piece, torch.Tensor]],
         done: Callable[[], None] | None = None,
+        *,
+        reads_rows: bool = True,
     ) -> None:
         self.path = path
         self.kind = kind
         self.tensors = tensors
+        #: whether reading rows of a tensor reads only those rows (not for DCP, which reads whole tensors)
+        self.reads_rows = reads_rows
         self._read = read
         self._done = done
 
@@ -366,7 +370,7 @@ def _dcp_reader(path: Path, which: str) -> WeightReader:
         loaded = read_sharded_checkpoint(path, keep=lambda keys: keys in wanted)
         return {piece: piece.of(_walk(loaded, locations[piece.name][0])) for piece in pieces}
 
-    return WeightReader(path, "emakit DCP checkpoint", infos, read)
+    return WeightReader(path, "emakit DCP checkpoint", infos, read, reads_rows=False)
 
 
 # ------------------------------------------------------------------------------------------ Transformers folders
