@@ -150,6 +150,32 @@ def test_emakit_checkpoint_without_an_ema_has_no_ema_weights(tmp_path: Path) -> 
     assert_same(read_output(result.path), {k: v for k, v in trainer.state.model.state_dict().items()})
 
 
+def test_fp32_average_of_a_bf16_model_is_averaged_in_full_and_written_in_bf16(tmp_path: Path) -> None:
+    """A training checkpoint keeps a low-precision model's EMA in fp32: that is what gets averaged."""
+    paths, masters, models = [], [], []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        model = {"w": torch.randn(4, 8, generator=g).bfloat16(), "n": torch.tensor(i)}
+        master = {"w": torch.randn(4, 8, generator=g)}
+        checkpoint = {
+            "format": "emakit.checkpoint",
+            "version": 1,
+            "model_weights": "training",
+            "state": {"model": model, "algorithms": {"EMA": {"started": True, "ema": master}}},
+        }
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save(checkpoint, paths[-1])
+        masters.append({**model, **master})
+        models.append(model)
+    result = average_checkpoints(paths, tmp_path / "ema.safetensors", which="ema", weights=[1, 2, 3])
+    expected = naive_average(masters, result.weights)
+    got = read_output(result.path)
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], expected["w"].bfloat16())
+    assert got["n"].item() == 2
+    training = read_output(average_checkpoints(paths, tmp_path / "t.pt", weights=[1, 2, 3]).path)
+    assert_same(training, naive_average(models, result.weights))
+
+
 # ------------------------------------------------------------------------------------------ plain files
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("out_suffix", [".safetensors", ".pt"])
