@@ -40,6 +40,7 @@ _DELEGATED: dict[str, tuple[str, str]] = {
     "bench": ("emakit.bench", "run emakit's benchmarks (emakit bench --help for their options)"),
     "posthoc": ("emakit.posthoc.cli", "reconstruct an EMA of any length from a snapshot folder (post-hoc EMA)"),
     "posthoc-demo": ("emakit.demo.posthoc", "the digits demo with post-hoc EMA: sweep the EMA length after training"),
+    "average": ("emakit.checkpoint.average_cli", "average the weights of several checkpoints into one file (LAWA)"),
 }
 
 DEMO_DESCRIPTION = """\

@@ -4,7 +4,8 @@
 is written as a torch.distributed.checkpoint directory, every rank its own shards
 (:mod:`~emakit.checkpoint.sharded`); anything else as one file written atomically by rank 0
 (:mod:`~emakit.checkpoint.files`). What a checkpoint holds is :mod:`~emakit.checkpoint.contents`;
-:func:`export_ema_weights` writes the EMA weights alone for inference.
+:func:`export_ema_weights` writes the EMA weights alone for inference;
+:func:`average_checkpoints` the mean of several checkpoints' weights (:mod:`~emakit.checkpoint.average`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from emakit.checkpoint.average import AveragedCheckpoint, average_checkpoints
 from emakit.checkpoint.contents import apply_checkpoint, build_checkpoint, model_state_dict, unique_names
 from emakit.checkpoint.export import export_ema_weights, model_weights
 from emakit.checkpoint.files import (
@@ -42,7 +44,9 @@ from emakit.parallel.sharding import is_sharded_model
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "AveragedCheckpoint",
     "apply_checkpoint",
+    "average_checkpoints",
     "build_checkpoint",
     "build_sharded_checkpoint",
     "check_checkpoint_format",
