@@ -10,10 +10,8 @@ shard of it is empty).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,10 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # the collective counter
+from _collectives import count_collectives
 
 from emakit import export_ema_weights
 from emakit.integrations.lightning import EMACallback
@@ -148,27 +148,6 @@ class EvalRecorder(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.after.append(local_weights(pl_module))
         self.metrics.append(float(trainer.callback_metrics["val_loss"]))
-
-
-class _CollectiveOps(TorchDispatchMode):
-    """Records every c10d operator dispatched while active: ``dist.all_reduce``/``barrier``/... (``c10d.*``) and
-    the functional collectives DTensor and FSDP2 use (``_c10d_functional.*``), however they are called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if "c10d" in func.namespace:
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[list[str]]:
-    """The collectives run inside the block, by operator name."""
-    with _CollectiveOps() as mode:
-        yield mode.calls
 
 
 class CollectiveCounter(Callback):

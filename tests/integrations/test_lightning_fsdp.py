@@ -195,3 +195,21 @@ def test_tensor_parallel_ema_equals_single_process_ema(ranks: dict[str, Any]) ->
     assert_close(exported.state_dict(), dict(callback.ema.ema_tensors))
     assert_close(tp["full_weights"], model.state_dict())
     assert tp["metrics"] == pytest.approx(hand_loss(exported), rel=1e-5)
+
+
+def test_offline_export_of_the_checkpoint_folder_equals_the_live_export(ranks: dict[str, Any], tmp_path: Path) -> None:
+    """No process group here: the folder's EMA weights are read and written one tensor at a time."""
+    from safetensors.torch import load_file
+
+    from emakit import export_ema_weights
+
+    live = load_file(str(ranks["out"] / "fsdp_ema.safetensors"))
+    export_ema_weights(ranks["out"] / "ckpt" / "epoch=1.ckpt", tmp_path / "offline.safetensors")
+    assert_equal(load_file(str(tmp_path / "offline.safetensors")), live)
+    export_ema_weights(ranks["out"] / "ckpt" / "epoch=1.ckpt", tmp_path / "sharded", max_shard_size=64)
+    parts = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert parts[-1] == "model.safetensors.index.json"
+    loaded = {}
+    for name in parts[:-1]:
+        loaded.update(load_file(str(tmp_path / "sharded" / name)))
+    assert_equal(loaded, live)

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from emakit import EMA
-from emakit.checkpoint.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.functional import canonical_name, unwrap_model
 from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
@@ -77,7 +77,7 @@ TRAINING_STATE_KEY = "training_state_dict"
 #: Under ModelParallelStrategy, the entry of ``checkpoint["state_dict"]`` (which Lightning saves with
 #: torch.distributed.checkpoint, every rank its shards) holding ``{"training": the training weights,
 #: "ema": the average, "more_averages": [...]}``: sharded tensors cannot go to the rank-0 metadata file.
-SHARDED_STATE_KEY = "emakit:ema"
+SHARDED_STATE_KEY = LIGHTNING_EMA_KEY
 _SHARDED_MARK = "tensors_in_state_dict"
 
 #: The EMA's own defaults (``half_life``'s marks "not given", so that ``smoothing=`` alone works).
