@@ -7,7 +7,9 @@ uninterrupted fit (for the resume), a hand evaluation of the exported EMA, and t
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -213,3 +215,38 @@ def test_offline_export_of_the_checkpoint_folder_equals_the_live_export(ranks: d
     for name in parts[:-1]:
         loaded.update(load_file(str(tmp_path / "sharded" / name)))
     assert_equal(loaded, live)
+
+
+def docs_fsdp2_block() -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    section = text.split("<!-- begin: Lightning sharded models (ModelParallelStrategy) -->", 1)[1]
+    section = section.split("<!-- end: Lightning sharded models (ModelParallelStrategy) -->", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert len(blocks) == 1, "the sharded-models section has one python block"
+    return blocks[0]
+
+
+def test_docs_fsdp2_example_runs_as_written_under_torchrun(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    (tmp_path / "train.py").write_text(docs_fsdp2_block(), encoding="utf-8")
+    # run in an empty folder: this checkout's emakit first on the path, whatever PYTHONPATH said relative to it
+    paths = [str(Path(__file__).resolve().parents[2] / "src"), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    paths = [str(Path(p).resolve()) for p in paths if p]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(paths)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    folder = tmp_path / "ema_weights"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weights: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        weights.update(load_file(str(folder / name)))
+    plain = nn.Sequential(nn.Linear(8, 31), nn.ReLU(), nn.Linear(31, 2))
+    plain.load_state_dict({k.removeprefix("body."): v for k, v in weights.items()}, strict=True)
+    # The checkpoint folder Lightning wrote holds the same average, exported offline here.
+    (checkpoint,) = (tmp_path / "runs").rglob("*.ckpt")
+    from emakit import export_ema_weights
+
+    export_ema_weights(checkpoint, tmp_path / "offline.safetensors")
+    assert_equal(load_file(str(tmp_path / "offline.safetensors")), weights)
