@@ -40,6 +40,10 @@ DISPLAYS = ("", "text")
 RUN_ELSEWHERE: dict[tuple[str, str | None], str] = {
     ("docs/posthoc.md", None): "tests/posthoc/test_docs.py",
     ("docs/guides/lightning.md", "Lightning"): "tests/integrations/test_lightning.py",
+    (
+        "docs/guides/lightning.md",
+        "Sharded models: `ModelParallelStrategy` (FSDP2, tensor parallel)",
+    ): "tests/integrations/test_lightning_fsdp.py",
     ("docs/guides/transformers.md", "Hugging Face Transformers"): "tests/integrations/test_transformers.py",
     ("docs/guides/accelerate.md", "Accelerate"): "tests/integrations/test_accelerate.py",
 }

@@ -415,8 +415,11 @@ class CPUFSDP(FSDPStrategy):
 @pytest.mark.parametrize(
     ("strategy", "message"),
     [
-        (lambda: CPUFSDP(), "strategy CPUFSDP"),
-        (lambda: ModelParallelStrategy(), "strategy ModelParallelStrategy"),
+        (lambda: CPUFSDP(), "strategy CPUFSDP .*FSDP1.*use ModelParallelStrategy with .*fully_shard"),
+        (
+            lambda: ModelParallelStrategy(save_distributed_checkpoint=False),
+            "ModelParallelStrategy\\(save_distributed_checkpoint=False\\).*Keep save_distributed_checkpoint=True",
+        ),
         (lambda: "ddp_spawn", "DDPStrategy started by spawning or forking"),
         (lambda: DDPStrategy(start_method="fork"), "DDPStrategy started by spawning or forking"),
     ],
@@ -426,6 +429,30 @@ def test_unsupported_strategies_are_refused_at_setup(strategy: Any, message: str
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(), logger=False)
     with pytest.raises(ValueError, match=message):
         EMACallback().setup(trainer, make_net(), "fit")
+
+
+def test_model_parallel_strategy_is_accepted() -> None:
+    """FSDP2 and tensor parallelism: the EMA keeps each rank's shards (2-rank runs: test_lightning_fsdp.py)."""
+    from emakit.integrations.lightning import _strategy_refusal
+
+    assert _strategy_refusal(ModelParallelStrategy()) is None
+    assert _strategy_refusal(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)) is None
+
+
+def test_fsdp1_refused_by_lightning_itself_on_cpu() -> None:
+    """Lightning's FSDPStrategy does not run on CPU at all, with or without emakit."""
+    with pytest.raises(ValueError, match=r"`fsdp` requires a GPU accelerator"):
+        pl.Trainer(accelerator="cpu", devices=1, strategy="fsdp", logger=False)
+
+
+def test_refused_strategy_raises_before_training_starts() -> None:
+    model = make_net()
+    initial = weights(model)
+    trainer = make_trainer([EMACallback()], strategy=CPUFSDP(), devices=1)
+    with pytest.raises(ValueError, match="strategy CPUFSDP"):
+        trainer.fit(model, make_loader())
+    assert trainer.global_step == 0
+    assert_matches(weights(model), initial, exact=True)
 
 
 def test_deepspeed_is_refused() -> None:

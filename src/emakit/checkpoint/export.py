@@ -1,9 +1,15 @@
-"""Exporting the EMA weights as one plain file that loads into the unsharded model."""
+"""Exporting the EMA weights as plain files that load into the unsharded model.
+
+The weights are gathered and written one tensor at a time: safetensors files (one, or Transformers' sharded
+layout with ``max_shard_size``) are streamed, so no process ever holds the whole model, also when reading a
+DCP checkpoint offline. A ``.pt`` file is one ``torch.save`` of the whole dict: rank 0 holds the model then.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,90 +18,156 @@ from torch import nn
 
 from emakit.averaging import EMA
 from emakit.checkpoint.contents import model_state_dict
-from emakit.checkpoint.files import check_checkpoint_format, fsync_dir, load_checkpoint_file, save_checkpoint_file
-from emakit.checkpoint.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from emakit.checkpoint.files import check_checkpoint_format, load_checkpoint_file, save_checkpoint_file
+from emakit.checkpoint.sharded import (
+    LIGHTNING_EMA_KEY,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+    read_sharded_tensor,
+    sharded_tensor_index,
+)
+from emakit.checkpoint.streaming import TensorEntry, parse_size, write_safetensors, write_sharded_safetensors
 from emakit.parallel.ranks import barrier, get_rank, is_distributed
 from emakit.parallel.sharding import gathered, reshard_model
 
 __all__ = ["export_ema_weights", "model_weights"]
 
 
-def _ema_weights_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    source = f"checkpoint {str(path)!r}"
+def _entry(name: str, tensor: torch.Tensor) -> TensorEntry:
+    return TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(gathered, tensor))
 
-    def weights_in(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-        saved = checkpoint["state"]
-        started = [
-            a for a in saved.get("algorithms", {}).values() if isinstance(a, Mapping) and a.get("started") is True
-        ]
-        if not started:
-            raise ValueError(f"{source} holds no EMA weights: its EMA had not started when it was written")
-        if checkpoint.get("model_weights") == "published":
-            return dict(saved["model"])
-        ema = started[0].get("ema")
+
+def _read_cast(path: Path, keys: tuple[Any, ...], dtype: torch.dtype) -> torch.Tensor:
+    return read_sharded_tensor(path, keys).to(dtype)
+
+
+def _entries_from_file(path: Path, source: str) -> list[TensorEntry]:
+    checkpoint = load_checkpoint_file(path)
+    saved = checkpoint["state"]
+    started = _started(saved, source)
+    if checkpoint.get("model_weights") == "published":
+        weights = dict(saved["model"])
+    else:
+        ema = started.get("ema")
         if not isinstance(ema, Mapping):
-            return None
+            raise ValueError(f"{source} holds no EMA tensors")
         model = saved["model"]
         # the average is kept in fp32 for low-precision models; published weights have the model's dtype
-        return {**model, **{n: t.to(model[n].dtype) if n in model else t for n, t in ema.items()}}
+        weights = {**model, **{n: t.to(model[n].dtype) if n in model else t for n, t in ema.items()}}
+    return [_entry(name, t) for name, t in weights.items() if isinstance(t, torch.Tensor)]
 
-    if not is_sharded_checkpoint(path):
-        checkpoint = load_checkpoint_file(path)
-        found = weights_in(checkpoint)
-        if found is None:
-            raise ValueError(f"{source} holds no EMA tensors")
-        return found
 
-    def wanted(keys: tuple[Any, ...], with_ema: bool) -> bool:
-        if keys[0] in ("format", "version", "model_weights") or keys[:2] == ("state", "model"):
+def _started(saved: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """The first started algorithm's state in a checkpoint's ``state``."""
+    for algorithm in saved.get("algorithms", {}).values():
+        if isinstance(algorithm, Mapping) and algorithm.get("started") is True:
+            return algorithm
+    raise ValueError(f"{source} holds no EMA weights: its EMA had not started when it was written")
+
+
+def _entries_from_dcp(path: Path, source: str) -> list[TensorEntry]:
+    """The EMA weights of a DCP checkpoint folder (emakit's or Lightning's), each read from disk when written."""
+    index = sharded_tensor_index(path)
+    if any(k[0] == "state_dict" for k in index) and not any(k[0] == "state" for k in index):
+        # Lightning ModelParallelStrategy: the EMACallback published the average as the module's state_dict
+        if not any(k[:3] == ("state_dict", LIGHTNING_EMA_KEY, "ema") for k in index):
+            raise ValueError(
+                f"{source} holds no EMA weights: it was not written with emakit's EMACallback, or before its "
+                "EMA started"
+            )
+        return [
+            TensorEntry(k[1], shape, dtype, partial(read_sharded_tensor, path, k))
+            for k, (shape, dtype) in index.items()
+            if len(k) == 2 and k[0] == "state_dict"
+        ]
+
+    def scalars(keys: tuple[Any, ...]) -> bool:
+        if keys[0] in ("format", "version", "model_weights"):
             return True
-        return (
-            len(keys) > 3
-            and keys[:2] == ("state", "algorithms")
-            and (keys[3] == "started" or (with_ema and keys[3] == "ema"))
-        )
+        return len(keys) == 4 and keys[:2] == ("state", "algorithms") and keys[3] == "started"
 
-    checkpoint = read_sharded_checkpoint(path, keep=lambda keys: wanted(keys, False))
+    checkpoint = read_sharded_checkpoint(path, keep=scalars)
     check_checkpoint_format(checkpoint, source)
-    found = weights_in(checkpoint)
-    if found is None:
-        checkpoint = read_sharded_checkpoint(path, keep=lambda keys: wanted(keys, True))
-        found = weights_in(checkpoint)
-    if found is None:
-        raise ValueError(f"{source} holds no EMA tensors")
-    return found
+    started = _started(checkpoint["state"], source)
+    algorithm = next(name for name, a in checkpoint["state"]["algorithms"].items() if a is started)
+    model = {
+        k[2]: (k, shape, dtype) for k, (shape, dtype) in index.items() if len(k) == 3 and k[:2] == ("state", "model")
+    }
+    if checkpoint.get("model_weights") == "published":
+        ema: dict[str, tuple[tuple[Any, ...], tuple[int, ...], torch.dtype]] = {}
+    else:
+        prefix = ("state", "algorithms", algorithm, "ema")
+        ema = {k[4]: (k, shape, dtype) for k, (shape, dtype) in index.items() if len(k) == 5 and k[:4] == prefix}
+        if not ema:
+            raise ValueError(f"{source} holds no EMA tensors")
+    entries = []
+    for name in [*model, *(n for n in ema if n not in model)]:
+        keys, shape, dtype = ema.get(name) or model[name]
+        dtype = model[name][2] if name in model else dtype
+        entries.append(TensorEntry(name, shape, dtype, partial(_read_cast, path, keys, dtype)))
+    return entries
 
 
-def export_ema_weights(source: Any, path: str | os.PathLike[str]) -> Path | None:
-    """Write the EMA weights as one file that loads into the plain, unsharded model.
+def export_ema_weights(
+    source: Any, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None
+) -> Path | None:
+    """Write the EMA weights as files that load into the plain, unsharded model.
 
     ``source`` is an :class:`~emakit.EMA`, anything that runs exactly one (emakit's ``Trainer``, the
     Lightning or Transformers callbacks: an object with an ``ema`` attribute or a ``state.algorithms`` list),
-    or the path of a checkpoint (a DCP directory or a ``.pt`` file; no communication, call it from one
-    process or from all). Under FSDP every rank must call it with a live source: the shards are gathered.
-    The file holds the whole model ``state_dict`` under canonical names, with the EMA's average, in the
-    model's dtype, in place of the tracked tensors. A path ending in ``.safetensors`` is written with
-    safetensors (``model.load_state_dict(safetensors.torch.load_file(path))``), anything else with
-    ``torch.save`` (``model.load_state_dict(torch.load(path, weights_only=True))``). Only rank 0 writes; it
-    returns ``path`` there and None on other ranks.
+    or the path of a checkpoint (a DCP folder, emakit's or Lightning ModelParallelStrategy's with the
+    EMACallback, or a ``.pt`` file; read without a process group, from one process or all). Under FSDP or
+    tensor parallelism every rank must call it with a live source: the shards are gathered, one tensor at a
+    time. The files hold the whole model ``state_dict`` under canonical names, with the EMA's average, in the
+    model's dtype, in place of the tracked tensors.
+
+    - ``path`` ending in ``.safetensors``: one safetensors file, written as each tensor is gathered (memory:
+      one tensor); ``model.load_state_dict(safetensors.torch.load_file(path))``.
+    - ``max_shard_size`` (bytes, or ``'5GB'``, ``'500MiB'``): ``path`` is a folder that receives Transformers'
+      sharded layout, ``model-00001-of-0000N.safetensors`` files of at most that size and
+      ``model.safetensors.index.json`` (or ``model.safetensors`` alone if one file holds everything), which
+      ``from_pretrained`` and ``accelerate`` load; streamed likewise.
+    - anything else: one ``torch.save`` file (``torch.load(path, weights_only=True)``); rank 0 holds the
+      whole model to write it.
+
+    Only rank 0 writes; it returns the path written there (the folder for a sharded export), None elsewhere.
 
     Raises:
-        ValueError: the source has no EMA, or its EMA has not started.
+        ValueError: the source has no EMA, or its EMA has not started; a bad ``max_shard_size``.
     """
+    shard_size = None if max_shard_size is None else parse_size(max_shard_size)
     target = Path(path)
     live = not isinstance(source, (str, os.PathLike))
+    extra: dict[str, Any] = {}
     if not live:
-        weights = _ema_weights_from_checkpoint(Path(source))
+        checkpoint = Path(source)
+        where = f"checkpoint {str(checkpoint)!r}"
+        entries = _entries_from_dcp(checkpoint, where) if is_sharded_checkpoint(checkpoint) else None
+        if entries is None:
+            entries = _entries_from_file(checkpoint, where)
     else:
         ema = _find_ema(source)
         ema.wait()
         model = ema.model
         reshard_model(model)
         weights = ema.published_model_state(model_state_dict(model))
-    written: Path | None = None
-    full = {name: gathered(tensor) for name, tensor in weights.items()}
-    if get_rank() == 0 or not is_distributed():
-        written = _write_weights(full, target)
+        entries = [_entry(name, t) for name, t in weights.items() if isinstance(t, torch.Tensor)]
+        extra = {name: value for name, value in weights.items() if not isinstance(value, torch.Tensor)}
+    writer = get_rank() == 0 or not is_distributed()
+    if not live and not writer:  # nothing to gather from a checkpoint: rank 0 reads and writes alone
+        return None
+    written: Path | None
+    if shard_size is not None:
+        written = write_sharded_safetensors(entries, target, shard_size, write=writer)
+    elif target.suffix == ".safetensors":
+        written = write_safetensors(entries, target, write=writer)
+    else:
+        whole: dict[str, Any] = {}
+        for entry in entries:  # every rank takes part in each gather; only rank 0 keeps the tensors
+            tensor = entry.read()
+            if writer:
+                whole[entry.name] = tensor
+        written = save_checkpoint_file({**whole, **extra}, target) if writer else None
     if live:
         barrier()
     return written
@@ -117,20 +189,6 @@ def _find_ema(source: Any) -> EMA:
         )
     found.require_started()
     return found
-
-
-def _write_weights(weights: dict[str, torch.Tensor], path: Path) -> Path:
-    if path.suffix != ".safetensors":
-        return save_checkpoint_file(weights, path)
-    from safetensors.torch import save_file  # optional dependency: only for .safetensors paths
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # safetensors refuses tensors that share memory; the EMA's are views of one buffer, so copy each.
-    save_file({name: t.contiguous().clone() for name, t in weights.items()}, str(tmp))
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,16 +26,22 @@ from emakit.parallel.ranks import barrier, get_rank, get_world_size, is_distribu
 from emakit.parallel.sharding import local_tensor, reshard_model, sharded_like
 
 __all__ = [
+    "LIGHTNING_EMA_KEY",
     "build_sharded_checkpoint",
     "is_sharded_checkpoint",
     "load_sharded_checkpoint",
     "newest_sharded_checkpoint",
     "read_sharded_checkpoint",
+    "read_sharded_tensor",
     "save_sharded_checkpoint",
+    "sharded_tensor_index",
 ]
 
 
 _METADATA = ".metadata"
+#: The entry of a Lightning ModelParallelStrategy checkpoint's ``state_dict`` where emakit's EMACallback
+#: keeps the training weights and the EMA's tensors (the module's own keys hold the EMA weights).
+LIGHTNING_EMA_KEY = "emakit:ema"
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -191,6 +197,34 @@ def read_sharded_checkpoint(
         cause = next(iter(e.failures.values()))[0] if e.failures else e
         raise unreadable_checkpoint(path, cause) from cause
     return _nest({fqn: planner.state_dict[fqn] for fqn in flat}, paths)
+
+
+def sharded_tensor_index(path: str | os.PathLike[str]) -> dict[tuple[Any, ...], tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor of the DCP checkpoint at ``path``: key path -> (whole shape, dtype), from its metadata alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{str(path)!r} is not a DCP checkpoint directory (no {_METADATA} file in it)")
+    metadata = dcp.FileSystemReader(Path(path)).read_metadata()
+    paths = metadata.planner_data or {}
+    return {
+        tuple(paths.get(fqn, (fqn,))): (tuple(item.size), item.properties.dtype)
+        for fqn, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
+
+
+def read_sharded_tensor(path: str | os.PathLike[str], keys: tuple[Any, ...]) -> torch.Tensor:
+    """The tensor at key path ``keys`` of the DCP checkpoint at ``path``, whole; only its bytes are read."""
+    node: Any = read_sharded_checkpoint(path, keep=lambda found: found == keys)
+    for key in keys:
+        if not isinstance(node, (dict, list)) or (isinstance(node, dict) and key not in node):
+            raise KeyError(f"checkpoint {str(path)!r} holds no tensor at {keys}")
+        node = node[key]
+    if not isinstance(node, torch.Tensor):
+        raise KeyError(f"checkpoint {str(path)!r} holds no tensor at {keys}")
+    return node
 
 
 def load_sharded_checkpoint(state: State, path: str | os.PathLike[str]) -> tuple[dict[str, Any], Callable[[], None]]:

@@ -12,7 +12,8 @@ Lightning's events mapped onto the EMA's verbs, and nothing else:
 ``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
                                                     average has started; training weights back bit for bit)
 ``on_save_checkpoint``                              ``state_dict`` <- ``ema.published_model_state``, the training
-                                                    weights beside it under ``"training_state_dict"``
+                                                    weights beside it under ``"training_state_dict"`` (sharded:
+                                                    inside ``state_dict``, see :data:`SHARDED_STATE_KEY`)
 ``on_load_checkpoint`` / ``load_state_dict``        training weights back into the model, ``ema.load_state_dict``
 ``on_fit_end``                                      with ``weights_after_fit="ema"``: the average into the model
 ==================================================  ==============================================================
@@ -31,7 +32,9 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from emakit import EMA
+from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.functional import canonical_name, unwrap_model
+from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
 
 try:
@@ -66,11 +69,16 @@ except ImportError:  # pragma: no cover - the standalone package of the same cod
             "emakit.integrations.lightning needs Lightning 2.x: pip install 'emakit[lightning]' (or lightning>=2.6)"
         ) from error
 
-__all__ = ["TRAINING_STATE_KEY", "EMACallback"]
+__all__ = ["SHARDED_STATE_KEY", "TRAINING_STATE_KEY", "EMACallback"]
 
 #: Top-level checkpoint key holding the training weights (the model's own ``state_dict`` keys) once the
 #: average has started; ``checkpoint["state_dict"]`` then holds the EMA weights.
 TRAINING_STATE_KEY = "training_state_dict"
+#: Under ModelParallelStrategy, the entry of ``checkpoint["state_dict"]`` (which Lightning saves with
+#: torch.distributed.checkpoint, every rank its shards) holding ``{"training": the training weights,
+#: "ema": the average, "more_averages": [...]}``: sharded tensors cannot go to the rank-0 metadata file.
+SHARDED_STATE_KEY = LIGHTNING_EMA_KEY
+_SHARDED_MARK = "tensors_in_state_dict"
 
 #: The EMA's own defaults (``half_life``'s marks "not given", so that ``smoothing=`` alone works).
 _EMA_DEFAULTS = {name: p.default for name, p in inspect.signature(EMA).parameters.items()}
@@ -80,21 +88,30 @@ _WEIGHTS_AFTER_FIT = ("training", "ema")
 def _strategy_refusal(strategy: Strategy) -> str | None:
     """Why the EMA cannot follow ``strategy`` faithfully, or None if it can."""
     name = type(strategy).__name__
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+    if isinstance(strategy, ModelParallelStrategy):
+        if not getattr(strategy, "_save_distributed_checkpoint", True):
+            return (
+                f"EMACallback does not support {name}(save_distributed_checkpoint=False): that gathers the whole "
+                "model into one file on rank 0, while the EMA stays sharded. Keep save_distributed_checkpoint=True "
+                "(the default; the EMA is stored beside the weights in the checkpoint folder) and write a whole "
+                "EMA file with emakit.export_ema_weights"
+            )
+        return None
+    if isinstance(strategy, FSDPStrategy):
         return (
-            f"EMACallback does not support strategy {name}: each rank holds only shards of the parameters there, "
-            "and this callback neither gathers the whole model on every update nor writes the EMA into that "
-            "strategy's sharded checkpoints. Use strategy='ddp' (or one device), or emakit's own "
-            "Trainer(parallelism='fsdp'), whose EMA stays shard-local"
+            f"EMACallback does not support strategy {name} (FSDP1, FlatParameter sharding): use "
+            "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, under which "
+            "the EMA keeps each rank's shards with no communication; or strategy='ddp' (or one device)"
         )
     if isinstance(strategy, DeepSpeedStrategy):
         return (
             f"EMACallback does not support strategy {name}: DeepSpeed owns the optimizer step, gradient "
             "accumulation and checkpoint format, and ZeRO-3 partitions the parameters, so the EMA could not see "
-            "whole, stepped weights. Use strategy='ddp' (or one device)"
+            "whole, stepped weights. Use strategy='ddp' (or one device), or ModelParallelStrategy with "
+            "fully_shard (FSDP2) to shard the model"
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        return f"EMACallback supports one device and strategy='ddp', got strategy {name}"
+        return f"EMACallback supports one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"
     if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
         return (
             f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
@@ -142,10 +159,14 @@ class EMACallback(Callback):
             ``EMAWeightAveraging`` does), for code that uses ``model`` right after ``fit``; the training
             weights are then only in the checkpoints.
 
-    Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication).
-    FSDP, DeepSpeed and ``ModelParallelStrategy`` are refused before training starts rather than gathering
-    the model on every update, and so are the spawn/fork launchers, which would leave :attr:`ema` untouched in
-    the calling process.
+    Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication),
+    and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and/or tensor parallelism in ``configure_model``):
+    each rank averages its own shards of the DTensor parameters, whatever their placements, with no
+    communication per update; validation swaps shards in place; the checkpoint folder holds the EMA as
+    ``state_dict`` and, under ``state_dict["emakit:ema"]``, the training weights and the EMA's tensors, every
+    rank writing its shards (:func:`emakit.export_ema_weights` writes the average whole). FSDPStrategy (FSDP1),
+    DeepSpeed and the spawn/fork launchers (which would leave :attr:`ema` untouched in the calling process) are
+    refused before training starts.
     """
 
     def __init__(
@@ -179,6 +200,8 @@ class EMACallback(Callback):
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
         self.weights_after_fit = weights_after_fit
         self._attached = False
+        #: on_fit_start has run in this fit (ModelParallelStrategy restores checkpoints after it, DDP before).
+        self._fit_started = False
         self._last_global_step = 0
         self._samples = 0
         #: EMA state read from a checkpoint before the model is ready (Lightning restores callbacks before
@@ -221,6 +244,7 @@ class EMACallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ema.attach(pl_module)
         self._attached = True
+        self._fit_started = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.ema.load_state_dict(state)
@@ -255,7 +279,9 @@ class EMACallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.ema.ema_start.unit == TimeUnit.SAMPLE:
-            self._samples += extract_batch_size(batch) * trainer.world_size
+            # data-parallel replicas only: tensor-parallel ranks share their batch
+            replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+            self._samples += extract_batch_size(batch) * int(replicas.get("num_replicas", trainer.world_size))
         # global_step counts optimizer steps: it stays put while gradients accumulate, and under manual
         # optimization a batch that steps several optimizers is one update of the average.
         if trainer.global_step > self._last_global_step:
@@ -269,8 +295,12 @@ class EMACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.ema.wait()
         if self.weights_after_fit == "ema" and self.ema.started and self._follows(pl_module):
-            published = self._published(pl_module.state_dict())
-            trainer.strategy.load_model_state_dict({"state_dict": published}, strict=True)
+            if isinstance(trainer.strategy, ModelParallelStrategy):  # its load_model_state_dict does nothing
+                reshard_model(pl_module)  # each rank copies its own shards of the average
+                pl_module.load_state_dict(self._published(pl_module.state_dict()), strict=True)
+            else:
+                published = self._published(pl_module.state_dict())
+                trainer.strategy.load_model_state_dict({"state_dict": published}, strict=True)
 
     # ------------------------------------------------------------------ evaluation on the EMA weights
     def _follows(self, pl_module: pl.LightningModule) -> bool:
@@ -313,6 +343,7 @@ class EMACallback(Callback):
         self._swap_back()
         self._evaluating_checkpoint = False
         self._restoring_for_fit = None
+        self._fit_started = False
 
     # ------------------------------------------------------------------ checkpoints
     def _published(self, model_state: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -333,12 +364,29 @@ class EMACallback(Callback):
         keys = {key: canonical_name(key) for key in model_state}
         canonical = {keys[key]: value for key, value in model_state.items()}
         # The training weights even if a loop saves while the EMA weights are swapped in.
-        training = self.ema.training_model_state(canonical)
-        if self.ema.started:
-            checkpoint[TRAINING_STATE_KEY] = _keyed_like(training, keys, model_state)
-            checkpoint["state_dict"] = _keyed_like(self.ema.published_model_state(training), keys, model_state)
+        training = _keyed_like(self.ema.training_model_state(canonical), keys, model_state)
+        if not self.ema.started:
+            checkpoint["state_dict"] = training
+            return
+        published = _keyed_like(self.ema.published_model_state(canonical), keys, model_state)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            published[SHARDED_STATE_KEY] = self._sharded_tensors(checkpoint, training)
         else:
-            checkpoint["state_dict"] = _keyed_like(training, keys, model_state)
+            checkpoint[TRAINING_STATE_KEY] = training
+        checkpoint["state_dict"] = published
+
+    def _sharded_tensors(self, checkpoint: dict[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
+        """The training weights and the EMA's tensors (DTensors), moved out of the callback's state, which
+        Lightning writes to the rank-0 metadata file; they go into the checkpoint folder with the weights."""
+        if SHARDED_STATE_KEY in training:
+            raise ValueError(f"the module has a tensor named {SHARDED_STATE_KEY!r}, the key EMACallback saves under")
+        callbacks = checkpoint.setdefault("callbacks", {})
+        ema_state = dict(callbacks.get(self.state_key, self.state_dict())["ema"])
+        tensors = {"training": dict(training), "ema": ema_state["ema"]}
+        if ema_state.get("more_averages"):
+            tensors["more_averages"] = list(ema_state["more_averages"])
+        callbacks[self.state_key] = {"ema": {**ema_state, "ema": None, "more_averages": []}, _SHARDED_MARK: True}
+        return tensors
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -348,15 +396,36 @@ class EMACallback(Callback):
         if not self._restoring_for_fit:
             self._evaluating_checkpoint = True
             return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(state, dict) and state.get(_SHARDED_MARK):
+            self._load_sharded(trainer, pl_module, state)
         training = checkpoint.get(TRAINING_STATE_KEY)
         if training is not None:
             trainer.strategy.load_model_state_dict({"state_dict": training}, strict=pl_module.strict_loading)
-        if self.state_key not in checkpoint.get("callbacks", {}):
+        if state is None:
             warnings.warn(
                 "the checkpoint holds no EMACallback state: the EMA starts afresh from the resumed weights, its "
                 "clock (ema_start, 'dur') counting from this resume",
                 stacklevel=2,
             )
+
+    def _load_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Read this rank's shards of the training weights and the EMA from the checkpoint folder (no collective):
+        the training weights into the module, the EMA's tensors back into ``state`` for :meth:`load_state_dict`."""
+        path = trainer.ckpt_path
+        if path is None or not is_sharded_checkpoint(path):
+            raise ValueError(
+                f"the EMACallback state says its tensors are in a distributed checkpoint folder, but {path!r} is not one"
+            )
+        reshard_model(pl_module)
+        found = read_sharded_checkpoint(
+            path, pl_module, keep=lambda keys: keys[:2] == ("state_dict", SHARDED_STATE_KEY)
+        )
+        tensors = found.get("state_dict", {}).get(SHARDED_STATE_KEY)
+        if not isinstance(tensors, Mapping) or not isinstance(tensors.get("training"), Mapping):
+            raise ValueError(f"checkpoint {str(path)!r} holds no {SHARDED_STATE_KEY!r} entry in its state_dict")
+        pl_module.load_state_dict(tensors["training"], strict=pl_module.strict_loading)
+        state["ema"] = {**state["ema"], "ema": tensors.get("ema"), "more_averages": tensors.get("more_averages") or []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._restoring_for_fit is False:  # evaluating a checkpoint: the live average stays as it is
@@ -364,7 +433,9 @@ class EMACallback(Callback):
         state = state_dict.get("ema")
         if not isinstance(state, Mapping):
             raise ValueError(f"EMACallback state must hold the EMA's state under 'ema', got keys {sorted(state_dict)}")
-        if self._restoring_for_fit or not self._attached:
+        if self._restoring_for_fit and self._fit_started:
+            self.ema.load_state_dict(state)  # restored after setup: the module is sharded and attached
+        elif self._restoring_for_fit or not self._attached:
             self._pending_state = state  # the module is not on its device yet; loaded at on_fit_start
         else:
             self.ema.load_state_dict(state)

@@ -337,9 +337,11 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
     """
     if args.fsdp:
         raise ValueError(
-            f"EMACallback does not support FSDP (TrainingArguments.fsdp={args.fsdp!r}): each rank would hold only "
-            "its shards of the average and the Trainer's checkpoints are written by one rank. Train with DDP, or "
-            "use emakit's Trainer(parallelism='fsdp'), which keeps a shard-local EMA"
+            f"EMACallback does not support FSDP (TrainingArguments.fsdp={args.fsdp!r}), neither FSDP1 nor FSDP2 "
+            "through Accelerate: each rank would hold only its shards of the average and "
+            "the Trainer's checkpoints are written by one rank. Supported here: one device, DDP, DeepSpeed ZeRO "
+            "0-2. For a sharded model, use Lightning's ModelParallelStrategy with emakit's Lightning "
+            "EMACallback, or emakit's Trainer(parallelism='fsdp'), which keep a shard-local EMA"
         )
     stage = _deepspeed_stage(args)
     if stage is not None and stage >= 3:
@@ -352,12 +354,16 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
         return
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         raise ValueError(
-            "EMACallback does not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel"
+            "EMACallback does not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel. "
+            "For Transformers and Accelerate, supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: "
+            "Lightning's ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
         )
     for name, param in model.named_parameters():
         if isinstance(param, DTensor) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
             raise ValueError(
-                "EMACallback does not support sharded parameters (FSDP, tensor parallel, DeepSpeed ZeRO-3): "
-                f"parameter {name!r} is a {type(param.data).__name__}"
+                "EMACallback does not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
+                f"DeepSpeed ZeRO-3): parameter {name!r} is a {type(param.data).__name__}"
                 + (" partitioned by ZeRO-3" if hasattr(param, "ds_status") else "")
+                + ". Supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: Lightning's "
+                "ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
             )

@@ -1,0 +1,187 @@
+"""The EMA at scale on 2 CPU ranks: Lightning ModelParallelStrategy (FSDP2) vs DDP, and the streaming export.
+
+python benchmarks/fsdp_ema.py [--quick] [--width N] [--layers N] [--steps N]
+
+Launches itself with torchrun (2 processes, gloo). For the same MLP (``--layers`` Linear(width, width)), a
+Lightning fit under ``strategy="ddp"`` and under ``ModelParallelStrategy`` with ``fully_shard`` per layer, each
+with emakit's EMACallback, gives per rank:
+
+- *update ms*: the median time of ``ema.step()`` over the fit's optimizer steps (after the first, which copies);
+- *EMA KiB*: the bytes of the average this rank keeps (DDP: the whole model; FSDP2: its shards).
+
+Then the FSDP2 EMA is exported while rank 0's peak RSS (VmHWM, reset before each export) is read: one streamed
+safetensors file, Transformers' sharded layout, and a ``.pt`` file (which holds the whole model on rank 0).
+glibc is told a fixed mmap threshold, so freed tensors go back to the OS and the peak is what export holds.
+Printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model and few steps (smoke test)")
+    parser.add_argument("--width", type=int, default=None, help="Linear width (default 1024; quick: 64)")
+    parser.add_argument("--layers", type=int, default=None, help="number of layers (default 24; quick: 3)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per fit (default 20; quick: 4)")
+    args = parser.parse_args(argv)
+    args.width = args.width or (64 if args.quick else 1024)
+    args.layers = args.layers or (3 if args.quick else 24)
+    args.steps = args.steps or (4 if args.quick else 20)
+    return args
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from emakit import export_ema_weights
+    from emakit.integrations.lightning import EMACallback
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    class MLP(pl.LightningModule):
+        def __init__(self, sharded: bool) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(*(nn.Linear(args.width, args.width) for _ in range(args.layers)))
+            self.sharded = sharded
+
+        def configure_model(self) -> None:
+            if self.sharded:
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for layer in self.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(self, mesh=mesh)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layers(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+    data = TensorDataset(torch.randn(args.steps * 2 * 4, args.width))
+    results: dict[str, Any] = {}
+    for name in ("ddp", "fsdp2"):
+        torch.manual_seed(0)
+        model = MLP(sharded=name == "fsdp2")
+        callback = EMACallback(half_life="10ba")
+        times: list[float] = []
+        step = callback.ema.step
+
+        def timed(*a: Any, step: Any = step, times: list[float] = times, **k: Any) -> bool:
+            start = time.perf_counter()
+            done = step(*a, **k)
+            times.append(time.perf_counter() - start)
+            return bool(done)
+
+        callback.ema.step = timed  # type: ignore[method-assign]
+        strategy: Any = "ddp" if name == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=args.steps,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, DataLoader(data, batch_size=4))
+        results[name] = {
+            "update_ms": statistics.median(times[1:]) * 1e3,
+            "ema_kib": sum(t.numel() * t.element_size() for t in callback.ema.ema_tensors.values()) / 2**10,
+        }
+        if name == "fsdp2":
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            largest = max(p.numel() * p.element_size() for p in model.parameters())
+            folder = Path(tempfile.mkdtemp()) if dist.get_rank() == 0 else None
+            target = Path(trainer.strategy.broadcast(str(folder)))
+            shard = max(largest, model_bytes // 8)
+            for label, path, kwargs in (
+                ("safetensors, one file", target / "ema.safetensors", {}),
+                (
+                    f"sharded layout, max_shard_size {shard / 2**20:.3g} MiB",
+                    target / "sharded",
+                    {"max_shard_size": shard},
+                ),
+                (".pt (torch.save)", target / "ema.pt", {}),
+            ):
+                dist.barrier()
+                _reset_peak_rss()
+                baseline = _peak_rss()
+                start = time.perf_counter()
+                export_ema_weights(callback, path, **kwargs)
+                results[f"export: {label}"] = {
+                    "seconds": time.perf_counter() - start,
+                    "rss_mib": (_peak_rss() - baseline) / 2**20,
+                }
+            results["model_mib"] = model_bytes / 2**20
+            results["largest_mib"] = largest / 2**20
+    gathered: list[Any] = [None, None]
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        _print(args, gathered)
+
+
+def _print(args: argparse.Namespace, ranks: list[dict[str, Any]]) -> None:
+    model_mib = ranks[0]["model_mib"]
+    print(f"model: {args.layers} x Linear({args.width}, {args.width}), {model_mib:.1f} MiB fp32; {args.steps} steps")
+    print("== EMA update per optimizer step, 2 CPU ranks")
+    print(f"{'strategy':<28}{'rank':>6}{'update ms':>12}{'EMA KiB':>14}")
+    print("-" * 60)
+    for name in ("ddp", "fsdp2"):
+        for rank, result in enumerate(ranks):
+            print(f"{name:<28}{rank:>6}{result[name]['update_ms']:>12.3f}{result[name]['ema_kib']:>14.1f}")
+    print()
+    print(f"== export of the FSDP2 EMA, rank 0 (largest tensor {ranks[0]['largest_mib']:.2f} MiB)")
+    print(f"{'format':<48}{'seconds':>10}{'peak RSS MiB':>14}{'/ model':>10}")
+    print("-" * 82)
+    for key, value in ranks[0].items():
+        if key.startswith("export: "):
+            label = key[len("export: ") :]
+            print(f"{label:<48}{value['seconds']:>10.2f}{value['rss_mib']:>14.2f}{value['rss_mib'] / model_mib:>10.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    if "RANK" in os.environ:
+        _worker(args)
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    return subprocess.run([*command, *(argv if argv is not None else sys.argv[1:])], env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
