@@ -1,0 +1,178 @@
+"""What the EMA saves and publishes: its own state for an exact resume, and model states for checkpoints.
+
+The format of :meth:`EMA.state_dict` is written and read here only (:func:`ema_state`, :func:`read_state`,
+which checks everything before the EMA changes anything). :func:`training_model_state` and
+:func:`published_model_state` give a model state with the training weights, or with the average, for the
+tracked tensors under every name they are saved as (tied weights included).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from emakit.averaging.tracked import TrackedModel
+from emakit.parallel.sharding import local_tensor
+from emakit.storage import FlatStorage, check_state_matches
+from emakit.time import Timestamp
+
+__all__ = [
+    "Restored",
+    "ema_state",
+    "keys_of_tracked",
+    "published_model_state",
+    "read_state",
+    "training_model_state",
+]
+
+
+def ema_state(
+    *,
+    started: bool,
+    start_count: int | None,
+    num_updates: int,
+    smoothing: float,
+    num_skipped_nonfinite: int,
+    timestamp: Timestamp,
+    averages: Sequence[dict[str, torch.Tensor]],
+    snapshot_index: int,
+) -> dict[str, Any]:
+    """The EMA's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start)."""
+    return {
+        "started": started,
+        "start_count": start_count,
+        "num_updates": num_updates,
+        "smoothing": smoothing,
+        "num_skipped_nonfinite": num_skipped_nonfinite,
+        "timestamp": timestamp.state_dict(),
+        "ema": averages[0] if averages else None,
+        # the other tracked averages (half_life or sigma_rel lists), and where the snapshot series stands
+        "more_averages": list(averages[1:]),
+        "snapshot_index": snapshot_index,
+    }
+
+
+@dataclass
+class Restored:
+    """A checked EMA state, ready to apply: ``averages`` (this rank's tensors by name) is None before the start."""
+
+    averages: list[dict[str, torch.Tensor]] | None
+    #: The tracked tensors by name, shaping new storages for ``averages``.
+    live: dict[str, torch.Tensor]
+    start_count: int | None
+    num_updates: int
+    num_skipped_nonfinite: int
+    timestamp: Timestamp | None
+    snapshot_index: int
+
+
+def read_state(state: Any, tracked: TrackedModel, num_averages: int, smoothing: float, stacklevel: int = 2) -> Restored:
+    """Check ``state`` (from :func:`ema_state`) against the followed model and the averages tracked.
+
+    A different ``smoothing`` only warns (``stacklevel`` as :func:`warnings.warn` counts it from this function);
+    anything that cannot
+    be restored raises, naming what is wrong.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
+    for key in ("started", "start_count", "num_updates", "ema"):
+        if key not in state:
+            raise ValueError(f"EMA state has no {key!r} entry; keys: {sorted(state)}")
+    timestamp = None
+    if state.get("timestamp") is not None:
+        timestamp = Timestamp()
+        timestamp.load_state_dict(dict(state["timestamp"]))
+    averages = None
+    live: dict[str, torch.Tensor] = {}
+    if state["started"]:
+        ema = state["ema"]
+        if tracked.model is None:
+            raise RuntimeError("attach the EMA to its model (ema.attach(model)) before loading its state")
+        if not isinstance(ema, Mapping):
+            raise ValueError("EMA state is marked started but holds no 'ema' tensors")
+        saved = [ema, *(state.get("more_averages") or [])]
+        if len(saved) != num_averages:
+            raise ValueError(
+                f"EMA state holds {len(saved)} average(s), this EMA tracks {num_averages}: "
+                "resume with the same half_life / sigma_rel list"
+            )
+        live = dict(zip(tracked.names, tracked.model_tensors() if tracked.sharded else tracked.live(), strict=True))
+        for average in saved:
+            check_state_matches(average, live, "EMA state")
+        if tracked.sharded:  # keep this rank's shards
+            saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
+            live = dict(zip(tracked.names, tracked.live(), strict=True))
+        saved_smoothing = state.get("smoothing")
+        if (
+            isinstance(saved_smoothing, float)
+            and not (math.isnan(saved_smoothing) and math.isnan(smoothing))
+            and not math.isclose(saved_smoothing, smoothing)
+        ):
+            warnings.warn(
+                f"resuming an EMA saved with smoothing={saved_smoothing:.6g} with smoothing={smoothing:.6g}",
+                stacklevel=stacklevel,
+            )
+        averages = saved
+    return Restored(
+        averages=averages,
+        live=live,
+        start_count=int(state["start_count"]) if averages is not None else None,
+        num_updates=int(state["num_updates"]),
+        num_skipped_nonfinite=int(state.get("num_skipped_nonfinite", 0)),
+        timestamp=timestamp,
+        snapshot_index=int(state.get("snapshot_index", 0)),
+    )
+
+
+def keys_of_tracked(tracked: TrackedModel, model_state: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(state key, tracked name) for every key holding a tracked tensor: its own name, and the other names of
+    tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), which must get the same value."""
+    pairs = [(name, name) for name in tracked.names if name in model_state]
+    if tracked.sharded:
+        return pairs
+    owner: dict[tuple[int, torch.Size, torch.dtype], str] = {}
+    for name, tensor in zip(tracked.names, tracked.live(), strict=True):
+        if tensor.numel():
+            owner[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = name
+    names = set(tracked.names)
+    for key, value in model_state.items():
+        if key not in names and isinstance(value, torch.Tensor) and value.numel():
+            found = owner.get((value.data_ptr(), value.shape, value.dtype))
+            if found is not None:
+                pairs.append((key, found))
+    return pairs
+
+
+def training_model_state(
+    tracked: TrackedModel, model_state: Mapping[str, Any], backup: Mapping[str, torch.Tensor] | None
+) -> dict[str, Any]:
+    """``model_state`` with the training weights for the tracked tensors: from ``backup`` (by tracked name)
+    while the EMA weights are swapped into the model, as they are otherwise."""
+    state = dict(model_state)
+    if backup is not None:
+        training = tracked.as_model_tensors(backup)
+        for key, name in keys_of_tracked(tracked, model_state):
+            state[key] = training[name]
+    return state
+
+
+def published_model_state(
+    tracked: TrackedModel, model_state: Mapping[str, Any], training_state: Mapping[str, Any], average: FlatStorage
+) -> dict[str, Any]:
+    """``training_state`` (:func:`training_model_state` of ``model_state``) with ``average``, in each tensor's
+    dtype, for the tracked tensors (found in ``model_state``, whose tensors are the model's own)."""
+    state = dict(training_state)
+    ema = tracked.as_model_tensors(
+        {
+            name: t if name not in state or t.dtype == state[name].dtype else t.to(state[name].dtype)
+            for name, t in average.tensors.items()
+        }
+    )
+    for key, name in keys_of_tracked(tracked, model_state):
+        state[key] = ema[name]
+    return state

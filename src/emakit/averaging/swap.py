@@ -1,0 +1,115 @@
+"""Swapping the average into a model and back, and the standalone ``ema_model``.
+
+:class:`Swap` puts the evaluated average into a model's tensors (keeping the training weights aside in a
+backup) and restores them; while swapped, :meth:`Swap.training_tensors` says where the training weights
+are, so updates and checkpoints read them from the backup. It also builds and refreshes ``ema_model``,
+a copy of the model's structure whose tensors are the average itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from emakit.averaging.tracked import TrackedModel
+from emakit.functional import tensor_slots, unwrap_model
+from emakit.storage import FlatStorage
+
+__all__ = ["Swap"]
+
+
+class Swap:
+    """Which model holds the EMA weights now (if any), the training weights kept aside, and ``ema_model``."""
+
+    def __init__(self, tracked: TrackedModel) -> None:
+        self._tracked = tracked
+        #: The model holding the EMA weights and its training weights, between put_in and take_out.
+        self.swapped: nn.Module | None = None
+        self.backup: FlatStorage | None = None
+        self._ema_model: nn.Module | None = None
+        #: For a model whose dtype differs from the average's: (model-dtype tensor of ema_model, average view).
+        self._ema_model_casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ema_model_version = -1
+
+    def put_in(self, model: nn.Module, average: FlatStorage) -> nn.Module:
+        """Copy ``average`` into ``model``, keeping its training weights in the backup; a no-op if it holds it."""
+        if self.swapped is not None:
+            if unwrap_model(self.swapped) is unwrap_model(model):
+                return model
+            raise RuntimeError("the EMA weights are already in another model; call ema.get_training_model on it first")
+        targets = self._tracked.live(model)
+        self.backup = FlatStorage(dict(zip(self._tracked.names, targets, strict=True)), fp32_ema=False)
+        average.copy_to(targets)
+        self.swapped = model
+        return model
+
+    def is_swapped_out(self, model: nn.Module) -> bool:
+        """Whether ``model`` holds the EMA weights and its training weights are in the backup."""
+        return self.swapped is not None and unwrap_model(self.swapped) is unwrap_model(model)
+
+    def take_out(self, model: nn.Module) -> nn.Module:
+        """Put the training weights back into ``model``; a no-op if they are already there."""
+        if not self.is_swapped_out(model):
+            return model
+        assert self.backup is not None
+        self.backup.copy_to(self._tracked.live(model))
+        self.backup = None
+        self.swapped = None
+        return model
+
+    def training_tensors(self) -> list[torch.Tensor]:
+        """The training weights, wherever they are: in the model, or in the backup while swapped out."""
+        if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):
+            return self.backup.views()
+        return self._tracked.live()
+
+    def training_backup(self) -> dict[str, torch.Tensor] | None:
+        """The followed model's training weights by name while the EMA's are in it; None otherwise."""
+        if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):
+            return dict(zip(self._tracked.names, self.backup.views(), strict=True))
+        return None
+
+    def forget_ema_model(self) -> None:
+        """Drop ``ema_model`` (built over storages that are gone or no longer evaluated)."""
+        self._ema_model = None
+
+    def ema_model(self, average: FlatStorage, version: int) -> nn.Module:
+        """``ema_model`` over ``average``; its cast copies refreshed if the average moved since ``version``."""
+        if self._ema_model is None:
+            self._ema_model = self._build_ema_model(average)
+            self._ema_model_version = -1
+        if self._ema_model_casts and self._ema_model_version != version:
+            with torch.no_grad():
+                for target, source in self._ema_model_casts:
+                    target.copy_(source)
+        self._ema_model_version = version
+        return self._ema_model
+
+    def _build_ema_model(self, average: FlatStorage) -> nn.Module:
+        tracked = self._tracked
+        assert tracked.model is not None
+        if tracked.sharded:
+            raise RuntimeError(
+                "ema_model is not available for a sharded (FSDP) model: each rank holds only its shards of the "
+                "average. Use emakit.export_ema_weights(ema, path) to write the whole EMA to one file, "
+                "or `with ema.average_parameters():` to run the sharded model on the EMA weights"
+            )
+        module = unwrap_model(tracked.model)
+        memo: dict[int, Any] = {}
+        casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for (table, key), name in zip(tensor_slots(module, tracked.names), tracked.names, strict=True):
+            original = table[key]
+            view = average.tensors[name]
+            if view.dtype != original.dtype:
+                cast = view.detach().to(original.dtype)
+                casts.append((cast, view))
+                view = cast
+            memo[id(original)] = nn.Parameter(view, requires_grad=False) if isinstance(original, nn.Parameter) else view
+        for param in module.parameters():
+            memo.setdefault(id(param), param)
+        ema_model = copy.deepcopy(module, memo)
+        self._ema_model_casts = casts
+        return ema_model.eval()

@@ -1,0 +1,75 @@
+"""Which tensors of the model the EMA follows, and reading them wherever they live now.
+
+:class:`TrackedModel` pairs the model's trainable parameters and buffers by canonical name at attach, and
+finds them again when a submodule or tensor is registered anew (re-pairing), so that every other part of
+the EMA reads "the tracked tensors" without knowing about wrappers, flattening or FSDP shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from emakit.flatten import flatten_model_
+from emakit.functional import named_tensors, registration_count, tensor_slots, unwrap_model
+from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
+
+__all__ = ["TrackedModel"]
+
+
+class TrackedModel:
+    """The followed model and the slots (module table, key) of its tracked tensors, by canonical name."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.names: list[str] = []
+        self._slots: list[tuple[dict, str]] = []
+        self._slots_count = -1
+        #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
+        self.sharded = False
+
+    def attach(self, model: nn.Module, flatten: bool) -> dict[str, torch.Tensor]:
+        """Follow ``model`` (flattened first if asked and not sharded); returns its parameters by name."""
+        self.model = model
+        params = named_tensors(model, include_buffers=False)
+        self.names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
+        self._slots = tensor_slots(model, self.names)
+        self._slots_count = registration_count()
+        self.sharded = is_sharded_model(model)
+        if flatten and not self.sharded:
+            flatten_model_(model)
+        return params
+
+    def is_own(self, model: nn.Module) -> bool:
+        """Whether ``model`` is the followed model (wrappers aside)."""
+        return self.model is not None and unwrap_model(model) is unwrap_model(self.model)
+
+    def model_tensors(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The tracked tensors as the model holds them: DTensors for sharded parameters (after resharding)."""
+        model = self.model if model is None else model
+        assert model is not None
+        reshard_model(model)
+        slots = self._slots if model is self.model else tensor_slots(model, self.names)
+        return [table[key] for table, key in slots]
+
+    def live(self, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """The tracked tensors to read and write in place: this rank's shards for a sharded model."""
+        if self.sharded:
+            return [local_tensor(t) for t in self.model_tensors(model)]
+        if model is None or model is self.model:
+            count = registration_count()
+            if count != self._slots_count:  # a submodule or tensor was registered anew: find the tables again
+                assert self.model is not None
+                self._slots = tensor_slots(self.model, self.names)
+                self._slots_count = count
+            return [table[key] for table, key in self._slots]
+        return [table[key] for table, key in tensor_slots(model, self.names)]
+
+    def as_model_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (this rank's shards) as DTensors sharded like the model's, for sharded checkpoints."""
+        if not self.sharded:
+            return dict(tensors)
+        like = dict(zip(self.names, self.model_tensors(), strict=True))
+        return {name: sharded_like(t, like[name]) if name in like else t for name, t in tensors.items()}
