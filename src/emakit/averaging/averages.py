@@ -13,10 +13,11 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
-from emakit.functional import UpdatePlan, canonical_name, is_averaged
-from emakit.overlap import Overlap, make_overlap
-from emakit.posthoc.kernels import PreparedBlend, blend_averages_
-from emakit.storage import FlatStorage
+from emakit.engine.blend import PreparedBlend, blend_averages_
+from emakit.engine.naming import canonical_name, is_averaged
+from emakit.engine.overlap import Overlap, make_overlap
+from emakit.engine.plan import UpdatePlan
+from emakit.engine.storage import FlatStorage
 
 __all__ = ["ALONGSIDE", "NOW", "Averages", "Source"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from emakit.functional import validate_smoothing
+from emakit.engine.kernels import validate_smoothing
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES
 from emakit.time import Time, TimeUnit

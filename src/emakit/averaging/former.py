@@ -17,10 +17,10 @@ from emakit.averaging import states
 from emakit.averaging.averages import Averages
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
-from emakit.functional import UpdatePlan
-from emakit.overlap import Overlap
-from emakit.posthoc.kernels import PreparedBlend
-from emakit.storage import FlatStorage
+from emakit.engine.blend import PreparedBlend
+from emakit.engine.overlap import Overlap
+from emakit.engine.plan import UpdatePlan
+from emakit.engine.storage import FlatStorage
 
 __all__ = ["FormerNames"]
 

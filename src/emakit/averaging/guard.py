@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from emakit.engine.storage import FlatStorage
 from emakit.parallel.ranks import all_reduce_sum
-from emakit.storage import FlatStorage
 from emakit.time import TimeUnit
 
 __all__ = ["skipped_message", "training_weights_finite"]

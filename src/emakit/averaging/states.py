@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from emakit.averaging.tracked import TrackedModel
+from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
-from emakit.storage import FlatStorage, check_state_matches
 from emakit.time import Timestamp
 
 __all__ = [

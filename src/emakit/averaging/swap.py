@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from emakit.averaging.tracked import TrackedModel
-from emakit.functional import tensor_slots, unwrap_model
-from emakit.storage import FlatStorage
+from emakit.engine.naming import tensor_slots, unwrap_model
+from emakit.engine.storage import FlatStorage
 
 __all__ = ["Swap"]
 

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from emakit.flatten import flatten_model_
-from emakit.functional import named_tensors, registration_count, tensor_slots, unwrap_model
+from emakit.engine.flatten import flatten_model_
+from emakit.engine.naming import named_tensors, tensor_slots, unwrap_model
+from emakit.engine.registry import registration_count
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
 
 __all__ = ["TrackedModel"]

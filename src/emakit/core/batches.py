@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.functional import unwrap_model
+from emakit.engine.naming import unwrap_model
 
 __all__ = [
     "LossFn",

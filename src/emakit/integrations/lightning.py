@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from emakit import EMA
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
-from emakit.functional import canonical_name, unwrap_model
+from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
 

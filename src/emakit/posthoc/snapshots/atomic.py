@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from emakit.functional import is_averaged
+from emakit.engine.naming import is_averaged
 from emakit.posthoc.snapshots.format import _SAFETENSORS_DTYPES
 
 __all__ = [

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from emakit._version import __version__
-from emakit.functional import is_averaged
+from emakit.engine.naming import is_averaged
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
 from emakit.posthoc.snapshots.atomic import _cast, _fsync_dir, _write_json, write_safetensors
 from emakit.posthoc.snapshots.format import (
