@@ -68,6 +68,11 @@ class TrackedModel:
             return [table[key] for table, key in self._slots]
         return [table[key] for table, key in tensor_slots(model, self.names)]
 
+    def device(self) -> torch.device:
+        """Where the tracked tensors are (the CPU if none is followed): for the EMA's collectives."""
+        live = self.live() if self.model is not None else []
+        return live[0].device if live else torch.device("cpu")
+
     def as_model_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` (this rank's shards) as DTensors sharded like the model's, for sharded checkpoints."""
         if not self.sharded:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emakit._cli_args import Parser, checked
+from emakit.posthoc import POOR_FIT  # the fit error above which the result is printed with a warning
 
 __all__ = ["build_parser", "main"]
 
@@ -34,8 +35,6 @@ _DTYPES = ("float32", "float16", "bfloat16")
 #: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
 _TORCH_SUFFIXES = (".pt", ".pth")
 PROG = "emakit posthoc"
-#: Profile fit error above which the result is printed with a warning.
-POOR_FIT = 0.05
 
 
 _SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
