@@ -32,7 +32,7 @@ from torch import nn
 from emakit.averaging import states
 from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
-from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, parse_settings
+from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, low_precision_message, parse_settings
 from emakit.averaging.former import FormerNames
 from emakit.averaging.guard import skipped_message, training_weights_finite
 from emakit.averaging.snapshots import SnapshotSeries, check_snapshot_folder_writable
@@ -258,6 +258,8 @@ class EMA(FormerNames):
             self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
         if self.snapshot_folder is not None:
             check_snapshot_folder_writable(self.snapshot_folder)
+        if message := low_precision_message([t.dtype for t in self._tracked.live()], self.fp32_ema, self.smoothings):
+            warnings.warn(message, stacklevel=2)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
@@ -300,8 +302,8 @@ class EMA(FormerNames):
             return False
         if self._tracked.model is None:
             raise RuntimeError("call ema.attach(model) before the first ema.step()")
-        if self.snapshot_folder is not None and not self._snapshots.folder_checked:
-            self._snapshots.check_folder(self.snapshot_folder, self._snapshots.run, self._tracked.device())
+        if self.snapshot_folder is not None:
+            self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         count = self.timestamp.get(unit)
         if not self.started:
             due = start_due(self.ema_start, self.timestamp, self.max_duration, self.batches_per_epoch)
@@ -359,8 +361,7 @@ class EMA(FormerNames):
         self.require_started()
         if self.snapshot_folder is None:
             raise RuntimeError("this EMA has no snapshot_folder: pass snapshot_folder and snapshot_interval")
-        if not self._snapshots.folder_checked:
-            self._snapshots.check_folder(self.snapshot_folder, self._snapshots.run, self._tracked.device())
+        self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         self.wait()
         return self._snapshots.write(
             self.snapshot_folder,
@@ -397,9 +398,8 @@ class EMA(FormerNames):
 
         Before the average has started the model keeps its training weights (there is no average yet to
         evaluate). On leaving the block, also through an exception, the training weights are put back
-        exactly as they were. Nested use on the same model is a no-op inside. No optimizer step belongs
-        inside: :meth:`step` raises there, and trainable parameters changed in place inside the block (they
-        were the EMA weights) raise on leaving it, after the training weights are back.
+        exactly as they were. Nested use on the same model is a no-op inside. No optimizer step belongs inside:
+        :meth:`step` raises there, and parameters changed in place there raise once the training weights are back.
         """
         target = self.model if model is None else model
         if not self.started or self._swap.swapped is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -77,6 +77,11 @@ class SnapshotSeries:
         if all_reduce_sum([1.0 if message else 0.0], device)[0]:
             raise ValueError(message or f"snapshot_folder {str(folder)!r} was refused on rank 0 (see its error)")
         self.folder_checked = True
+
+    def check_once(self, folder: Path, device: Callable[[], torch.device]) -> None:
+        """:meth:`check_folder` for this series' run, unless done (``device`` gives the collective's device)."""
+        if not self.folder_checked:
+            self.check_folder(folder, self.run, device())
 
     def write(
         self,

@@ -26,6 +26,7 @@ __all__ = [
 class DtypeOverflowError(ValueError):
     """A finite value that the dtype asked for cannot represent (it would be stored as Inf)."""
 
+
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
