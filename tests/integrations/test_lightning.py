@@ -431,6 +431,30 @@ def test_unsupported_strategies_are_refused_at_setup(strategy: Any, message: str
         EMACallback().setup(trainer, make_net(), "fit")
 
 
+def test_ddp_spawn_is_refused_in_the_main_process_before_any_child_starts() -> None:
+    """Lightning calls no hook before its launcher starts processes; a spawn launcher pickles the callback there,
+    in this process, and that is refused with the plain error (not a child's traceback, ProcessRaisedException)."""
+    import torch.multiprocessing as tmp
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[EMACallback()], logger=False
+    )
+    started = []
+    original = tmp.start_processes
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        started.append(True)
+        return original(*args, **kwargs)
+
+    tmp.start_processes = spy  # type: ignore[assignment]
+    try:
+        with pytest.raises(ValueError, match=r"^EMACallback does not support DDPStrategy started by spawning"):
+            trainer.fit(make_net(), make_loader())
+    finally:
+        tmp.start_processes = original
+    assert started  # the launcher was on its way: refused while pickling the first child's arguments
+
+
 def test_model_parallel_strategy_is_accepted() -> None:
     """FSDP2 and tensor parallelism: the EMA keeps each rank's shards (2-rank runs: test_lightning_fsdp.py)."""
     from emakit.integrations.lightning import _strategy_refusal

@@ -206,9 +206,9 @@ def _coefficients(
         values: list[float] = list(sigma_rel) if isinstance(sigma_rel, (list, tuple)) else [sigma_rel]  # type: ignore[list-item]
         if not values:
             raise ValueError("sigma_rel must be a number or a non-empty list of numbers, got []")
-        profiles = [PowerProfile.from_sigma_rel(v) for v in values]
-        _check_distinct("sigma_rel", values, [p.gamma for p in profiles])
-        return list(profiles), [None] * len(values)
+        powers = [PowerProfile.from_sigma_rel(v) for v in values]
+        _check_distinct("sigma_rel", values, [p.gamma for p in powers])
+        return list(powers), [None] * len(values)
     profiles: list[Profile] = []
     smoothings: list[float | None] = []
     for h in half_lives:
