@@ -218,3 +218,16 @@ def test_evaluating_inside_average_parameters_raises_nothing(flatten: bool) -> N
         with ema.average_parameters():
             model.eval()
             model(torch.randn(8, 4))
+
+
+def test_ema_model_is_live_storage_as_its_docs_say() -> None:
+    """docs/guides/own-loop.md: a train-mode forward of ``ema_model`` moves the EMA's BatchNorm statistics."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = EMA(half_life="4ba")
+    ema.attach(model)
+    ema.step()
+    before = ema.ema_tensors["1.running_mean"].clone()
+    ema.ema_model(torch.randn(8, 4) + 3)  # eval mode: the statistics are read, not moved
+    assert torch.equal(ema.ema_tensors["1.running_mean"], before)
+    ema.ema_model.train()(torch.randn(8, 4) + 3)
+    assert not torch.equal(ema.ema_tensors["1.running_mean"], before)

@@ -419,12 +419,11 @@ class EMA(FormerNames):
 
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's structure holding the average: eval mode, no gradients.
-
-        Its tensors are the EMA storage itself (no copy; it follows the average as it updates) when the
-        model's dtypes are the average's. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
-        dtype, so it runs on the same inputs as the model; its tensors are refreshed from the fp32 average
-        each time this property is read. Frozen parameters are shared with the training model.
+        """A module of the model's structure holding the average: eval mode, no gradients. Live storage:
+        when the model's dtypes are the average's, its tensors are the EMA storage itself (no copy; it follows
+        the average), so writing to them writes the average: a train-mode forward (``ema_model.train()``)
+        moves the EMA's BatchNorm statistics. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
+        dtype, refreshed from the fp32 average each time this property is read. Frozen parameters are shared.
         """
         self.require_started()
         assert self._storage is not None
