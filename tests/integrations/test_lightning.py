@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper module beside this file, package or not
 from _lightning_worker import (
@@ -30,6 +31,7 @@ from _lightning_worker import (
     Net,
     StepRecorder,
     ddp_fit,
+    make_data,
     make_loader,
     make_net,
     make_trainer,
@@ -315,6 +317,51 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_fit_bitwise(tmp_path:
     assert_matches(dict(final["resumed"]["state_dict"]), dict(final["whole"]["state_dict"]), exact=True)
 
 
+class DropoutNet(Net):
+    """Net with dropout: its masks come from the global RNG, which Lightning does not restore on resume."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.dropout(torch.relu(self.bn(self.fc1(x))), 0.3, self.training))
+
+
+def test_resume_with_dropout_and_shuffling_follows_the_resumed_runs_own_weights(tmp_path: Path) -> None:
+    """docs/guides/lightning.md's caveat: with dropout or a shuffled loader, Lightning does not restore the RNG,
+    so a resumed run trains on other masks and batches than an uninterrupted one; the EMA still follows the
+    training weights exactly: it equals a float64 EMA recomputed from the resumed run's own recorded weights."""
+    smoothing = 0.8
+    data = make_data()
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=8, shuffle=True)
+
+    torch.manual_seed(0)
+    whole_model = DropoutNet()
+    whole_cb = EMACallback(smoothing=smoothing)
+    options = {"max_epochs": 2, "enable_checkpointing": True}
+    make_trainer([whole_cb, epoch_checkpoints(tmp_path)], **options).fit(whole_model, loader())
+
+    saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["callbacks"]["EMACallback"]["ema"]
+    reference = {name: t.to(torch.float64) if t.is_floating_point() else t for name, t in saved["ema"].items()}
+    torch.manual_seed(1)  # another process, another RNG state
+    resumed_model, resumed_cb, steps = DropoutNet(), EMACallback(smoothing=smoothing), StepRecorder()
+    make_trainer([resumed_cb, steps, epoch_checkpoints(tmp_path / "resumed")], **options).fit(
+        resumed_model, loader(), ckpt_path=tmp_path / "epoch=0.ckpt"
+    )
+    assert len(steps.after_step) == 6 and resumed_cb.ema.num_updates == whole_cb.ema.num_updates
+    for recorded in steps.after_step:
+        for name, value in reference.items():
+            w = recorded[name]
+            reference[name] = smoothing * value + (1 - smoothing) * w.to(torch.float64) if w.is_floating_point() else w
+    # the caveat is real: the resumed run's training weights are not the uninterrupted run's
+    assert not torch.allclose(weights(resumed_model)["fc1.weight"], weights(whole_model)["fc1.weight"])
+    got = ema_weights(resumed_cb)
+    for name, value in reference.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name].to(torch.float64), value, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[name], value), name
+
+
 def test_evaluating_a_checkpoint_uses_its_weights_not_the_live_average(tmp_path: Path) -> None:
     """``trainer.test(ckpt_path=...)`` after fit tests the checkpoint's EMA, not the callback's final one."""
     callback = EMACallback(half_life="3ba")
@@ -429,6 +476,30 @@ def test_unsupported_strategies_are_refused_at_setup(strategy: Any, message: str
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(), logger=False)
     with pytest.raises(ValueError, match=message):
         EMACallback().setup(trainer, make_net(), "fit")
+
+
+def test_ddp_spawn_is_refused_in_the_main_process_before_any_child_starts() -> None:
+    """Lightning calls no hook before its launcher starts processes; a spawn launcher pickles the callback there,
+    in this process, and that is refused with the plain error (not a child's traceback, ProcessRaisedException)."""
+    import torch.multiprocessing as tmp
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[EMACallback()], logger=False
+    )
+    started = []
+    original = tmp.start_processes
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        started.append(True)
+        return original(*args, **kwargs)
+
+    tmp.start_processes = spy  # type: ignore[assignment]
+    try:
+        with pytest.raises(ValueError, match=r"^EMACallback does not support DDPStrategy started by spawning"):
+            trainer.fit(make_net(), make_loader())
+    finally:
+        tmp.start_processes = original
+    assert started  # the launcher was on its way: refused while pickling the first child's arguments
 
 
 def test_model_parallel_strategy_is_accepted() -> None:

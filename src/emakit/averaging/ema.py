@@ -32,10 +32,10 @@ from torch import nn
 from emakit.averaging import states
 from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
-from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, parse_settings
+from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, low_precision_message, parse_settings
 from emakit.averaging.former import FormerNames
 from emakit.averaging.guard import skipped_message, training_weights_finite
-from emakit.averaging.snapshots import SnapshotSeries
+from emakit.averaging.snapshots import SnapshotSeries, check_snapshot_folder_writable
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
 from emakit.posthoc.profiles import PowerProfile, Profile
@@ -256,6 +256,10 @@ class EMA(FormerNames):
         self._averages.prepared = None  # it holds views of the previous model's weights
         if self.overlap:
             self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
+        if self.snapshot_folder is not None:
+            check_snapshot_folder_writable(self.snapshot_folder)
+        if message := low_precision_message([t.dtype for t in self._tracked.live()], self.fp32_ema, self.smoothings):
+            warnings.warn(message, stacklevel=2)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
@@ -279,6 +283,7 @@ class EMA(FormerNames):
         With ``'ba'`` units the average starts (as a copy of the weights) once ``ema_start`` is reached and
         then blends every ``update_interval``. Returns whether the average was started or blended.
         """
+        self._swap.refuse_step()
         self.timestamp.advance_batch(num_samples)
         return self.tick(TimeUnit.BATCH)
 
@@ -297,6 +302,8 @@ class EMA(FormerNames):
             return False
         if self._tracked.model is None:
             raise RuntimeError("call ema.attach(model) before the first ema.step()")
+        if self.snapshot_folder is not None:
+            self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         count = self.timestamp.get(unit)
         if not self.started:
             due = start_due(self.ema_start, self.timestamp, self.max_duration, self.batches_per_epoch)
@@ -354,6 +361,7 @@ class EMA(FormerNames):
         self.require_started()
         if self.snapshot_folder is None:
             raise RuntimeError("this EMA has no snapshot_folder: pass snapshot_folder and snapshot_interval")
+        self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         self.wait()
         return self._snapshots.write(
             self.snapshot_folder,
@@ -390,26 +398,32 @@ class EMA(FormerNames):
 
         Before the average has started the model keeps its training weights (there is no average yet to
         evaluate). On leaving the block, also through an exception, the training weights are put back
-        exactly as they were. Nested use on the same model is a no-op inside.
+        exactly as they were. Nested use on the same model is a no-op inside. No optimizer step belongs inside:
+        :meth:`step` raises there, and parameters changed in place there raise once the training weights are back.
         """
         target = self.model if model is None else model
         if not self.started or self._swap.swapped is not None:
             yield target
             return
         self.get_ema_model(target)
+        self._swap.blocks += 1
+        changed: list[str] = []
         try:
             yield target
+            changed = self._swap.changed_in_place(target, self._storage)  # type: ignore[arg-type]
         finally:
+            self._swap.blocks -= 1
             self.get_training_model(target)
+        if changed:
+            raise RuntimeError(self._swap.changed_message(changed))
 
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's structure holding the average: eval mode, no gradients.
-
-        Its tensors are the EMA storage itself (no copy; it follows the average as it updates) when the
-        model's dtypes are the average's. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
-        dtype, so it runs on the same inputs as the model; its tensors are refreshed from the fp32 average
-        each time this property is read. Frozen parameters are shared with the training model.
+        """A module of the model's structure holding the average: eval mode, no gradients. Live storage:
+        when the model's dtypes are the average's, its tensors are the EMA storage itself (no copy; it follows
+        the average), so writing to them writes the average: a train-mode forward (``ema_model.train()``)
+        moves the EMA's BatchNorm statistics. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
+        dtype, refreshed from the fp32 average each time this property is read. Frozen parameters are shared.
         """
         self.require_started()
         assert self._storage is not None
@@ -447,6 +461,8 @@ class EMA(FormerNames):
             timestamp=self.timestamp,
             averages=self._averages_as_model_tensors() if self.started else [],
             snapshot_index=self._snapshots.index,
+            snapshot_run=self._snapshots.run,
+            profiles=self.profiles,
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -454,7 +470,9 @@ class EMA(FormerNames):
         if not isinstance(state, Mapping):
             raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
         self.wait()
-        restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, stacklevel=3)
+        restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, 3, self.profiles)
+        if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
+            self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
         if restored.averages is None:
             self._averages.drop()
             self._swap.forget_ema_model()
@@ -469,8 +487,9 @@ class EMA(FormerNames):
         if restored.timestamp is not None:
             self.timestamp = restored.timestamp
         self._snapshots.index = restored.snapshot_index
+        self._snapshots.run = restored.snapshot_run
         if self.snapshot_folder is not None:
-            # snapshots written after the resumed point are dropped: their updates are redone
+            # snapshots written after the resumed point are moved aside: their updates are redone
             self._snapshots.resume(self.snapshot_folder, self.num_updates + 1 if self.started else 0, stacklevel=3)
         self._version += 1
 

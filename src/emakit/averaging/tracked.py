@@ -28,6 +28,8 @@ class TrackedModel:
         self.names: list[str] = []
         self._slots: list[tuple[dict, str]] = []
         self._slots_count = -1
+        #: The tracked tensors' shapes at attach: a replaced submodule must keep them.
+        self._shapes: list[torch.Size] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self.sharded = False
 
@@ -38,6 +40,7 @@ class TrackedModel:
         self.names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
         self._slots = tensor_slots(model, self.names)
         self._slots_count = registration_count()
+        self._shapes = [table[key].shape for table, key in self._slots]
         self.sharded = is_sharded_model(model)
         if flatten and not self.sharded:
             flatten_model_(model)
@@ -65,8 +68,23 @@ class TrackedModel:
                 assert self.model is not None
                 self._slots = tensor_slots(self.model, self.names)
                 self._slots_count = count
+                self._check_shapes()
             return [table[key] for table, key in self._slots]
         return [table[key] for table, key in tensor_slots(model, self.names)]
+
+    def _check_shapes(self) -> None:
+        for name, (table, key), shape in zip(self.names, self._slots, self._shapes, strict=True):
+            if table[key].shape != shape:
+                raise RuntimeError(
+                    f"tracked tensor {name!r} now has shape {tuple(table[key].shape)}, {tuple(shape)} when the EMA "
+                    "attached: a submodule or tensor was replaced by one of another shape, which the average cannot "
+                    "follow. Replace submodules before ema.attach(model), or attach a new EMA to the changed model"
+                )
+
+    def device(self) -> torch.device:
+        """Where the tracked tensors are (the CPU if none is followed): for the EMA's collectives."""
+        live = self.live() if self.model is not None else []
+        return live[0].device if live else torch.device("cpu")
 
     def as_model_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` (this rank's shards) as DTensors sharded like the model's, for sharded checkpoints."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import multiprocessing.context
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -113,13 +114,17 @@ def _strategy_refusal(strategy: Strategy) -> str | None:
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         return f"EMACallback supports one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"
     if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
-        return (
-            f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
-            "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
-            "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
-            "launches the script once per device) or launch with torchrun"
-        )
+        return _launcher_refusal(name)
     return None
+
+
+def _launcher_refusal(name: str) -> str:
+    return (
+        f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
+        "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
+        "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
+        "launches the script once per device) or launch with torchrun"
+    )
 
 
 def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -221,6 +226,18 @@ class EMACallback(Callback):
         """``"EMACallback"``: independent of the hyperparameters, so that a resume with a changed half-life finds
         its state; Lightning then refuses a second EMACallback in one Trainer (both would rewrite ``state_dict``)."""
         return "EMACallback"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refuse, in the calling process, to be sent to the children of a spawn launcher.
+
+        Lightning calls no callback hook before its launcher starts processes; with ``strategy='ddp_spawn'``
+        it pickles the Trainer, callbacks included, for each child, so this is the first point in the main
+        process that sees it (``setup`` runs in the children, where the error would come back buried in
+        their tracebacks). A forking launcher pickles nothing: there ``setup`` refuses, in the children.
+        """
+        if multiprocessing.context.get_spawning_popen() is not None:
+            raise ValueError(_launcher_refusal("DDPStrategy"))
+        return self.__dict__.copy()
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
