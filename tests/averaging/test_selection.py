@@ -298,7 +298,7 @@ def test_a_resumed_state_must_hold_what_a_fixed_selection_names() -> None:
     state = ema.state_dict()
     resumed = EMA(smoothing=0.5, params="all")
     resumed.attach(model)
-    with pytest.raises(ValueError, match="EMA state has no tensor '5.bias'"):
+    with pytest.raises(ValueError, match=r"EMA state has no tensor '5\.bias'"):
         resumed.load_state_dict(dict(state, ema={k: v for k, v in state["ema"].items() if k != "5.bias"}))
     assert not resumed.started  # nothing changed
     # under 'trainable' the state's parameters are those that required grad at its start
@@ -306,6 +306,6 @@ def test_a_resumed_state_must_hold_what_a_fixed_selection_names() -> None:
     trainable.attach(model)
     trainable.load_state_dict(dict(state, ema={k: v for k, v in state["ema"].items() if k != "5.bias"}))
     assert "5.bias" not in trainable.ema_tensors and "5.weight" in trainable.ema_tensors
-    with pytest.raises(ValueError, match="EMA state has no tensor '1.running_var'"):
+    with pytest.raises(ValueError, match=r"EMA state has no tensor '1\.running_var'"):
         trainable.load_state_dict(dict(state, ema={k: v for k, v in state["ema"].items() if k != "1.running_var"}))
     assert "5.bias" not in trainable.ema_tensors  # the failed load changed nothing
