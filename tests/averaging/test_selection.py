@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from emakit import EMA, export_ema_weights
@@ -309,3 +311,37 @@ def test_a_resumed_state_must_hold_what_a_fixed_selection_names() -> None:
     with pytest.raises(ValueError, match=r"EMA state has no tensor '1\.running_var'"):
         trainable.load_state_dict(dict(state, ema={k: v for k, v in state["ema"].items() if k != "1.running_var"}))
     assert "5.bias" not in trainable.ema_tensors  # the failed load changed nothing
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    patterns=st.lists(st.sampled_from(["0.*", "1.*", "3.*", "5.*", "*.bias", "*.weight", "?.weight"]), min_size=1),
+    policies=st.dictionaries(
+        st.sampled_from(["1.running_mean", "1.running_var", "1.*", "*"]),
+        st.sampled_from(["average", "copy", "share"]),
+        max_size=3,
+    ),
+)
+def test_any_selection_keeps_exactly_what_it_names(patterns: list[str], policies: dict[str, str]) -> None:
+    """Property: the kept set is the matched parameters, the buffers whose first matching policy is not 'share',
+    and the integer buffer; exactly the 'copy' ones are copied. Checked against a hand-written matcher."""
+    model = make_net()
+    ema = EMA(smoothing=0.5, params=patterns, buffers=policies or "average")
+    ema.attach(model)
+    ema.step()
+
+    def match(name: str, pattern: str) -> bool:  # '*' any run of characters, '?' one character
+        import re
+
+        return re.fullmatch(pattern.replace(".", r"\.").replace("*", ".*").replace("?", "."), name) is not None
+
+    params = [n for n, _ in model.named_parameters() if any(match(n, p) for p in patterns)]
+    kept_buffers, copied = ["1.num_batches_tracked"], []
+    for name in ("1.running_mean", "1.running_var"):
+        policy = next((v for k, v in policies.items() if match(name, k)), "average")
+        if policy != "share":
+            kept_buffers.append(name)
+        if policy == "copy":
+            copied.append(name)
+    assert sorted(ema.ema_tensors) == sorted(params + kept_buffers)
+    assert sorted(ema._copied) == sorted(copied)
