@@ -135,3 +135,25 @@ def test_transformers_posthoc_snapshots_equal_a_hand_loop_and_resume_without_gap
     assert [info.step for info in read_snapshot_index(tmp_path / "snaps-cut")] == [2, 4, 6]
     train(tmp_path / "cut", tmp_path / "snaps-cut", resume=str(tmp_path / "cut" / "checkpoint-5"))
     assert_same_snapshots(tmp_path / "snaps-cut", tmp_path / "snaps-full")
+
+
+def test_lightning_posthoc_snapshots_resume_without_gap_or_duplicate(tmp_path: Path) -> None:
+    """Cut after epoch 2 of 3 (snapshots up to step 12), resumed from the epoch-1 checkpoint (step 6): the
+    snapshots after step 6 are dropped and written again, and the folder equals the uninterrupted run's."""
+    pytest.importorskip("lightning")
+    from _lightning_worker import make_loader, make_net, make_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from emakit.integrations.lightning import EMACallback
+
+    def fit(max_epochs: int, snapshots: Path, checkpoints: Path, ckpt_path: Path | None = None) -> None:
+        callback = EMACallback(**POSTHOC, snapshot_folder=snapshots)  # type: ignore[arg-type]
+        saver = ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer([callback, saver], max_epochs=max_epochs, enable_checkpointing=True)
+        trainer.fit(make_net(), make_loader(), ckpt_path=ckpt_path)
+
+    fit(3, tmp_path / "snaps-full", tmp_path / "ckpt-full")
+    fit(2, tmp_path / "snaps-cut", tmp_path / "ckpt-cut")
+    assert [info.step for info in read_snapshot_index(tmp_path / "snaps-cut")] == [2, 4, 6, 8, 10, 12]
+    fit(3, tmp_path / "snaps-cut", tmp_path / "ckpt-resumed", ckpt_path=tmp_path / "ckpt-cut" / "epoch=0.ckpt")
+    assert_same_snapshots(tmp_path / "snaps-cut", tmp_path / "snaps-full")
