@@ -344,4 +344,4 @@ def test_any_selection_keeps_exactly_what_it_names(patterns: list[str], policies
         if policy == "copy":
             copied.append(name)
     assert sorted(ema.ema_tensors) == sorted(params + kept_buffers)
-    assert sorted(ema._copied) == sorted(copied)
+    assert sorted(ema._kept.copied) == sorted(copied)

@@ -35,11 +35,10 @@ from emakit.averaging.clock import check_batches_per_epoch, check_duration, star
 from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, parse_settings
 from emakit.averaging.former import FormerNames
 from emakit.averaging.guard import skipped_message, training_weights_finite
-from emakit.averaging.selection import BufferPolicy, ParamSelection, copy_kept_buffers, decide, parse_selection
+from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse_selection
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
-from emakit.engine.naming import named_tensors
 from emakit.posthoc.profiles import PowerProfile, Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -99,16 +98,11 @@ class EMA(FormerNames):
             ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
         eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
             and exports use (an index into the averages, default 0).
-        params: which parameters are averaged: ``'trainable'`` (default: those that require grad when the
-            average starts; later changes of ``requires_grad`` do not change the set), ``'all'`` (frozen
-            ones too), a list of glob patterns on canonical names (``['*.lora_A.*', '*.lora_B.*']``), or
-            a callable ``(name, tensor) -> bool`` asked when the average starts. Parameters left out cost no
-            memory: the eval swap leaves them in place, :attr:`ema_model` shares them with the model, and
-            checkpoints and exports hold the model's own values. See :mod:`emakit.averaging.selection`.
-        buffers: what happens to floating buffers: ``'average'`` (default), ``'copy'`` (the model's value
-            at each update) or ``'share'`` (not kept: the EMA model uses the model's own), or a dict
-            ``{glob pattern: policy}`` (first match wins; unmatched buffers are averaged). Integer and bool
-            buffers are always copied.
+        params: the parameters averaged: ``'trainable'`` (default; those requiring grad when the average
+            starts), ``'all'``, glob patterns on canonical names, or a callable ``(name, tensor) -> bool``.
+        buffers: floating buffers ``'average'`` (default), ``'copy'`` or ``'share'`` (not kept), or
+            ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
+            :mod:`emakit.averaging.selection`.
     """
 
     def __init__(
@@ -164,9 +158,7 @@ class EMA(FormerNames):
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
         self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
-        self._selection = parse_selection(params, buffers)
-        #: Floating buffers kept by copying (``buffers`` policy ``'copy'``), by canonical name.
-        self._copied: list[str] = []
+        selection = parse_selection(params, buffers)
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -180,6 +172,7 @@ class EMA(FormerNames):
         self._averages = Averages(self.num_averages)
         self._swap = Swap(self._tracked)
         self._snapshots = SnapshotSeries()
+        self._kept = Kept(selection, self._tracked, self._averages, self._swap)
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
@@ -269,17 +262,9 @@ class EMA(FormerNames):
             self.set_duration(max_duration, batches_per_epoch)
         self.wait()  # flattening re-points the tensors a pending update reads
         self._tracked.attach(model, flatten=self.flatten_model)
-        # a choice naming nothing fails here; the set itself is decided when the average starts
-        decision = decide(self._selection, model, at_start=False)
-        if self._averages.storages is not None:  # re-attached after the start: the started set stays
-            self._tracked.select(self._averages.storages[0].names)
-        else:
-            self._tracked.select(decision.names)
-        self._copied = [n for n in decision.copied if n in self._tracked.names]
         self._live_reader = self._tracked.live
         self._averages.prepared = None  # it holds views of the previous model's weights
-        if self.overlap:
-            self._setup_overlap()
+        self._kept.attach(self.overlap)  # a choice naming nothing fails here; the set is fixed at the start
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
@@ -324,7 +309,7 @@ class EMA(FormerNames):
         count = self.timestamp.get(unit)
         if not self.started:
             due = start_due(self.ema_start, self.timestamp, self.max_duration, self.batches_per_epoch)
-            if not (due and self._decide_selection() and self._finite_or_skip(count)):
+            if not (due and self._kept.start(self.overlap) and self._finite_or_skip(count)):
                 return False
             self._initialise(count)
         elif update_due(count, self.update_interval) and self._finite_or_skip(count):
@@ -347,43 +332,6 @@ class EMA(FormerNames):
         warnings.warn(skipped_message(self.update_interval.unit, count, self.num_skipped_nonfinite), stacklevel=3)
         return False
 
-    def _decide_selection(self) -> bool:
-        """Fix the tensors the average keeps, as the selection finds them now (the start); returns True."""
-        assert self._tracked.model is not None
-        decision = decide(self._selection, self._tracked.model, at_start=True)
-        if self._tracked.select(decision.names):
-            self._averages.drop()
-            self._swap.forget_ema_model()
-            if self.overlap:
-                self._setup_overlap()
-        self._copied = decision.copied
-        return True
-
-    def _setup_overlap(self) -> None:
-        model = self._tracked.model
-        assert model is not None
-        params = named_tensors(model, include_buffers=False)
-        self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
-
-    def _select_saved(self, state: Mapping[str, Any]) -> list[str] | None:
-        """Track the tensors a started ``state`` holds (the set fixed at its start); returns the former set
-        if it changed, for :meth:`load_state_dict` to put back should the state not load."""
-        ema = state.get("ema") if state.get("started") else None
-        if self._tracked.model is None or not isinstance(ema, Mapping):
-            return None
-        decided = decide(self._selection, self._tracked.model, at_start=False).names
-        known = named_tensors(self._tracked.model)
-        params = named_tensors(self._tracked.model, include_buffers=False)
-        # a selection by requires_grad or a callable was decided at the state's start: its parameters are the
-        # state's; anything else must be as the selection says (read_state names a missing or unknown tensor)
-        chosen_at_start = self._selection.params == "trainable" or callable(self._selection.params)
-        names = [n for n in known if (n in ema if chosen_at_start and n in params else n in decided)]
-        former = list(self._tracked.names)
-        if names == former:
-            return None
-        self._tracked.select(names)
-        return former
-
     def _initialise(self, count: int) -> None:
         """Start (or restart) every average as a copy of the training weights, at ``count``."""
         self.wait()
@@ -403,8 +351,7 @@ class EMA(FormerNames):
             source = self._swap.training_tensors()  # a reusable plan only for plain models
         # the start, a copy of the weights, was update 1
         self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2))
-        if self._copied:
-            copy_kept_buffers(self._averages.storages, self._tracked.names, self._swap.training_tensors(), self._copied)
+        self._kept.after_blend(self._swap.training_tensors)
         self.num_updates += 1
         self._version += 1
 
@@ -517,21 +464,8 @@ class EMA(FormerNames):
         if not isinstance(state, Mapping):
             raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
         self.wait()
-        former = self._select_saved(state)
-        try:
+        with self._kept.saved_set(state, self.overlap):  # the set fixed at the state's start
             restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, stacklevel=3)
-        except BaseException:
-            if former is not None:
-                self._tracked.select(former)
-            raise
-        if former is not None:  # the state's set of tensors, fixed when its average started
-            self._averages.drop()
-            self._swap.forget_ema_model()
-            assert self._tracked.model is not None
-            decision = decide(self._selection, self._tracked.model, at_start=False)
-            self._copied = [n for n in decision.copied if n in self._tracked.names]
-            if self.overlap:
-                self._setup_overlap()
         if restored.averages is None:
             self._averages.drop()
             self._swap.forget_ema_model()
