@@ -35,11 +35,14 @@ from _lightning_worker import (
     make_loader,
     make_net,
     make_trainer,
+    posthoc_settings,
     weights,
 )
+from safetensors.torch import load_file
 
 from emakit.flatten import is_flattened
 from emakit.integrations.lightning import TRAINING_STATE_KEY, EMACallback
+from emakit.posthoc import read_snapshot_index
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_lightning_worker.py")
@@ -418,6 +421,19 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
             for key, value in expected.items():
                 torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
     assert_matches(ranks[0]["flat_overlap"]["ema"], ranks[0]["plain"]["ema"], exact=True)
+    # post-hoc EMA: one snapshot series, written by rank 0 alone, equal to one process's to fp32 rounding
+    ddp_fit(devices=1, **posthoc_settings(tmp_path / "single"))
+    written = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert [i.step for i in read_snapshot_index(tmp_path / "snapshots")] == [2, 4, 6, 8, 10, 12]
+    for got, expected in zip(
+        read_snapshot_index(tmp_path / "snapshots"), read_snapshot_index(tmp_path / "single"), strict=True
+    ):
+        assert got.t == expected.t
+        a, b = load_file(got.path), load_file(expected.path)
+        assert set(a) == set(b)
+        for key, value in b.items():
+            torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -490,6 +490,14 @@ def test_two_rank_ddp_matches_one_process_and_resumes_exactly(tmp_path: Path) ->
         assert_same(ranks[1][key], ranks[0][key])
     assert_same(ranks[0]["resumed_weights"], ranks[0]["weights"])
     assert_same(ranks[0]["resumed_ema"], ranks[0]["ema"])
+    # one snapshot series per run, written by rank 0; the cut-and-resumed one equals the uninterrupted one
+    from emakit.posthoc import read_snapshot_index
+
+    series = [read_snapshot_index(tmp_path / run / "snapshots") for run in ("full", "cut")]
+    assert [info.step for info in series[0]] == [info.step for info in series[1]] == [2, 3, 4, 5, 6]
+    for full_info, cut_info in zip(*series, strict=True):
+        assert full_info.t == cut_info.t
+        assert_same(load_file(cut_info.path), load_file(full_info.path))
     # one process seeing the same global batches (per-device batch 4 = 2 ranks x 2) gets the same run
     from _hf_ddp_worker import RUN
 

@@ -35,6 +35,7 @@ from emakit.averaging.clock import check_batches_per_epoch, check_duration, star
 from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, low_precision_message, parse_settings
 from emakit.averaging.former import FormerNames
 from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse_selection
 from emakit.averaging.snapshots import SnapshotSeries, check_snapshot_folder_writable
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
@@ -97,6 +98,11 @@ class EMA(FormerNames):
             ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
         eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
             and exports use (an index into the averages, default 0).
+        params: the parameters averaged: ``'trainable'`` (default; those requiring grad when the average
+            starts), ``'all'``, glob patterns on canonical names, or a callable ``(name, tensor) -> bool``.
+        buffers: floating buffers ``'average'`` (default), ``'copy'`` or ``'share'`` (not kept), or
+            ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
+            :mod:`emakit.averaging.selection`.
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class EMA(FormerNames):
         snapshot_folder: str | os.PathLike[str] | None = None,
         snapshot_dtype: torch.dtype = torch.float32,
         eval_average: int = 0,
+        params: ParamSelection = "trainable",
+        buffers: BufferPolicy = "average",
     ) -> None:
         settings = parse_settings(
             half_life,
@@ -150,6 +158,7 @@ class EMA(FormerNames):
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
         self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
+        selection = parse_selection(params, buffers)
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -163,6 +172,7 @@ class EMA(FormerNames):
         self._averages = Averages(self.num_averages)
         self._swap = Swap(self._tracked)
         self._snapshots = SnapshotSeries()
+        self._kept = Kept(selection, self._tracked, self._averages, self._swap)
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
@@ -251,11 +261,10 @@ class EMA(FormerNames):
         if max_duration is not None or batches_per_epoch is not None:
             self.set_duration(max_duration, batches_per_epoch)
         self.wait()  # flattening re-points the tensors a pending update reads
-        params = self._tracked.attach(model, flatten=self.flatten_model)
+        self._tracked.attach(model, flatten=self.flatten_model)
         self._live_reader = self._tracked.live
         self._averages.prepared = None  # it holds views of the previous model's weights
-        if self.overlap:
-            self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
+        self._kept.attach(self.overlap)  # a choice naming nothing fails here; the set is fixed at the start
         if self.snapshot_folder is not None:
             check_snapshot_folder_writable(self.snapshot_folder)
         if message := low_precision_message([t.dtype for t in self._tracked.live()], self.fp32_ema, self.smoothings):
@@ -307,7 +316,7 @@ class EMA(FormerNames):
         count = self.timestamp.get(unit)
         if not self.started:
             due = start_due(self.ema_start, self.timestamp, self.max_duration, self.batches_per_epoch)
-            if not (due and self._finite_or_skip(count)):
+            if not (due and self._kept.start(self.overlap) and self._finite_or_skip(count)):
                 return False
             self._initialise(count)
         elif update_due(count, self.update_interval) and self._finite_or_skip(count):
@@ -349,6 +358,7 @@ class EMA(FormerNames):
             source = self._swap.training_tensors()  # a reusable plan only for plain models
         # the start, a copy of the weights, was update 1
         self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2))
+        self._kept.after_blend(self._swap.training_tensors)
         self.num_updates += 1
         self._version += 1
 
@@ -470,7 +480,8 @@ class EMA(FormerNames):
         if not isinstance(state, Mapping):
             raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
         self.wait()
-        restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, 3, self.profiles)
+        with self._kept.saved_set(state, self.overlap):  # the set fixed at the state's start
+            restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, 3, self.profiles)
         if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
             self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
         if restored.averages is None:

@@ -153,8 +153,8 @@ class Swap:
                 casts.append((cast, view))
                 view = cast
             memo[id(original)] = nn.Parameter(view, requires_grad=False) if isinstance(original, nn.Parameter) else view
-        for param in module.parameters():
-            memo.setdefault(id(param), param)
+        for kept in (*module.parameters(), *module.buffers()):  # what the EMA does not keep is shared
+            memo.setdefault(id(kept), kept)
         ema_model = copy.deepcopy(module, memo)
         self._ema_model_casts = casts
         return ema_model.eval()

@@ -1,13 +1,13 @@
 """Which tensors of the model the EMA follows, and reading them wherever they live now.
 
-:class:`TrackedModel` pairs the model's trainable parameters and buffers by canonical name at attach, and
+:class:`TrackedModel` pairs the selected tensors (:mod:`.selection`) by canonical name, and
 finds them again when a submodule or tensor is registered anew (re-pairing), so that every other part of
 the EMA reads "the tracked tensors" without knowing about wrappers, flattening or FSDP shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +45,17 @@ class TrackedModel:
         if flatten and not self.sharded:
             flatten_model_(model)
         return params
+
+    def select(self, names: Sequence[str]) -> bool:
+        """Track ``names`` (canonical) from now on instead of the set chosen before; returns whether it changed."""
+        assert self.model is not None
+        if list(names) == self.names:
+            return False
+        self._slots = tensor_slots(self.model, names)
+        self.names = list(names)
+        self._slots_count = registration_count()
+        self._shapes = [table[key].shape for table, key in self._slots]
+        return True
 
     def is_own(self, model: nn.Module) -> bool:
         """Whether ``model`` is the followed model (wrappers aside)."""

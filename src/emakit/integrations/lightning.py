@@ -27,12 +27,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import multiprocessing.context
+import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+
 from emakit import EMA
+from emakit.averaging.selection import BufferPolicy, ParamSelection
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.sharding import reshard_model
@@ -139,8 +143,11 @@ def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mappin
 class EMACallback(Callback):
     """Keep an :class:`emakit.EMA` of a LightningModule's weights, evaluate and checkpoint with it.
 
-    The first eight arguments, and any further keyword (``ema_kwargs``, e.g. ``sigma_rel``), are
-    :class:`emakit.EMA`'s, with its defaults and its checks; ``'ba'`` counts
+    Every argument but ``weights_after_fit`` is :class:`emakit.EMA`'s, under the same name, with its default
+    and its checks (the Transformers callback takes the same list): the averaging (``half_life``,
+    ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval``), what is averaged (``params``,
+    ``buffers``), post-hoc snapshots (``snapshot_interval``, ``snapshot_folder``, ``snapshot_dtype``, written
+    by rank 0 and continued without gap or duplicate on resume), ``eval_average`` and the speed flags. ``'ba'`` counts
     optimizer steps (with ``accumulate_grad_batches=N``, one per N batches), ``'ep'`` epochs, and ``'dur'``
     a fraction of ``max_steps`` (if set) or else ``max_epochs``. The EMA is :attr:`ema`.
 
@@ -185,8 +192,14 @@ class EMACallback(Callback):
         flatten_model: bool = _EMA_DEFAULTS["flatten_model"],
         overlap: bool = _EMA_DEFAULTS["overlap"],
         *,
+        sigma_rel: float | Sequence[float] | None = None,
+        snapshot_interval: str | Time | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
+        snapshot_dtype: torch.dtype = _EMA_DEFAULTS["snapshot_dtype"],
+        eval_average: int = 0,
+        params: ParamSelection = _EMA_DEFAULTS["params"],
+        buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
         weights_after_fit: Literal["training", "ema"] = "training",
-        **ema_kwargs: Any,
     ) -> None:
         super().__init__()
         #: The EMA this callback drives; its checks name the argument and value of any bad hyperparameter.
@@ -199,7 +212,13 @@ class EMACallback(Callback):
             skip_nonfinite=skip_nonfinite,
             flatten_model=flatten_model,
             overlap=overlap,
-            **ema_kwargs,
+            sigma_rel=sigma_rel,
+            snapshot_interval=snapshot_interval,
+            snapshot_folder=snapshot_folder,
+            snapshot_dtype=snapshot_dtype,
+            eval_average=eval_average,
+            params=params,
+            buffers=buffers,
         )
         if weights_after_fit not in _WEIGHTS_AFTER_FIT:
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
