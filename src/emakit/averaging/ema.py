@@ -34,7 +34,7 @@ from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
 from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, parse_settings
 from emakit.averaging.former import FormerNames
-from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.guard import nonfinite_baseline, skipped_message, training_weights_finite
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
@@ -165,6 +165,8 @@ class EMA(FormerNames):
         self._snapshots = SnapshotSeries()
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
+        #: Tensors holding NaN/Inf when attached, by position (see :func:`~emakit.averaging.guard.nonfinite_baseline`).
+        self._baseline: dict[int, torch.Tensor] = {}
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
         self._version = 0
 
@@ -253,6 +255,8 @@ class EMA(FormerNames):
         self.wait()  # flattening re-points the tensors a pending update reads
         params = self._tracked.attach(model, flatten=self.flatten_model)
         self._live_reader = self._tracked.live
+        # the model's own NaN/Inf values (a -inf causal mask) as attached: not divergence, for the guard
+        self._baseline = nonfinite_baseline(self._tracked.live())
         self._averages.prepared = None  # it holds views of the previous model's weights
         if self.overlap:
             self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
@@ -317,7 +321,8 @@ class EMA(FormerNames):
         if not self.skip_nonfinite:
             return True
         flat = self._storage if self._swap.swapped is None and not self._tracked.sharded else None
-        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded):
+        reference = self._storage.views() if self.started and self._storage is not None else self._baseline
+        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded, reference):
             return True
         self.num_skipped_nonfinite += 1
         warnings.warn(skipped_message(self.update_interval.unit, count, self.num_skipped_nonfinite), stacklevel=3)
