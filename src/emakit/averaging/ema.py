@@ -167,6 +167,8 @@ class EMA(FormerNames):
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
         #: Tensors holding NaN/Inf when attached, by position (see :func:`~emakit.averaging.guard.nonfinite_baseline`).
         self._baseline: dict[int, torch.Tensor] = {}
+        #: A state was loaded and the clock has not moved since (see :meth:`set_duration`).
+        self._loaded_epoch_open = False
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
         self._version = 0
 
@@ -262,11 +264,20 @@ class EMA(FormerNames):
             self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
-        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
+        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
+
+        Given after :meth:`load_state_dict` (as trainers do when training starts), ``batches_per_epoch`` also
+        completes a resume from a checkpoint written after an epoch's last batch but before its end was
+        counted (Lightning's and Transformers' step checkpoints): the state's ``batch_in_epoch`` equals the
+        epoch length, the framework goes on with the next epoch without that event, so the EMA counts the
+        epoch's end here (:meth:`epoch_end`: an ``'ep'`` update is due at it), before any weight changes.
+        """
         if max_duration is not None:
             self.max_duration = check_duration(max_duration, self.ema_start)
         if batches_per_epoch is not None:
             self.batches_per_epoch = check_batches_per_epoch(batches_per_epoch)
+            if self._loaded_epoch_open and 0 < self.batches_per_epoch == self.timestamp.batch_in_epoch:
+                self.epoch_end()
 
     def wait(self) -> None:
         """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
@@ -297,6 +308,7 @@ class EMA(FormerNames):
         :meth:`step` and :meth:`epoch_end` call this after advancing the clock; a trainer that keeps the
         clock itself (sets :attr:`timestamp`) calls it directly. Returns whether the average changed.
         """
+        self._loaded_epoch_open = False  # the clock moved on: a resume's epoch boundary is settled
         if unit != self.update_interval.unit:
             return False
         if self._tracked.model is None:
@@ -474,6 +486,7 @@ class EMA(FormerNames):
         if restored.timestamp is not None:
             self.timestamp = restored.timestamp
         self._snapshots.index = restored.snapshot_index
+        self._loaded_epoch_open = True  # see set_duration
         if self.snapshot_folder is not None:
             # snapshots written after the resumed point are dropped: their updates are redone
             self._snapshots.resume(self.snapshot_folder, self.num_updates + 1 if self.started else 0, stacklevel=3)
