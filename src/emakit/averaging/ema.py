@@ -165,10 +165,8 @@ class EMA(FormerNames):
         self._snapshots = SnapshotSeries()
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
-        #: Tensors holding NaN/Inf when attached, by position (see :func:`~emakit.averaging.guard.nonfinite_baseline`).
-        self._baseline: dict[int, torch.Tensor] = {}
-        #: A state was loaded and the clock has not moved since (see :meth:`set_duration`).
-        self._loaded_epoch_open = False
+        self._baseline: dict[int, torch.Tensor] = {}  # tensors holding NaN/Inf at attach, for the guard
+        self._loaded_epoch_open = False  # a state was loaded and the clock has not moved since: set_duration
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
         self._version = 0
 
@@ -266,12 +264,8 @@ class EMA(FormerNames):
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
 
-        Given after :meth:`load_state_dict` (as trainers do when training starts), ``batches_per_epoch`` also
-        completes a resume from a checkpoint written after an epoch's last batch but before its end was
-        counted (Lightning's and Transformers' step checkpoints): the state's ``batch_in_epoch`` equals the
-        epoch length, the framework goes on with the next epoch without that event, so the EMA counts the
-        epoch's end here (:meth:`epoch_end`: an ``'ep'`` update is due at it), before any weight changes.
-        """
+        After :meth:`load_state_dict`, a ``batches_per_epoch`` equal to the state's ``batch_in_epoch`` means the
+        checkpoint was written after an epoch's last batch, before its end: that :meth:`epoch_end` is run here."""
         if max_duration is not None:
             self.max_duration = check_duration(max_duration, self.ema_start)
         if batches_per_epoch is not None:
@@ -453,7 +447,10 @@ class EMA(FormerNames):
 
     # ------------------------------------------------------------------ state for resuming
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs: the average (fp32 master), counters and the clock."""
+        """Everything an exact resume needs: the average (fp32 master), counters and the clock.
+
+        As with torch's, the tensors are references to the live average: a state kept in memory (not saved)
+        must be ``copy.deepcopy``-ed, or its tensors follow later updates while its counters do not."""
         self.wait()
         return states.ema_state(
             started=self.started,
