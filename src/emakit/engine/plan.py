@@ -150,12 +150,12 @@ class UpdatePlan:
         self.registrations = registration_count()
         if phases is None:
             phases = [0] * len(targets)
-        #: Averaged pairs whose source held NaN or Inf when the plan was made (a causal mask of -inf): blended
-        #: like the others, then set back where the average equalled the source, so that equal non-finite values
-        #: stay what they are instead of turning into NaN (lerp(-inf, -inf, w) is NaN). (phase, target, source),
-        #: detached, so that the plan's reference counts still drop when the model's tensors are replaced.
-        #: Their positions in the order given.
+        #: Positions (in the order given) of the averaged pairs whose source held NaN or Inf when the plan was
+        #: made (a causal mask of -inf): blended like the others, then set back where the average equalled the
+        #: source, so that equal non-finite values stay what they are (lerp(-inf, -inf, w) is NaN).
         self.keep_index = nonfinite_positions(sources, averaged)
+        #: Those pairs as (phase, target, source), detached: the model's tensors' reference counts must still drop
+        #: when they are replaced.
         self.keep_equal: list[tuple[int, torch.Tensor, torch.Tensor]] = [
             (phases[i], targets[i].detach(), sources[i].detach()) for i in self.keep_index
         ]
