@@ -124,3 +124,19 @@ def test_compute_ema_keeps_a_constant_minus_inf_buffer(flatten: bool) -> None:
     records: list = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
     train(model, 5, lambda: compute_ema(model, ema_model, 0.8), records)
     check(dict(ema_model.state_dict()), reference(records, 0.8), mask)
+
+
+def test_a_resumed_average_keeps_the_mask_and_matches_the_reference() -> None:
+    import copy
+
+    model = Causal()
+    mask = model.mask.clone()
+    first = EMA(smoothing=0.6)
+    first.attach(model)
+    records: list = []
+    train(model, 3, first.step, records)
+    resumed = EMA(smoothing=0.6)
+    resumed.attach(model)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    train(model, 3, resumed.step, records)
+    check(resumed.ema_tensors, reference(records, 0.6), mask)

@@ -135,6 +135,8 @@ class UpdatePlan:
         phases: per pair, a small integer; pairs of different phases never share a kernel, so that
             ``run(weight, phase)`` can update them at different moments (an overlapped EMA updates the
             parameters later than the buffers). Default: all in phase 0.
+        keep: the positions of the averaged pairs that may hold equal non-finite values (see ``keep_index``),
+            when the caller knows them; default: those whose source holds NaN or Inf now (one pass over them).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class UpdatePlan:
         protected: Sequence[torch.Tensor] = (),
         watch_targets: bool = True,
         phases: Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
     ) -> None:
         self.registrations = registration_count()
         if phases is None:
@@ -153,7 +156,7 @@ class UpdatePlan:
         #: Positions (in the order given) of the averaged pairs whose source held NaN or Inf when the plan was
         #: made (a causal mask of -inf): blended like the others, then set back where the average equalled the
         #: source, so that equal non-finite values stay what they are (lerp(-inf, -inf, w) is NaN).
-        self.keep_index = nonfinite_positions(sources, averaged)
+        self.keep_index = nonfinite_positions(sources, averaged) if keep is None else sorted(keep)
         #: Those pairs as (phase, target, source), detached: the model's tensors' reference counts must still drop
         #: when they are replaced.
         self.keep_equal: list[tuple[int, torch.Tensor, torch.Tensor]] = [
