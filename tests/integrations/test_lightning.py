@@ -166,6 +166,19 @@ def test_manual_optimization_with_two_optimizers_is_one_update_per_batch() -> No
     assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7))
 
 
+@pytest.mark.parametrize(("ema_start", "start_batch"), [("0.5dur", 6), ("0.6dur", 8)])
+def test_manual_optimization_dur_is_a_fraction_of_the_batches_that_step(ema_start: str, start_batch: int) -> None:
+    """max_steps=24 counts optimizer steps, two per batch: 12 batches, which is what the EMA's clock counts."""
+    recorder = StepRecorder()
+    callback = EMACallback(smoothing=0.7, ema_start=ema_start)
+    trainer = make_trainer([recorder, callback], max_epochs=5, max_steps=24)
+    torch.manual_seed(0)
+    trainer.fit(TwoOptimizers(), make_loader())
+    assert trainer.global_step == 24 and len(recorder.after_step) == 12
+    assert callback.ema.start_count == start_batch
+    assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7, start=start_batch))
+
+
 @pytest.mark.parametrize(
     ("trainer_kwargs", "ema_start", "start_step", "length"),
     [
@@ -363,6 +376,40 @@ def test_resume_with_dropout_and_shuffling_follows_the_resumed_runs_own_weights(
             torch.testing.assert_close(got[name].to(torch.float64), value, rtol=1e-6, atol=1e-7)
         else:
             assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize(("half_life", "ema_start"), [("1ep", "0.0dur"), ("2ba", "0.7dur")])
+def test_resume_from_a_step_checkpoint_at_an_epoch_end_counts_that_epoch(
+    tmp_path: Path, half_life: str, ema_start: str
+) -> None:
+    """every_n_train_steps=6 with 6 batches an epoch: step=12.ckpt is written after the epoch's last batch,
+    before on_train_epoch_end, and Lightning resumes with the next epoch without that event."""
+    options = {"max_epochs": 3, "enable_checkpointing": True}
+
+    def saver(folder: Path) -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=folder, filename="{step}", save_top_k=-1, every_n_train_steps=6)
+
+    whole_cb = EMACallback(half_life=half_life, ema_start=ema_start)
+    whole = make_net()
+    make_trainer([whole_cb, saver(tmp_path / "whole")], **options).fit(whole, make_loader())
+    saved = torch.load(tmp_path / "whole" / "step=12.ckpt", weights_only=True)
+    assert (
+        saved["callbacks"][next(k for k in saved["callbacks"] if "EMACallback" in k)]["ema"]["timestamp"][
+            "batch_in_epoch"
+        ]
+        == 6
+    )
+
+    resumed_cb = EMACallback(half_life=half_life, ema_start=ema_start)
+    resumed = make_net(seed=123)
+    trainer = make_trainer([resumed_cb, saver(tmp_path / "resumed")], **options)
+    trainer.fit(resumed, make_loader(), ckpt_path=tmp_path / "whole" / "step=12.ckpt")
+
+    assert_matches(weights(resumed), weights(whole), exact=True)
+    assert resumed_cb.ema.timestamp == whole_cb.ema.timestamp
+    assert resumed_cb.ema.num_updates == whole_cb.ema.num_updates
+    assert resumed_cb.ema.start_count == whole_cb.ema.start_count
+    assert_matches(ema_weights(resumed_cb), ema_weights(whole_cb), exact=True)
 
 
 def test_evaluating_a_checkpoint_uses_its_weights_not_the_live_average(tmp_path: Path) -> None:

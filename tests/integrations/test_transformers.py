@@ -277,6 +277,28 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path, resume: str | 
     assert resumed_callback.ema.timestamp.batch == 8
 
 
+@pytest.mark.parametrize(("half_life", "ema_start"), [("1ep", "0.0dur"), ("2ba", "2ep")])
+def test_resume_from_a_checkpoint_at_an_epoch_end_counts_that_epoch(
+    tmp_path: Path, half_life: str, ema_start: str
+) -> None:
+    """5 optimizer steps an epoch and save_steps=5: checkpoint-10 is written at the second epoch's last step,
+    before on_epoch_end, and the resumed Trainer starts the third epoch without that event."""
+    run = {"gradient_accumulation_steps": 2, "max_steps": 13, "save_strategy": "steps", "save_steps": 5}
+    full = EMACallback(half_life=half_life, ema_start=ema_start)
+    reference = train(tmp_path / "full", full, **run)
+    saved = torch.load(tmp_path / "full" / "checkpoint-10" / EMA_STATE_NAME, weights_only=True)
+    assert saved["timestamp"]["batch_in_epoch"] == 5
+
+    resumed_callback = EMACallback(half_life=half_life, ema_start=ema_start)
+    resumed = train(tmp_path / "full", resumed_callback, resume=str(tmp_path / "full" / "checkpoint-10"), **run)
+
+    assert_same(weights(resumed.model), weights(reference.model))
+    assert resumed_callback.ema.timestamp == full.ema.timestamp
+    assert resumed_callback.ema.start_count == full.ema.start_count
+    assert resumed_callback.ema.num_updates == full.ema.num_updates
+    assert_same(ema_params(resumed_callback), ema_params(full))
+
+
 def test_resume_from_a_checkpoint_without_ema_warns_and_starts_a_fresh_average(tmp_path: Path) -> None:
     run = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
     train(tmp_path, EMACallback(smoothing=0.5), StopAt(3), **run)

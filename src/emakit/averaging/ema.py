@@ -34,7 +34,7 @@ from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
 from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, low_precision_message, parse_settings
 from emakit.averaging.former import FormerNames
-from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.guard import nonfinite_baseline, skipped_message, training_weights_finite
 from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse_selection
 from emakit.averaging.snapshots import SnapshotSeries, check_snapshot_folder_writable
 from emakit.averaging.swap import Swap
@@ -175,6 +175,8 @@ class EMA(FormerNames):
         self._kept = Kept(selection, self._tracked, self._averages, self._swap)
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
+        self._baseline: dict[int, torch.Tensor] = {}  # tensors holding NaN/Inf at attach, for the guard
+        self._loaded_epoch_open = False  # a state was loaded and the clock has not moved since: set_duration
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
         self._version = 0
 
@@ -263,6 +265,8 @@ class EMA(FormerNames):
         self.wait()  # flattening re-points the tensors a pending update reads
         self._tracked.attach(model, flatten=self.flatten_model)
         self._live_reader = self._tracked.live
+        # the model's own NaN/Inf values (a -inf causal mask) as attached: not divergence, for the guard
+        self._baseline = nonfinite_baseline(self._tracked.live())
         self._averages.prepared = None  # it holds views of the previous model's weights
         self._kept.attach(self.overlap)  # a choice naming nothing fails here; the set is fixed at the start
         if self.snapshot_folder is not None:
@@ -271,11 +275,16 @@ class EMA(FormerNames):
             warnings.warn(message, stacklevel=2)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
-        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
+        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
+
+        After :meth:`load_state_dict`, a ``batches_per_epoch`` equal to the state's ``batch_in_epoch`` means the
+        checkpoint was written after an epoch's last batch, before its end: that :meth:`epoch_end` is run here."""
         if max_duration is not None:
             self.max_duration = check_duration(max_duration, self.ema_start)
         if batches_per_epoch is not None:
             self.batches_per_epoch = check_batches_per_epoch(batches_per_epoch)
+            if self._loaded_epoch_open and 0 < self.batches_per_epoch == self.timestamp.batch_in_epoch:
+                self.epoch_end()
 
     def wait(self) -> None:
         """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
@@ -307,6 +316,7 @@ class EMA(FormerNames):
         :meth:`step` and :meth:`epoch_end` call this after advancing the clock; a trainer that keeps the
         clock itself (sets :attr:`timestamp`) calls it directly. Returns whether the average changed.
         """
+        self._loaded_epoch_open = False  # the clock moved on: a resume's epoch boundary is settled
         if unit != self.update_interval.unit:
             return False
         if self._tracked.model is None:
@@ -333,7 +343,8 @@ class EMA(FormerNames):
         if not self.skip_nonfinite:
             return True
         flat = self._storage if self._swap.swapped is None and not self._tracked.sharded else None
-        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded):
+        reference = self._storage.views() if self.started and self._storage is not None else self._baseline
+        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded, reference):
             return True
         self.num_skipped_nonfinite += 1
         warnings.warn(skipped_message(self.update_interval.unit, count, self.num_skipped_nonfinite), stacklevel=3)
@@ -460,7 +471,10 @@ class EMA(FormerNames):
 
     # ------------------------------------------------------------------ state for resuming
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs: the average (fp32 master), counters and the clock."""
+        """Everything an exact resume needs: the average (fp32 master), counters and the clock.
+
+        As with torch's, the tensors are references to the live average: a state kept in memory (not saved)
+        must be ``copy.deepcopy``-ed, or its tensors follow later updates while its counters do not."""
         self.wait()
         return states.ema_state(
             started=self.started,
@@ -499,6 +513,7 @@ class EMA(FormerNames):
             self.timestamp = restored.timestamp
         self._snapshots.index = restored.snapshot_index
         self._snapshots.run = restored.snapshot_run
+        self._loaded_epoch_open = True  # see set_duration
         if self.snapshot_folder is not None:
             # snapshots written after the resumed point are moved aside: their updates are redone
             self._snapshots.resume(self.snapshot_folder, self.num_updates + 1 if self.started else 0, stacklevel=3)

@@ -7,6 +7,7 @@ Lightning's events mapped onto the EMA's verbs, and nothing else:
 ``on_fit_start``                                    ``ema.attach(model)`` (after Lightning moved and wrapped it), then
                                                     the EMA state a resumed checkpoint carried
 ``on_train_start``                                  ``ema.set_duration(...)`` from ``max_steps`` or ``max_epochs``
+                                                    (in batches that step: manual optimization may step twice)
 ``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch
 ``on_train_epoch_end``                              ``ema.epoch_end()``
 ``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
@@ -227,6 +228,7 @@ class EMACallback(Callback):
         #: on_fit_start has run in this fit (ModelParallelStrategy restores checkpoints after it, DDP before).
         self._fit_started = False
         self._last_global_step = 0
+        self._max_steps: int | None = None  # max_steps, when it sets the training length
         self._samples = 0
         #: EMA state read from a checkpoint before the model is ready (Lightning restores callbacks before
         #: it moves the model to its device); loaded at on_fit_start, after attach.
@@ -289,9 +291,10 @@ class EMACallback(Callback):
         self._last_global_step = trainer.global_step
         self._samples = 0
         max_duration, batches_per_epoch = self._training_length(trainer)
-        if max_duration is not None:
-            self.ema.set_duration(max_duration, batches_per_epoch)
-        elif self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
+        self._max_steps = trainer.max_steps if max_duration is not None and max_duration.endswith("ba") else None
+        # after a resume, also counts the end of an epoch whose last batch the checkpoint was written at
+        self.ema.set_duration(max_duration, batches_per_epoch)
+        if max_duration is None and self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
             raise ValueError(
                 f"ema_start='{self.ema.ema_start}' is a fraction of the training length, but this Trainer has "
                 "none (max_steps=-1 and max_epochs=-1): set max_steps or max_epochs, or give ema_start in 'ba' or 'ep'"
@@ -321,8 +324,15 @@ class EMACallback(Callback):
         # global_step counts optimizer steps: it stays put while gradients accumulate, and under manual
         # optimization a batch that steps several optimizers is one update of the average.
         if trainer.global_step > self._last_global_step:
+            steps = trainer.global_step - self._last_global_step
             self._last_global_step = trainer.global_step
             samples, self._samples = self._samples, 0
+            if steps > 1 and self._max_steps is not None:
+                # max_steps counts optimizer steps, the EMA's clock batches that stepped: the length in batches
+                left = -(-(self._max_steps - trainer.global_step) // steps)
+                length = Time(self.ema.timestamp.batch + 1 + max(left, 0), TimeUnit.BATCH)
+                if not (self.ema.ema_start.unit == TimeUnit.BATCH and self.ema.ema_start > length):
+                    self.ema.set_duration(length)
             self.ema.step(samples)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

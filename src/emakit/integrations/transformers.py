@@ -47,7 +47,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
 from emakit.averaging.selection import BufferPolicy, ParamSelection
@@ -189,6 +189,12 @@ class EMACallback(TrainerCallback):
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._resume(Path(folder), state.global_step)
+        # optimizer steps per epoch, as the Trainer counts them; after a resume at an epoch's last step the
+        # EMA also counts that epoch's end, which the Trainer does not replay
+        loader = kwargs.get("train_dataloader")
+        if loader is not None and has_length(loader) and len(loader) > 0:
+            accumulation = max(1, int(args.gradient_accumulation_steps))
+            self.ema.set_duration(None, -(-len(loader) // accumulation))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.ema.step()
