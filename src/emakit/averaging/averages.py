@@ -101,6 +101,20 @@ class Averages:
         for storage, average in zip(self.storages, averages, strict=True):
             storage.load_state_dict(average)
 
+    def restore(
+        self, averages: Sequence[Mapping[str, torch.Tensor]] | None, live: Mapping[str, torch.Tensor], fp32_ema: bool
+    ) -> bool:
+        """Set the averages to a resumed state's (None: from before the start); returns whether the storages
+        were made or dropped (so that an ``ema_model`` built on the former ones is forgotten)."""
+        if averages is None:
+            self.drop()
+            return True
+        made = self.storages is None
+        if made:
+            self.create(live, fp32_ema)
+        self.load(averages)
+        return made
+
     def drop(self) -> None:
         """Forget the averages (a resumed state from before the start)."""
         self.storages = None

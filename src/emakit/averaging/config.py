@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from emakit.averaging.snapshots import check_snapshot_folder_writable
 from emakit.engine.kernels import validate_smoothing
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES
@@ -26,8 +27,11 @@ __all__ = [
     "DEFAULT_HALF_LIFE",
     "UPDATE_UNITS",
     "Settings",
+    "check_at_attach",
     "check_eval_average",
+    "describe",
     "low_precision_message",
+    "not_started_message",
     "parse_settings",
 ]
 
@@ -297,4 +301,49 @@ def low_precision_message(
     return (
         f"fp32_ema=False keeps the average in the model's {', '.join(low)}, whose resolution is {eps:.3g}: {why}, "
         "so updates round away, whole or in part, and the average lags far behind. Keep fp32_ema=True (the default)"
+    )
+
+
+def describe(
+    half_lives: Sequence[Time],
+    half_life: Time | None,
+    profiles: Sequence[Profile],
+    smoothing: float,
+    update_interval: Time,
+    ema_start: Time,
+) -> str:
+    """The EMA's ``repr``: its timing as the user gave it, then the interval, the start and the coefficient."""
+    if len(half_lives) > 1:
+        timing = f"half_life={[str(h) for h in half_lives]}"
+    elif half_life is not None:
+        timing = f"half_life='{half_life}'"
+    elif isinstance(profiles[0] if profiles else None, PowerProfile):
+        timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in profiles if isinstance(p, PowerProfile)]}"
+    else:
+        timing = f"smoothing={smoothing}"
+    shown = f", smoothing={smoothing:.6g}" if not math.isnan(smoothing) else ""
+    return f"EMA({timing}, update_interval='{update_interval}', ema_start='{ema_start}'{shown})"
+
+
+def check_at_attach(
+    snapshot_folder: Path | None,
+    live: Sequence[torch.Tensor],
+    fp32_ema: bool,
+    smoothings: Sequence[float | None],
+    stacklevel: int,
+) -> None:
+    """What only the model can tell: a snapshot folder that cannot be written is refused now, not hours in; a
+    16-bit average whose updates would round away warns."""
+    if snapshot_folder is not None:
+        check_snapshot_folder_writable(snapshot_folder)
+    if message := low_precision_message([t.dtype for t in live], fp32_ema, list(smoothings)):
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def not_started_message(update_interval: Time, ema_start: Time) -> str:
+    """Why the average is not there yet, and when it will be."""
+    unit = "batch end (optimizer step)" if update_interval.unit == TimeUnit.BATCH else "epoch end"
+    return (
+        f"the EMA has not started yet: it starts as a copy of the weights at the first {unit} where "
+        f"training progress reaches ema_start='{ema_start}'"
     )

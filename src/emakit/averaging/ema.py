@@ -19,7 +19,6 @@ stay on the EMA, where users and trainers read and set them. The one base class,
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,14 +31,21 @@ from torch import nn
 from emakit.averaging import states
 from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
-from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, low_precision_message, parse_settings
+from emakit.averaging.config import (
+    DEFAULT_HALF_LIFE,
+    check_at_attach,
+    check_eval_average,
+    describe,
+    not_started_message,
+    parse_settings,
+)
 from emakit.averaging.former import FormerNames
 from emakit.averaging.guard import nonfinite_baseline, skipped_message, training_weights_finite
 from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse_selection
-from emakit.averaging.snapshots import SnapshotSeries, check_snapshot_folder_writable
+from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
-from emakit.posthoc.profiles import PowerProfile, Profile
+from emakit.posthoc.profiles import Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
 __all__ = ["EMA"]
@@ -150,11 +156,8 @@ class EMA(FormerNames):
         self.num_averages = settings.num_averages
         self._eval_average = settings.eval_average
         self.ema_start: Time = settings.ema_start
-        self.fp32_ema = settings.fp32_ema
-        self.skip_nonfinite = settings.skip_nonfinite
-        self.num_skipped_nonfinite = 0
-        self.flatten_model = settings.flatten_model
-        self.overlap = settings.overlap
+        self.fp32_ema, self.skip_nonfinite, self.num_skipped_nonfinite = settings.fp32_ema, settings.skip_nonfinite, 0
+        self.flatten_model, self.overlap = settings.flatten_model, settings.overlap
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
         self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
@@ -181,16 +184,9 @@ class EMA(FormerNames):
         self._version = 0
 
     def __repr__(self) -> str:
-        if len(self.half_lives) > 1:
-            timing = f"half_life={[str(h) for h in self.half_lives]}"
-        elif self.half_life is not None:
-            timing = f"half_life='{self.half_life}'"
-        elif isinstance(self.profiles[0] if self.profiles else None, PowerProfile):
-            timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in self.profiles if isinstance(p, PowerProfile)]}"
-        else:
-            timing = f"smoothing={self.smoothing}"
-        shown = f", smoothing={self.smoothing:.6g}" if not math.isnan(self.smoothing) else ""
-        return f"EMA({timing}, update_interval='{self.update_interval}', ema_start='{self.ema_start}'{shown})"
+        return describe(
+            self.half_lives, self.half_life, self.profiles, self.smoothing, self.update_interval, self.ema_start
+        )
 
     @property
     def eval_average(self) -> int:
@@ -235,11 +231,7 @@ class EMA(FormerNames):
     def require_started(self) -> None:
         """Raise RuntimeError, saying when the average will start, unless it has started."""
         if not self.started:
-            unit = "batch end (optimizer step)" if self.update_interval.unit == TimeUnit.BATCH else "epoch end"
-            raise RuntimeError(
-                f"the EMA has not started yet: it starts as a copy of the weights at the first {unit} where "
-                f"training progress reaches ema_start='{self.ema_start}'"
-            )
+            raise RuntimeError(not_started_message(self.update_interval, self.ema_start))
 
     _require_started = require_started
 
@@ -269,10 +261,7 @@ class EMA(FormerNames):
         self._baseline = nonfinite_baseline(self._tracked.live())
         self._averages.prepared = None  # it holds views of the previous model's weights
         self._kept.attach(self.overlap)  # a choice naming nothing fails here; the set is fixed at the start
-        if self.snapshot_folder is not None:
-            check_snapshot_folder_writable(self.snapshot_folder)
-        if message := low_precision_message([t.dtype for t in self._tracked.live()], self.fp32_ema, self.smoothings):
-            warnings.warn(message, stacklevel=2)
+        check_at_attach(self.snapshot_folder, self._tracked.live(), self.fp32_ema, self.smoothings, stacklevel=3)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
@@ -287,11 +276,8 @@ class EMA(FormerNames):
                 self.epoch_end()
 
     def wait(self) -> None:
-        """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
-
-        On CUDA the current stream waits for the side stream (the host does not block); on CPU this joins the
-        worker thread and re-raises its error, if any.
-        """
+        """Finish the pending overlapped update (``overlap=True``; on CUDA the current stream waits for the side
+        stream, on CPU this joins the worker thread and re-raises its error); a no-op otherwise."""
         self._averages.wait()
 
     # ------------------------------------------------------------------ the clock
@@ -427,16 +413,9 @@ class EMA(FormerNames):
             yield target
             return
         self.get_ema_model(target)
-        self._swap.blocks += 1
-        changed: list[str] = []
-        try:
+        assert self._storage is not None
+        with self._swap.block(target, self._storage, self.wait):  # swaps back, then names what changed inside
             yield target
-            changed = self._swap.changed_in_place(target, self._storage)  # type: ignore[arg-type]
-        finally:
-            self._swap.blocks -= 1
-            self.get_training_model(target)
-        if changed:
-            raise RuntimeError(self._swap.changed_message(changed))
 
     @property
     def ema_model(self) -> nn.Module:
@@ -498,14 +477,8 @@ class EMA(FormerNames):
             restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, 3, self.profiles)
         if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
             self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
-        if restored.averages is None:
-            self._averages.drop()
+        if self._averages.restore(restored.averages, restored.live, self.fp32_ema):
             self._swap.forget_ema_model()
-        else:
-            if self._averages.storages is None:
-                self._averages.create(restored.live, self.fp32_ema)
-                self._swap.forget_ema_model()
-            self._averages.load(restored.averages)
         self.start_count = restored.start_count
         self.num_updates = restored.num_updates
         self.num_skipped_nonfinite = restored.num_skipped_nonfinite

@@ -8,7 +8,9 @@ a copy of the model's structure whose tensors are the average itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +56,24 @@ class Swap:
             if isinstance(t, nn.Parameter) and t.requires_grad
         }
         return model
+
+    @contextlib.contextmanager
+    def block(self, model: nn.Module, storage: FlatStorage, wait: Callable[[], None]) -> Iterator[None]:
+        """The body of ``with ema.average_parameters():`` (the EMA weights already in ``model``): on leaving,
+        also through an exception, the training weights go back; then parameters changed in place inside are
+        an error (they were the EMA weights)."""
+        self.blocks += 1
+        changed: list[str] = []
+        try:
+            yield
+            changed = self.changed_in_place(model, storage)
+        finally:
+            self.blocks -= 1
+            if self.is_swapped_out(model):
+                wait()
+                self.take_out(model)
+        if changed:
+            raise RuntimeError(self.changed_message(changed))
 
     def changed_in_place(self, model: nn.Module, average: FlatStorage) -> list[str]:
         """The trainable parameters of ``model`` (holding ``average``) written in place since the swap.
