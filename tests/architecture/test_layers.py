@@ -21,7 +21,15 @@ LAYERS: list[tuple[str, list[str]]] = [
     # emakit.posthoc's __init__ imports its modules lazily (no runtime import), so the package sits at the bottom
     (
         "foundation",
-        ["emakit._version", "emakit._cli_args", "emakit.time", "emakit.rng", "emakit.functional", "emakit.posthoc"],
+        [
+            "emakit._version",
+            "emakit._compat",
+            "emakit._cli_args",
+            "emakit.time",
+            "emakit.rng",
+            "emakit.functional",
+            "emakit.posthoc",
+        ],
     ),
     (
         "storage and shards",

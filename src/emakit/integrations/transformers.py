@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
+from emakit._compat import dtensor_class
 
 __all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
 
@@ -353,7 +353,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
             "EMACallback does not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel"
         )
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
+        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
             raise ValueError(
                 "EMACallback does not support sharded parameters (FSDP, tensor parallel, DeepSpeed ZeRO-3): "
                 f"parameter {name!r} is a {type(param.data).__name__}"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from emakit._compat import FOREACH_LERP_PER_TENSOR
 from emakit.functional import is_averaged, validate_smoothing
 
 __all__ = ["PreparedBlend", "blend_averages_", "chunk_elements", "main"]
@@ -29,8 +30,8 @@ _CPU_CHUNK = 1 << 17
 _GPU_CHUNK = 1 << 21
 
 _Key = tuple[torch.device, torch.dtype]
-# torch >= 2.6 (about) takes one weight per tensor pair in _foreach_lerp_.
-_SCALAR_LIST = "ScalarList" in torch.ops.aten._foreach_lerp_.overloads()
+# Whether this torch's _foreach_lerp_ takes one weight per tensor pair.
+_SCALAR_LIST = FOREACH_LERP_PER_TENSOR
 
 
 def chunk_elements(device: torch.device) -> int:

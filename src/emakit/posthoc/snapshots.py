@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from emakit._compat import dtensor_type
 from emakit._version import __version__
 from emakit.functional import is_averaged
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
@@ -193,11 +194,7 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _dtensor_type() -> type | None:
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist before it is imported
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    return dtensor_type()  # None until torch has loaded DTensor: no DTensor can exist before
 
 
 def _check_profiles(profiles: Sequence[object], count: int) -> list[Profile]:
