@@ -17,7 +17,7 @@ dir=${EMAKIT_MATRIX_DIR:-$repo/.ci-venvs}
 keep=${EMAKIT_MATRIX_KEEP:-0}
 
 core="tests/compat tests/functional tests/averaging tests/algorithms tests/posthoc tests/time tests/trainer"
-sharded="tests/compat tests/posthoc/test_sharded.py tests/distributed/test_two_ranks.py"
+sharded="tests/posthoc/test_sharded.py tests/distributed/test_two_ranks.py"
 
 # name | venv | python | pins (space-separated) | extras | pytest marker | test paths
 # The oldest of everything together; then each Python with a newer torch (torch 2.4 has no wheel for Python 3.13;
