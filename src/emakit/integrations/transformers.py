@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
+from emakit._compat import dtensor_class
 from emakit.averaging.selection import BufferPolicy, ParamSelection
 from emakit.checkpoint import read_checkpoint_file
 
@@ -385,7 +385,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
             "Lightning's ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
         )
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
+        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
             raise ValueError(
                 "EMACallback does not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
                 f"DeepSpeed ZeRO-3): parameter {name!r} is a {type(param.data).__name__}"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from emakit._compat import dtensor_type
 from emakit._version import __version__
 from emakit.engine.naming import is_averaged
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
@@ -34,11 +34,7 @@ __all__ = [
 
 
 def _dtensor_type() -> type | None:
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist before it is imported
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    return dtensor_type()
 
 
 def _check_profiles(profiles: Sequence[object], count: int) -> list[Profile]:
