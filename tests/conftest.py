@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launch_environment() -> Iterator[None]:
+    """Frameworks run in-process (Lightning's DDP strategy) set RANK, WORLD_SIZE, MASTER_PORT, ... in
+    os.environ and leave them there; a later test's subprocess would then think torchrun launched it."""
+    saved = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class TinyNet(nn.Module):
