@@ -3,10 +3,10 @@
 python benchmarks/lightning_ema.py [--quick] [--shapes resnet,many] [--steps N] [--rounds N] [--threads N]
 
 Models from ``emakit.bench.build_model``: the ResNet-50-like conv net (25.6M parameters, 161 parameter tensors
-and 159 BatchNorm buffers) and 4,000 tensors of 256 floats. Each fit trains ``--steps`` optimizer steps (plain
-SGD, small inputs: the EMA's cost does not depend on the input, only the step's does) after two warm-up steps,
-with no EMA, with each callback at the same decay (``smoothing`` = Lightning's ``decay`` = 0.999), and with
-emakit's ``flatten_model=True``. Rounds run the configurations in shuffled order, each on a fresh copy of the
+and 159 BatchNorm buffers) and 2,000 ``Linear(15, 16)`` (4,000 small tensors). Each fit trains ``--steps``
+optimizer steps (plain SGD, small inputs: the EMA's cost does not depend on the input, only the step's does)
+after two warm-up steps, with no EMA, with each callback at the same decay (``smoothing`` = Lightning's
+``decay`` = 0.999), and with emakit's ``flatten_model=True``. Rounds run the configurations in shuffled order, each on a fresh copy of the
 model, so that background load hits all of them alike.
 
 Two figures per configuration, both medians over all measured steps of all rounds:
@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from emakit.bench import build_model
+from emakit.bench.shapes import ManyLinears
 from emakit.integrations.lightning import EMACallback
 
 SMOOTHING = 0.999
@@ -94,9 +95,11 @@ CONFIGS: dict[str, Callable[[], Callback | None]] = {
 }
 
 
-def inputs(shape: str, quick: bool, count: int) -> TensorDataset:
-    if shape == "many":
-        return TensorDataset(torch.randn(count, 1))
+def inputs(template: nn.Module, quick: bool, count: int) -> TensorDataset:
+    """``count`` inputs that ``template`` (a model from ``build_model``) accepts."""
+    if isinstance(template, ManyLinears):  # every layer reads the same input
+        features = next(layer for layer in template.modules() if isinstance(layer, nn.Linear)).in_features
+        return TensorDataset(torch.randn(count, features))
     size = 32 if quick else 64
     return TensorDataset(torch.randn(count, 3, size, size))
 
@@ -127,7 +130,7 @@ def fit_once(
 
 def run_shape(shape: str, quick: bool, steps: int, rounds: int, batch: int) -> None:
     template = build_model(shape, quick=quick)
-    data = inputs(shape, quick, (WARMUP_STEPS + steps) * batch)
+    data = inputs(template, quick, (WARMUP_STEPS + steps) * batch)
     step_times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     hook_times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     names = list(CONFIGS)

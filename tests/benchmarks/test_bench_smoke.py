@@ -69,14 +69,22 @@ def test_quick_run_prints_parseable_tables_and_progress(capsys: pytest.CaptureFi
         f"k={k}: {what}"
         for k in (2, 4)
         for what in (
+            f"floor, {k} foreach lerp_ over pre-built lists",
             "one EMA, one pass, model not flattened",
+            f"{k} separate EMAs, model not flattened",
             "one EMA, one pass, flattened",
             f"{k} separate EMAs, flattened",
         )
     ]
-    for name, (ms, x_lerp, x_limit) in parsed[several]:
+    rows = dict(parsed[several])
+    for name, (ms, x_limit, x_floor, x_separate) in rows.items():
         k = int(name[2])
-        assert ms > 0 and x_lerp == pytest.approx(x_limit * (1 + 2 * k) / 3, rel=0.01, abs=0.002), name
+        floor = rows[f"k={k}: floor, {k} foreach lerp_ over pre-built lists"][0]
+        layout = "flattened" if name.endswith(", flattened") else "model not flattened"
+        apart = rows[f"k={k}: {k} separate EMAs, {layout}"][0]
+        assert ms > 0 and x_limit > 0, name
+        assert x_floor == pytest.approx(ms / floor, rel=0.02, abs=0.002), name  # cells keep 3 decimals
+        assert x_separate == pytest.approx(ms / apart, rel=0.02, abs=0.002), name
     sections = [line for line in captured.err.splitlines() if line.startswith("[")]
     total = len(bench.SHAPES) + 5  # the shapes, step share, mixed precision, overlap, several averages, CUDA
     assert sections[0] == f"[1/{total}] shape resnet ..." and sections[-1] == f"[{total}/{total}] CUDA ..."

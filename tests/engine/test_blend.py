@@ -211,3 +211,23 @@ def test_on_cuda_equals_k_separate_lerps(source_dtype: torch.dtype) -> None:
     PreparedBlend(averages, sources)(weights)  # 2M-element chunks on CUDA: a full chunk and a partial one
     reference(expected, sources, weights)
     assert_same(averages, expected)
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["blend_averages_", "PreparedBlend"])
+def test_blends_bump_version_counters_and_leave_gradients_on(prepared: bool) -> None:
+    """The blends run below torch's autograd layer; their writes must still count as in-place writes."""
+    sources = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    averages = [[torch.zeros_like(s).requires_grad_() for s in sources] for _ in range(2)]
+    before = [t._version for average in averages for t in average]
+    saved = (averages[1][0] * averages[1][0]).sum()
+    if prepared:
+        PreparedBlend(averages, sources)([0.25, 0.5])
+    else:
+        blend_averages_(averages, sources, [0.25, 0.5])
+    assert torch.is_grad_enabled()
+    assert all(t._version > v for t, v in zip([t for a in averages for t in a], before, strict=True))
+    for average, weight in zip(averages, [0.25, 0.5], strict=True):
+        for target, source in zip(average, sources, strict=True):
+            torch.testing.assert_close(target.detach(), weight * source.detach())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

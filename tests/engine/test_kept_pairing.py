@@ -482,7 +482,7 @@ def wide(seed: int) -> nn.Module:
 def test_a_tensor_re_pointed_late_in_a_long_group_is_updated_exactly_once(
     repoint: Callable[[nn.Module], None], side: str
 ) -> None:
-    assert _CHUNK_PAIRS < 150
+    assert _CHUNK_PAIRS < 2 * 140  # m[140].weight lies past the first chunk
     model, ema_model = wide(0), wide(1)
     step_and_check(model, ema_model)
     repoint(model if side == "model" else ema_model)
@@ -551,3 +551,50 @@ def test_a_flat_plan_made_again_is_kept_again() -> None:
     assert plans[1][0] is plans[2][0] and plans[1][1] is plans[2][1]
     assert plans[2][0] is not None and plans[2][0].reusable
     del views
+
+
+# ------------------------------------------------------------------ the data-pointer check covers every tensor
+def _short_wide(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Linear(3, 2) for _ in range(12)], nn.BatchNorm1d(2))
+
+
+def _all_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+
+
+_POSITIONS = [(side, i) for side in ("model", "ema_model") for i in range(len(_all_tensors(_short_wide(0))))]
+
+
+@pytest.mark.parametrize(("side", "position"), _POSITIONS, ids=[f"{s}-{i}" for s, i in _POSITIONS])
+def test_a_re_pointed_tensor_is_noticed_at_every_position(side: str, position: int) -> None:
+    """UpdatePlan checks every tensor's data pointer in one pass per call: a tensor re-pointed to another dtype
+    at any position, on either side, must make the plan stale (a plan that ran anyway would mix dtypes in one
+    kernel and fail, or write the old values' layout)."""
+    model, ema_model = _short_wide(0), _short_wide(1)
+    step_and_check(model, ema_model)
+    plan = kept_plan(model, ema_model)
+    assert plan is not None and plan.loose
+    tensor = _all_tensors(model if side == "model" else ema_model)[position]
+    tensor.data = tensor.data.double()
+    step_and_check(model, ema_model, seed=3)
+    assert kept_plan(model, ema_model) is not plan
+
+
+# ------------------------------------------------------------------ kernels below autograd still count as writes
+def test_a_kept_update_bumps_version_counters_so_autograd_notices_it() -> None:
+    """The kept plan runs its kernels below torch's autograd layer (gradients are off anyway); the writes must
+    still bump the tensors' version counters, or a backward through a tensor the update overwrote would
+    silently use the new values."""
+    model, ema_model = pair()
+    ef.compute_ema(model, ema_model, S)
+    assert kept_plan(model, ema_model) is not None
+    weight = ema_model.fc1.weight
+    assert weight.requires_grad
+    before = weight._version
+    saved = (weight * weight).sum()  # saves the weight for backward
+    ef.compute_ema(model, ema_model, S)  # the kept plan
+    assert weight._version > before
+    assert torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

@@ -319,9 +319,10 @@ def bench_mixed(args: argparse.Namespace) -> Table:
 
 # ------------------------------------------------------------------ several averages (post-hoc EMA)
 def bench_averages(args: argparse.Namespace) -> Table:
-    """k averages in one update (``EMA(sigma_rel=[...])``) on the ResNet-like model, flattened and as given,
+    """k averages in one update (``EMA(sigma_rel=[...])``) on the ResNet-like model, as given and flattened,
     against the memory-traffic limit (1 + 2k)/3 flat ``lerp_``s (one read of the weights, a read and a write
-    per average) and against k separate single-average updates (flattened)."""
+    per average), the multi-tensor floor (k bare ``_foreach_lerp_`` over pre-built lists) and k separate
+    single-average EMAs of the same model (as given or flattened, like the row)."""
     torch.manual_seed(0)
     model = build_model("resnet", args.quick)
     as_given = copy.deepcopy(model)  # stays unflattened: the default path
@@ -329,32 +330,41 @@ def bench_averages(args: argparse.Namespace) -> Table:
     limit_ema, limit_src = torch.zeros(n), torch.randn(n)
     weight = 1.0 - SMOOTHING
     fns: dict[str, Update] = {"limit": lambda: limit_ema.lerp_(limit_src, weight)}
+    separate: dict[str, str] = {}  # row -> the row of k separate EMAs of the same layout
     for k in (2, 4):
         sigma_rels = [0.05 + 0.05 * j for j in range(k)]
-        default = EMA(sigma_rel=sigma_rels)
-        default.attach(as_given)
-        default.step()
-        fns[f"k={k}: one EMA, one pass, model not flattened"] = default.update
-        together = EMA(sigma_rel=sigma_rels, flatten_model=True)
-        together.attach(model)
-        together.step()
-        apart = []
-        for sigma_rel in sigma_rels:
-            single = EMA(sigma_rel=sigma_rel, flatten_model=True)
-            single.attach(model)
-            single.step()
-            apart.append(single)
-        fns[f"k={k}: one EMA, one pass, flattened"] = together.update
-        fns[f"k={k}: {k} separate EMAs, flattened"] = lambda apart=apart: [ema.update() for ema in apart]  # type: ignore[misc]
+        floors = [floor_update(as_given) for _ in range(k)]
+        floor_row = f"k={k}: floor, {k} foreach lerp_ over pre-built lists"
+        fns[floor_row] = lambda floors=floors: [f() for f in floors]  # type: ignore[misc]
+        separate[floor_row] = f"k={k}: {k} separate EMAs, model not flattened"
+        for layout, target, flatten in (("model not flattened", as_given, False), ("flattened", model, True)):
+            together = EMA(sigma_rel=sigma_rels, flatten_model=flatten)
+            together.attach(target)
+            together.step()
+            apart = []
+            for sigma_rel in sigma_rels:
+                single = EMA(sigma_rel=sigma_rel, flatten_model=flatten)
+                single.attach(target)
+                single.step()
+                apart.append(single)
+            one, several = f"k={k}: one EMA, one pass, {layout}", f"k={k}: {k} separate EMAs, {layout}"
+            fns[one] = together.update
+            fns[several] = lambda apart=apart: [ema.update() for ema in apart]  # type: ignore[misc]
+            separate[one] = separate[several] = several
     medians = _time(fns, args)
     limit = medians.pop("limit")
     table = Table(
         f"several averages in one update, resnet: {n / 1e6:.2f}M averaged elements" + (QUICK if args.quick else ""),
-        ("method", "median ms", "x one lerp_", "x limit (1+2k)/3"),
+        ("method", "median ms", "x limit (1+2k)/3", "x floor", "x k separate"),
     )
     for name, seconds in medians.items():
         k = int(name.split(":")[0].removeprefix("k="))
-        table.rows.append((name, seconds * 1e3, seconds / limit, seconds / limit / ((1 + 2 * k) / 3)))
+        floor = medians[f"k={k}: floor, {k} foreach lerp_ over pre-built lists"]
+        x_limit = seconds / limit / ((1 + 2 * k) / 3)
+        table.rows.append((name, seconds * 1e3, x_limit, seconds / floor, seconds / medians[separate[name]]))
+    table.notes.append(
+        "x k separate: against k single-average EMAs of the model in the row's layout (the floor: as given)"
+    )
     return table
 
 

@@ -21,6 +21,7 @@ import torch
 from emakit._compat import FOREACH_LERP_PER_TENSOR
 from emakit.engine.kernels import validate_smoothing
 from emakit.engine.naming import is_averaged
+from emakit.engine.plan import below_autograd
 
 __all__ = ["PreparedBlend", "blend_averages_", "chunk_elements"]
 
@@ -88,6 +89,14 @@ def blend_averages_(
     blend = _check(averages, sources, weights)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be a positive integer number of elements, got {chunk!r}")
+    with below_autograd():
+        _blend_every(averages, sources, blend, chunk)
+
+
+def _blend_every(
+    averages: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor], blend: list[float], chunk: int | None
+) -> None:
+    """:func:`blend_averages_` once its arguments are checked, with gradients off."""
     active = [j for j, w in enumerate(blend) if w != 0.0]
     groups: dict[tuple[_Key, tuple[_Key, ...]], list[int]] = {}
     copies: list[int] = []
@@ -227,11 +236,12 @@ class PreparedBlend:
         if not self.fused or not all(0.0 < w < 1.0 for w in blend):
             blend_averages_(self.averages, self.sources, blend, chunk=self.chunk)
             return
-        for dst in self._copy_dst:
-            if dst:
-                torch._foreach_copy_(dst, self._copy_src)
-        if self._dst:
-            torch._foreach_lerp_(self._dst, self._src, [blend[j] for j in self._owner])
+        with below_autograd():
+            for dst in self._copy_dst:
+                if dst:
+                    torch._foreach_copy_(dst, self._copy_src)
+            if self._dst:
+                torch._foreach_lerp_(self._dst, self._src, [blend[j] for j in self._owner])
 
 
 def _cast_into(buffer: torch.Tensor, sources: list[torch.Tensor]) -> list[torch.Tensor]:
