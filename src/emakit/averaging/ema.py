@@ -38,6 +38,7 @@ from emakit.averaging.guard import skipped_message, training_weights_finite
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
+from emakit.averaging.warmup import Warmup, check_warmup, warmed_weights
 from emakit.posthoc.profiles import PowerProfile, Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -97,6 +98,8 @@ class EMA(FormerNames):
             ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
         eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
             and exports use (an index into the averages, default 0).
+        warmup: ramp the smoothing up over the first updates as timm and diffusers do, capping it at
+            ``1 - (1 + s / gamma) ** -power`` for the ``s``-th blend: True, or ``Warmup(gamma=..., power=...)``.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class EMA(FormerNames):
         snapshot_folder: str | os.PathLike[str] | None = None,
         snapshot_dtype: torch.dtype = torch.float32,
         eval_average: int = 0,
+        warmup: bool | Warmup = False,
     ) -> None:
         settings = parse_settings(
             half_life,
@@ -150,6 +154,7 @@ class EMA(FormerNames):
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
         self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
+        self.warmup: Warmup | None = check_warmup(warmup, sigma_rel, snapshot_folder)
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -340,10 +345,13 @@ class EMA(FormerNames):
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._tracked.sharded or self._swap.swapped is not None:
             source = self._swap.training_tensors()  # a reusable plan only for plain models
-        # the start, a copy of the weights, was update 1
-        self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2))
+        self._averages.blend(source, self._update_weights(self.num_updates + 2))  # the start was update 1
         self.num_updates += 1
         self._version += 1
+
+    def _update_weights(self, t: int) -> list[float]:
+        """Every average's ``1 - smoothing`` for update ``t`` (1-based, counting the start)."""
+        return warmed_weights(update_weights(self.smoothings, self.profiles, t), self.warmup, t)
 
     def write_snapshot(self) -> Path:
         """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series.
