@@ -61,13 +61,16 @@ class SWA(EMA):
         swa_end: when it closes, after that update: same units; default None, the end of training.
         update_interval: time between updates, ``'ba'`` or ``'ep'`` (default ``'1ep'``, as torch's and
             Lightning's SWA).
-        swa_lr, anneal_time, anneal_strategy: the learning-rate schedule emakit's Trainer runs in the window
-            (as torch's ``SWALR``): from the optimizer's rate at ``swa_start`` to ``swa_lr`` over
-            ``anneal_time`` (``'ba'`` or ``'ep'``), ``'cos'`` or ``'linear'``, then constant. None: the
-            learning rate is left alone. In your own loop use ``torch.optim.swa_utils.SWALR``.
+        swa_lr: the learning rate emakit's Trainer sets in the window (as torch's ``SWALR``): from the
+            optimizer's rate at ``swa_start`` to ``swa_lr`` over ``anneal_time``, then constant. None (default):
+            the learning rate is left alone. In your own loop use ``torch.optim.swa_utils.SWALR``.
+        anneal_time: how long the rate takes to reach ``swa_lr``, ``'ba'`` or ``'ep'`` (default ``'1ep'``).
+        anneal_strategy: ``'cos'`` (default) or ``'linear'``.
         update_bn: whether emakit's Trainer and the callbacks recompute BatchNorm statistics when the window
             closes (one pass over the training data, momentum None). Default True.
-        fp32_ema, skip_nonfinite, flatten_model: as for :class:`~emakit.averaging.EMA`.
+        fp32_ema: keep the average of fp16/bf16 tensors in fp32 (default), as for :class:`~emakit.averaging.EMA`.
+        skip_nonfinite: skip updates while the weights hold NaN/Inf, as for :class:`~emakit.averaging.EMA`.
+        flatten_model: one buffer per (device, dtype) for the model, as for :class:`~emakit.averaging.EMA`.
     """
 
     def __init__(

@@ -32,9 +32,14 @@ class SWACallback(EMACallback):
     with it once the window has opened.
 
     Args:
-        swa_start, swa_end, update_interval, update_bn, fp32_ema, skip_nonfinite, flatten_model: as
-            :class:`emakit.averaging.SWA`; ``'ba'`` counts optimizer steps, ``'dur'`` a fraction of
-            ``max_steps`` (if set) or ``max_epochs``.
+        swa_start: when the window opens (see :class:`emakit.averaging.SWA`; ``'ba'`` counts optimizer
+            steps, ``'dur'`` a fraction of ``max_steps`` if set, else of ``max_epochs``).
+        swa_end: when it closes (default: the end of training).
+        update_interval: time between updates (default ``'1ep'``).
+        update_bn: recompute BatchNorm statistics when the window closes (default True).
+        fp32_ema: fp32 average for fp16/bf16 tensors (default True).
+        skip_nonfinite: skip updates while the weights hold NaN/Inf.
+        flatten_model: one buffer per (device, dtype) for the model.
         bn_forward: ``bn_forward(module, batch)`` runs one training batch for the BatchNorm pass (default: the
             module on the batch's first element when it is a list or tuple, else on the batch, as torch's
             ``update_bn``). The batch is already on the module's device.

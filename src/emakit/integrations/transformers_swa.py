@@ -38,12 +38,18 @@ class SWACallback(EMACallback):
     """Keep the equal-weight average (SWA) of the model a ``transformers.Trainer`` trains, over a window.
 
     Args:
-        swa_start, swa_end, update_interval, update_bn, fp32_ema, skip_nonfinite, flatten_model: as
-            :class:`emakit.averaging.SWA`, with the Trainer's units (``'ba'`` optimizer steps, ``'ep'``,
-            ``'dur'`` a fraction of ``max_steps``).
+        swa_start: when the window opens (see :class:`emakit.averaging.SWA`; ``'ba'`` counts optimizer
+            steps, ``'dur'`` a fraction of ``max_steps``).
+        swa_end: when it closes (default: the end of training).
+        update_interval: time between updates (default ``'1ep'``).
+        update_bn: recompute BatchNorm statistics when the window closes (default True).
+        fp32_ema: fp32 average for fp16/bf16 tensors (default True).
+        skip_nonfinite: skip updates while the weights hold NaN/Inf.
+        flatten_model: one buffer per (device, dtype) for the model.
         bn_forward: ``bn_forward(model, batch)`` for the BatchNorm pass (default: ``model(**batch)`` for the
             Trainer's dict batches, else torch's ``update_bn`` rule). The batch is on the model's device.
-        save_ema_as_model, eval_with_ema: as :class:`~emakit.integrations.transformers.EMACallback`'s.
+        save_ema_as_model: as :class:`~emakit.integrations.transformers.EMACallback`'s.
+        eval_with_ema: as :class:`~emakit.integrations.transformers.EMACallback`'s.
 
     With :class:`~emakit.integrations.transformers.EMATrainerMixin`, an EMACallback beside it is refused.
     """
