@@ -164,6 +164,9 @@ def test_a_closed_window_survives_resume() -> None:
     [
         ({"swa_start": "5ep", "swa_end": "2ep"}, "swa_end='2ep' is before swa_start='5ep'"),
         ({"swa_end": "1.5dur"}, "swa_end in 'dur' must be in"),
+        ({"swa_start": "1.5dur"}, "swa_start in 'dur' must be in"),
+        ({"swa_start": "-2ep"}, "swa_start"),
+        ({"swa_start": "10"}, "swa_start"),
         ({"update_interval": "0.5dur"}, "update_interval"),
         ({"swa_lr": -1.0}, "swa_lr must be"),
         ({"anneal_strategy": "step"}, "anneal_strategy must be 'cos' or 'linear', got 'step'"),
@@ -181,3 +184,14 @@ def test_swa_end_in_dur_needs_the_duration() -> None:
     swa.attach(model)
     with pytest.raises(ValueError, match=r"swa_end='0\.5dur' is a fraction of the training length"):
         swa.step()
+
+
+def test_before_the_window_there_is_no_average() -> None:
+    model = make_model()
+    swa = SWA(swa_start="3ep")
+    swa.attach(model)
+    with pytest.raises(RuntimeError, match=r"the SWA window has not opened yet: .* swa_start='3ep'"):
+        swa.update_bn(LOADER)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with swa.average_parameters():  # no average yet: the training weights stay
+        assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

@@ -87,10 +87,13 @@ class SWA(EMA):
         flatten_model: bool = False,
     ) -> None:
         interval = Time.coerce(update_interval, "update_interval", UPDATE_UNITS, positive=True)
+        start = Time.coerce(swa_start, "swa_start")
+        if start.unit == TimeUnit.DURATION and start.value > 1:
+            raise ValueError(f"swa_start in 'dur' must be in [0, 1], got {str(start)!r}")
         super().__init__(
             half_life=None,
             smoothing=0.0,  # unused: every update's weight is 1/n (see _update_weights)
-            ema_start=swa_start,
+            ema_start=start,
             update_interval=interval,
             fp32_ema=fp32_ema,
             skip_nonfinite=skip_nonfinite,
@@ -123,6 +126,9 @@ class SWA(EMA):
         #: Whether the window has closed (the average no longer moves) and BatchNorm was recomputed since.
         self.window_closed = False
         self.bn_updated = False
+        #: emakit's Trainer's ``swa_lr`` schedule: the batch it began at and each optimizer's group rates then.
+        self.lr_start_batch: int | None = None
+        self.lr_base: list[list[float]] = []
 
     @property
     def swa_start(self) -> Time:
@@ -132,6 +138,15 @@ class SWA(EMA):
     def __repr__(self) -> str:
         end = "None" if self.swa_end is None else f"'{self.swa_end}'"
         return f"SWA(swa_start='{self.ema_start}', swa_end={end}, update_interval='{self.update_interval}')"
+
+    def require_started(self) -> None:
+        """Raise RuntimeError, saying when the window opens, unless it has."""
+        if not self.started:
+            unit = "batch end (optimizer step)" if self.update_interval.unit == TimeUnit.BATCH else "epoch end"
+            raise RuntimeError(
+                f"the SWA window has not opened yet: the average starts as a copy of the weights at the first {unit} "
+                f"where training progress reaches swa_start='{self.ema_start}'"
+            )
 
     def _update_weights(self, t: int) -> list[float]:
         """Equal weights: the ``t``-th model of the window (the start is the first) enters with ``1 / t``."""

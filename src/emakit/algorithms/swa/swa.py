@@ -49,12 +49,6 @@ class SWA(_AveragingSWA, Algorithm):
 
     averages_model = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: The learning-rate schedule: the batch it began at and each optimizer's group rates then.
-        self.lr_start_batch: int | None = None
-        self.lr_base: list[list[float]] = []
-
     def match(self, event: Event, state: State) -> bool:
         if event == Event.BATCH_END:
             return self.update_interval.unit == TimeUnit.BATCH
