@@ -124,3 +124,13 @@ def test_swa_resumes_bitwise_inside_the_window(tmp_path: Path) -> None:
 def test_ema_and_swa_are_refused_together() -> None:
     with pytest.raises(ValueError, match=r"EMA and SWA do not compose.*got algorithms EMA and SWA"):
         Trainer(make_model(), make_loader(), "1ep", algorithms=[EMA(half_life="5ba"), SWA()], progress_bar=False)
+
+
+def test_anneal_time_zero_is_a_constant_swa_lr() -> None:
+    model = make_model()
+    log = Torch(model, first_epoch=99)
+    swa = SWA(swa_start="1ep", swa_lr=0.03, anneal_time="0ba")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    Trainer(model, make_loader(), "2ep", algorithms=[swa], callbacks=[log], optimizers=optimizer,
+            progress_bar=False).fit()  # fmt: skip
+    assert log.lrs == [0.5] * 6 + [0.03] * 6

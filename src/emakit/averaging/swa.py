@@ -64,7 +64,8 @@ class SWA(EMA):
         swa_lr: the learning rate emakit's Trainer sets in the window (as torch's ``SWALR``): from the
             optimizer's rate at ``swa_start`` to ``swa_lr`` over ``anneal_time``, then constant. None (default):
             the learning rate is left alone. In your own loop use ``torch.optim.swa_utils.SWALR``.
-        anneal_time: how long the rate takes to reach ``swa_lr``, ``'ba'`` or ``'ep'`` (default ``'1ep'``).
+        anneal_time: how long the rate takes to reach ``swa_lr``, ``'ba'`` or ``'ep'`` (default ``'1ep'``);
+            ``'0ba'`` sets ``swa_lr`` at once (a constant schedule).
         anneal_strategy: ``'cos'`` (default) or ``'linear'``.
         update_bn: whether emakit's Trainer and the callbacks recompute BatchNorm statistics when the window
             closes (one pass over the training data, momentum None). Default True.
