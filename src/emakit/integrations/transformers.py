@@ -255,8 +255,8 @@ class EMATrainerMixin(_TrainerBase):
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)]
         if len(found) > 1:
             names = " and ".join(type(cb).__name__ for cb in found)
-            why = "EMA and SWA do not compose" if len({type(cb) for cb in found}) > 1 else "one EMA per model"
-            raise ValueError(f"a Trainer runs at most one EMACallback ({why}), this one has {len(found)}: {names}")
+            why = "EMA and SWA do not compose" if len({type(cb) for cb in found}) > 1 else "one average per model"
+            raise ValueError(f"a Trainer runs at most one EMACallback, this one has {len(found)}: {names} ({why})")
         return found[0] if found else None
 
     def train(
