@@ -178,3 +178,19 @@ def test_the_cli_reconstructs_a_window(tmp_path: Path, capsys: pytest.CaptureFix
     assert "warning: the snapshots represent this target poorly" in capsys.readouterr().err
     assert main([str(tmp_path / "with"), "--window", "20:10", "--out", str(out)]) == 2
     assert "--window: must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got '20:10'" in capsys.readouterr().err
+
+
+@given(t0=st.integers(0, 10**9), length=st.integers(1, 10**9), fraction=st.floats(1e-6, 1.0))
+def test_window_option_reads_pairs_and_fractions(t0: int, length: int, fraction: float) -> None:
+    from emakit.posthoc.cli import build_parser
+
+    parser = build_parser()
+    pair = parser.parse_args(["s", "--window", f"{t0}:{t0 + length}", "--out", "x.safetensors"]).window
+    assert pair == (t0, t0 + length)
+    assert parser.parse_args(["s", "--window", repr(fraction), "--out", "x.safetensors"]).window == fraction
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1", "nan", "5:5", "7:3", "-1:4", "a:b", "1:2:3", "0.2:4", ""])
+def test_window_option_refuses(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["s", f"--window={bad}", "--out", "x.safetensors"]) == 2
+    assert f"--window: must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got {bad!r}" in capsys.readouterr().err
