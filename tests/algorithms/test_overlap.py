@@ -270,10 +270,24 @@ class WithMaxNorm(nn.Module):
         return self.head(self.embed(x).mean(1))
 
 
-def test_weights_the_forward_renormalises_are_blended_at_once() -> None:
+class TiedMaxNorm(nn.Module):
+    """The embedding's weight tied to a head registered before it: tracked as ``head.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 10, bias=False)
+        self.embed = nn.Embedding(10, 4, max_norm=1.0)
+        self.embed.weight = self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x).mean(1))[:, :3]
+
+
+@pytest.mark.parametrize("make", [WithMaxNorm, TiedMaxNorm])
+def test_weights_the_forward_renormalises_are_blended_at_once(make: Callable[[], nn.Module]) -> None:
     def run(overlap: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = WithMaxNorm()
+        model = make()
         with torch.no_grad():
             model.embed.weight.mul_(5.0)  # rows above max_norm: the first forward that looks them up shrinks them
         ema = EMA(smoothing=0.5, overlap=overlap)

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "foundation",
         [
             "emakit._version",
+            "emakit._compat",
             "emakit._cli_args",
             "emakit.time",
             "emakit.rng",

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from emakit.averaging import EMA, Warmup
+from emakit.averaging.clock import update_weights
 
 STEPS = 40
 
@@ -102,8 +103,9 @@ def test_warmup_true_is_the_default_ramp_and_caps_a_half_life() -> None:
     for t in (2, 5, 50, 5000):
         ramp = 1 - (1 + (t - 1)) ** (-2 / 3)
         expected = [1 - min(s, ramp) for s in ema.smoothings if s is not None]
-        assert ema._update_weights(t) == pytest.approx(expected, rel=1e-12)
-    assert ema._update_weights(10**7)[1] == 1 - ema.smoothings[1]  # exactly the plain weight once ramped
+        assert update_weights(ema.smoothings, ema.profiles, t, ema.warmup) == pytest.approx(expected, rel=1e-12)
+    ramped = update_weights(ema.smoothings, ema.profiles, 10**7, ema.warmup)
+    assert ramped[1] == 1 - ema.smoothings[1]  # exactly the plain weight once ramped
 
 
 def test_warmup_resumes_exactly() -> None:

@@ -45,6 +45,7 @@ RUN_ELSEWHERE: dict[tuple[str, str | None], str] = {
         "Sharded models: `ModelParallelStrategy` (FSDP2, tensor parallel)",
     ): "tests/integrations/test_lightning_fsdp.py",
     ("docs/guides/transformers.md", "Hugging Face Transformers"): "tests/integrations/test_transformers.py",
+    ("docs/guides/transformers.md", "LoRA adapters (PEFT)"): "tests/integrations/test_peft.py",
     ("docs/guides/accelerate.md", "Accelerate"): "tests/integrations/test_accelerate.py",
 }
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from emakit._compat import FOREACH_LERP_PER_TENSOR
 from emakit.engine.blend import PreparedBlend, blend_averages_
 from emakit.posthoc.profiles import PowerProfile, power_weights
 
@@ -190,7 +191,7 @@ def test_property_prepared_blend_equals_separate_lerps_update_after_update(
 def test_prepared_blend_is_one_kernel_over_prepared_lists_for_same_dtype_tensors() -> None:
     averages, sources = make([(10_000,), (300,)], 3, torch.float32)
     fused = PreparedBlend(averages, sources, chunk=4096)
-    assert fused.fused
+    assert fused.fused is FOREACH_LERP_PER_TENSOR  # older torch: per-average calls through blend_averages_
     mixed = PreparedBlend(make([(10,)], 2, torch.bfloat16)[0], make([(10,)], 2, torch.bfloat16)[1])
     assert not mixed.fused  # fp32 averages of bf16 weights: the cast goes through blend_averages_'s scratch
     with pytest.raises(ValueError, match=r"weights must have one entry per average \(3\), got 2"):

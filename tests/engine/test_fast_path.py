@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -594,7 +595,9 @@ def test_flattened_model_under_ddp_keeps_its_views(tmp_path: Path, flatten_first
         pytest.skip("a process group is already initialised in this process")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+
+    # the DDP objects are freed before the process group is destroyed: freed later, they can hang in teardown
+    def run() -> None:
         model, reference = make_net(0), make_net(0)
         if flatten_first:
             flatten_model_(model)
@@ -607,7 +610,11 @@ def test_flattened_model_under_ddp_keeps_its_views(tmp_path: Path, flatten_first
         plan = plan_of(ema)
         assert plan is not None and not plan.loose
         ema_ref.assert_matches(ema.ema_tensors)
+
+    try:
+        run()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

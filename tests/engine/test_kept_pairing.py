@@ -279,7 +279,9 @@ def test_ddp_after_the_first_call(tmp_path: Path) -> None:
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
+
+    # the DDP objects are freed before the process group is destroyed: freed later, they can hang in teardown
+    def run() -> None:
         model, ema_model = pair()
         step_and_check(model, ema_model)
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -287,7 +289,11 @@ def test_ddp_after_the_first_call(tmp_path: Path) -> None:
         ddp(torch.randn(8, 4)).sum().backward()
         opt.step()
         step_and_check(ddp, ema_model, seed=3)
+
+    try:
+        run()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

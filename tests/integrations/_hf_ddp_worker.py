@@ -35,7 +35,8 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
 
     def run(folder: Path, *extra: Any, resume: bool = False) -> tuple[EMATrainer, EMACallback]:
-        callback = EMACallback(**RUN["ema"])
+        # snapshots too: rank 0 writes them; the resumed run continues the cut run's series
+        callback = EMACallback(**RUN["ema"], snapshot_interval="1ba", snapshot_folder=folder / "snapshots")
         trainer = EMATrainer(
             model=tiny_model(),
             args=training_args(folder, **RUN["args"]),

@@ -10,7 +10,7 @@ GUIDES = Path(__file__).parents[2] / "docs" / "guides"
 def readme_blocks(title: str, page: str) -> list[str]:
     """The ```python blocks of the section ``## <title>`` of ``docs/guides/<page>`` (up to the next ``## ``
     heading); the page's own ``# <title>`` heading counts as a section too."""
-    text = "\n" + (GUIDES / page).read_text().replace(f"# {title}\n", f"## {title}\n", 1)
+    text = ("\n" + (GUIDES / page).read_text()).replace(f"\n# {title}\n", f"\n## {title}\n", 1)
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     section = text[start : end if end != -1 else len(text)]

@@ -149,7 +149,7 @@ def ddp_fit(devices: int, **ema_kwargs: Any) -> tuple[EMACallback, Net]:
     No BatchNorm: each rank would normalise over its own 4 samples, which one process with 8 cannot match.
     """
     model = make_net(batchnorm=False)
-    callback = EMACallback(half_life="3ba", **ema_kwargs)
+    callback = EMACallback(**{"half_life": "3ba", **ema_kwargs})
     if devices > 1:
         trainer = make_trainer([callback], max_epochs=DDP_EPOCHS, devices=devices, strategy="ddp")
         trainer.fit(model, make_loader(batch_size=8 // devices))
@@ -161,11 +161,21 @@ def ddp_fit(devices: int, **ema_kwargs: Any) -> tuple[EMACallback, Net]:
     return callback, model
 
 
+def posthoc_settings(folder: Path) -> dict[str, Any]:
+    """Post-hoc EMA through the callback: two power profiles, a snapshot every 2 optimizer steps."""
+    return {"half_life": None, "sigma_rel": [0.05, 0.1], "snapshot_interval": "2ba", "snapshot_folder": folder}
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     results = {}
-    for name, kwargs in (("plain", {}), ("flat_overlap", {"flatten_model": True, "overlap": True})):
+    runs: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("plain", {}),
+        ("flat_overlap", {"flatten_model": True, "overlap": True}),
+        ("posthoc", posthoc_settings(out / "snapshots")),
+    )
+    for name, kwargs in runs:
         callback, model = ddp_fit(2, **kwargs)
         results[name] = {
             "ema": {n: t.detach().clone() for n, t in callback.ema.ema_tensors.items()},

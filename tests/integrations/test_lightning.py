@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper module beside this file, package or not
 from _lightning_worker import (
@@ -30,14 +31,18 @@ from _lightning_worker import (
     Net,
     StepRecorder,
     ddp_fit,
+    make_data,
     make_loader,
     make_net,
     make_trainer,
+    posthoc_settings,
     weights,
 )
+from safetensors.torch import load_file
 
 from emakit.flatten import is_flattened
 from emakit.integrations.lightning import TRAINING_STATE_KEY, EMACallback
+from emakit.posthoc import read_snapshot_index
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_lightning_worker.py")
@@ -159,6 +164,19 @@ def test_manual_optimization_with_two_optimizers_is_one_update_per_batch() -> No
     assert trainer.global_step == 12 and len(recorder.after_step) == 6
     assert callback.ema.timestamp.batch == 6
     assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7))
+
+
+@pytest.mark.parametrize(("ema_start", "start_batch"), [("0.5dur", 6), ("0.6dur", 8)])
+def test_manual_optimization_dur_is_a_fraction_of_the_batches_that_step(ema_start: str, start_batch: int) -> None:
+    """max_steps=24 counts optimizer steps, two per batch: 12 batches, which is what the EMA's clock counts."""
+    recorder = StepRecorder()
+    callback = EMACallback(smoothing=0.7, ema_start=ema_start)
+    trainer = make_trainer([recorder, callback], max_epochs=5, max_steps=24)
+    torch.manual_seed(0)
+    trainer.fit(TwoOptimizers(), make_loader())
+    assert trainer.global_step == 24 and len(recorder.after_step) == 12
+    assert callback.ema.start_count == start_batch
+    assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7, start=start_batch))
 
 
 @pytest.mark.parametrize(
@@ -315,6 +333,85 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_fit_bitwise(tmp_path:
     assert_matches(dict(final["resumed"]["state_dict"]), dict(final["whole"]["state_dict"]), exact=True)
 
 
+class DropoutNet(Net):
+    """Net with dropout: its masks come from the global RNG, which Lightning does not restore on resume."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.dropout(torch.relu(self.bn(self.fc1(x))), 0.3, self.training))
+
+
+def test_resume_with_dropout_and_shuffling_follows_the_resumed_runs_own_weights(tmp_path: Path) -> None:
+    """docs/guides/lightning.md's caveat: with dropout or a shuffled loader, Lightning does not restore the RNG,
+    so a resumed run trains on other masks and batches than an uninterrupted one; the EMA still follows the
+    training weights exactly: it equals a float64 EMA recomputed from the resumed run's own recorded weights."""
+    smoothing = 0.8
+    data = make_data()
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=8, shuffle=True)
+
+    torch.manual_seed(0)
+    whole_model = DropoutNet()
+    whole_cb = EMACallback(smoothing=smoothing)
+    options = {"max_epochs": 2, "enable_checkpointing": True}
+    make_trainer([whole_cb, epoch_checkpoints(tmp_path)], **options).fit(whole_model, loader())
+
+    saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["callbacks"]["EMACallback"]["ema"]
+    reference = {name: t.to(torch.float64) if t.is_floating_point() else t for name, t in saved["ema"].items()}
+    torch.manual_seed(1)  # another process, another RNG state
+    resumed_model, resumed_cb, steps = DropoutNet(), EMACallback(smoothing=smoothing), StepRecorder()
+    make_trainer([resumed_cb, steps, epoch_checkpoints(tmp_path / "resumed")], **options).fit(
+        resumed_model, loader(), ckpt_path=tmp_path / "epoch=0.ckpt"
+    )
+    assert len(steps.after_step) == 6 and resumed_cb.ema.num_updates == whole_cb.ema.num_updates
+    for recorded in steps.after_step:
+        for name, value in reference.items():
+            w = recorded[name]
+            reference[name] = smoothing * value + (1 - smoothing) * w.to(torch.float64) if w.is_floating_point() else w
+    # the caveat is real: the resumed run's training weights are not the uninterrupted run's
+    assert not torch.allclose(weights(resumed_model)["fc1.weight"], weights(whole_model)["fc1.weight"])
+    got = ema_weights(resumed_cb)
+    for name, value in reference.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name].to(torch.float64), value, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize(("half_life", "ema_start"), [("1ep", "0.0dur"), ("2ba", "0.7dur")])
+def test_resume_from_a_step_checkpoint_at_an_epoch_end_counts_that_epoch(
+    tmp_path: Path, half_life: str, ema_start: str
+) -> None:
+    """every_n_train_steps=6 with 6 batches an epoch: step=12.ckpt is written after the epoch's last batch,
+    before on_train_epoch_end, and Lightning resumes with the next epoch without that event."""
+    options = {"max_epochs": 3, "enable_checkpointing": True}
+
+    def saver(folder: Path) -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=folder, filename="{step}", save_top_k=-1, every_n_train_steps=6)
+
+    whole_cb = EMACallback(half_life=half_life, ema_start=ema_start)
+    whole = make_net()
+    make_trainer([whole_cb, saver(tmp_path / "whole")], **options).fit(whole, make_loader())
+    saved = torch.load(tmp_path / "whole" / "step=12.ckpt", weights_only=True)
+    assert (
+        saved["callbacks"][next(k for k in saved["callbacks"] if "EMACallback" in k)]["ema"]["timestamp"][
+            "batch_in_epoch"
+        ]
+        == 6
+    )
+
+    resumed_cb = EMACallback(half_life=half_life, ema_start=ema_start)
+    resumed = make_net(seed=123)
+    trainer = make_trainer([resumed_cb, saver(tmp_path / "resumed")], **options)
+    trainer.fit(resumed, make_loader(), ckpt_path=tmp_path / "whole" / "step=12.ckpt")
+
+    assert_matches(weights(resumed), weights(whole), exact=True)
+    assert resumed_cb.ema.timestamp == whole_cb.ema.timestamp
+    assert resumed_cb.ema.num_updates == whole_cb.ema.num_updates
+    assert resumed_cb.ema.start_count == whole_cb.ema.start_count
+    assert_matches(ema_weights(resumed_cb), ema_weights(whole_cb), exact=True)
+
+
 def test_evaluating_a_checkpoint_uses_its_weights_not_the_live_average(tmp_path: Path) -> None:
     """``trainer.test(ckpt_path=...)`` after fit tests the checkpoint's EMA, not the callback's final one."""
     callback = EMACallback(half_life="3ba")
@@ -371,6 +468,19 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
             for key, value in expected.items():
                 torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
     assert_matches(ranks[0]["flat_overlap"]["ema"], ranks[0]["plain"]["ema"], exact=True)
+    # post-hoc EMA: one snapshot series, written by rank 0 alone, equal to one process's to fp32 rounding
+    ddp_fit(devices=1, **posthoc_settings(tmp_path / "single"))
+    written = sorted(p.name for p in (tmp_path / "snapshots").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert [i.step for i in read_snapshot_index(tmp_path / "snapshots")] == [2, 4, 6, 8, 10, 12]
+    for got, expected in zip(
+        read_snapshot_index(tmp_path / "snapshots"), read_snapshot_index(tmp_path / "single"), strict=True
+    ):
+        assert got.t == expected.t
+        a, b = load_file(got.path), load_file(expected.path)
+        assert set(a) == set(b)
+        for key, value in b.items():
+            torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -429,6 +539,30 @@ def test_unsupported_strategies_are_refused_at_setup(strategy: Any, message: str
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy(), logger=False)
     with pytest.raises(ValueError, match=message):
         EMACallback().setup(trainer, make_net(), "fit")
+
+
+def test_ddp_spawn_is_refused_in_the_main_process_before_any_child_starts() -> None:
+    """Lightning calls no hook before its launcher starts processes; a spawn launcher pickles the callback there,
+    in this process, and that is refused with the plain error (not a child's traceback, ProcessRaisedException)."""
+    import torch.multiprocessing as tmp
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, callbacks=[EMACallback()], logger=False
+    )
+    started = []
+    original = tmp.start_processes
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        started.append(True)
+        return original(*args, **kwargs)
+
+    tmp.start_processes = spy  # type: ignore[assignment]
+    try:
+        with pytest.raises(ValueError, match=r"^EMACallback does not support DDPStrategy started by spawning"):
+            trainer.fit(make_net(), make_loader())
+    finally:
+        tmp.start_processes = original
+    assert started  # the launcher was on its way: refused while pickling the first child's arguments
 
 
 def test_model_parallel_strategy_is_accepted() -> None:

@@ -277,6 +277,28 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path, resume: str | 
     assert resumed_callback.ema.timestamp.batch == 8
 
 
+@pytest.mark.parametrize(("half_life", "ema_start"), [("1ep", "0.0dur"), ("2ba", "2ep")])
+def test_resume_from_a_checkpoint_at_an_epoch_end_counts_that_epoch(
+    tmp_path: Path, half_life: str, ema_start: str
+) -> None:
+    """5 optimizer steps an epoch and save_steps=5: checkpoint-10 is written at the second epoch's last step,
+    before on_epoch_end, and the resumed Trainer starts the third epoch without that event."""
+    run = {"gradient_accumulation_steps": 2, "max_steps": 13, "save_strategy": "steps", "save_steps": 5}
+    full = EMACallback(half_life=half_life, ema_start=ema_start)
+    reference = train(tmp_path / "full", full, **run)
+    saved = torch.load(tmp_path / "full" / "checkpoint-10" / EMA_STATE_NAME, weights_only=True)
+    assert saved["timestamp"]["batch_in_epoch"] == 5
+
+    resumed_callback = EMACallback(half_life=half_life, ema_start=ema_start)
+    resumed = train(tmp_path / "full", resumed_callback, resume=str(tmp_path / "full" / "checkpoint-10"), **run)
+
+    assert_same(weights(resumed.model), weights(reference.model))
+    assert resumed_callback.ema.timestamp == full.ema.timestamp
+    assert resumed_callback.ema.start_count == full.ema.start_count
+    assert resumed_callback.ema.num_updates == full.ema.num_updates
+    assert_same(ema_params(resumed_callback), ema_params(full))
+
+
 def test_resume_from_a_checkpoint_without_ema_warns_and_starts_a_fresh_average(tmp_path: Path) -> None:
     run = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
     train(tmp_path, EMACallback(smoothing=0.5), StopAt(3), **run)
@@ -490,6 +512,14 @@ def test_two_rank_ddp_matches_one_process_and_resumes_exactly(tmp_path: Path) ->
         assert_same(ranks[1][key], ranks[0][key])
     assert_same(ranks[0]["resumed_weights"], ranks[0]["weights"])
     assert_same(ranks[0]["resumed_ema"], ranks[0]["ema"])
+    # one snapshot series per run, written by rank 0; the cut-and-resumed one equals the uninterrupted one
+    from emakit.posthoc import read_snapshot_index
+
+    series = [read_snapshot_index(tmp_path / run / "snapshots") for run in ("full", "cut")]
+    assert [info.step for info in series[0]] == [info.step for info in series[1]] == [2, 3, 4, 5, 6]
+    for full_info, cut_info in zip(*series, strict=True):
+        assert full_info.t == cut_info.t
+        assert_same(load_file(cut_info.path), load_file(full_info.path))
     # one process seeing the same global batches (per-device batch 4 = 2 ranks x 2) gets the same run
     from _hf_ddp_worker import RUN
 

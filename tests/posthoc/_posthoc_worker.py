@@ -81,8 +81,10 @@ def train(
 
 def main(out: Path) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
+
+    from emakit._compat import dtensor_class, fully_shard_function
+
+    fully_shard, DTensor = fully_shard_function(), dtensor_class()
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -125,9 +127,10 @@ def main(out: Path) -> None:
 
 def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
     """The same training through emakit's EMA on an FSDP2 model: its shard-local averages and snapshots."""
-    from torch.distributed.fsdp import fully_shard
-
     from emakit import EMA
+    from emakit._compat import fully_shard_function
+
+    fully_shard = fully_shard_function()
 
     model = make_net()
     fully_shard(model)

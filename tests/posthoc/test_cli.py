@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -144,3 +145,42 @@ def test_help_exits_0_without_importing_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--sigma-rel" in result.stdout and result.stdout.strip().endswith("False 0")
+
+
+# ---------------------------------------------------------------------------------------------- gaps (#21)
+def with_gap(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "gap"
+    shutil.copytree(folder, copy)
+    for index in (3, 4, 7):
+        (copy / f"snapshot-{index:06d}.safetensors").unlink()
+    return copy
+
+
+def test_list_names_the_missing_snapshots(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(with_gap(folder, tmp_path)), "--list"]) == 0
+    assert "missing: snapshots 3-4, 7 (deleted or lost?)" in capsys.readouterr().out
+    assert main([str(folder), "--list"]) == 0
+    assert "missing" not in capsys.readouterr().out
+
+
+def test_a_gap_is_warned_by_the_cli_and_reconstruct(folder: Path, tmp_path: Path, capsys) -> None:
+    gap = with_gap(folder, tmp_path)
+    assert main([str(gap), "--sigma-rel", "0.07", "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert re.search(r"warning: snapshot folder '.*gap' lacks snapshots 3-4, 7 of its series", capsys.readouterr().err)
+    with pytest.warns(UserWarning, match=r"lacks snapshots 3-4, 7 of its series \(deleted or lost\?\)"):
+        reconstruct(gap, sigma_rel=0.07)
+
+
+def test_reconstruct_warns_about_a_poor_fit_like_the_cli(folder: Path) -> None:
+    from emakit.posthoc import POOR_FIT
+    from emakit.posthoc.reconstruction import plan_reconstruction
+
+    assert plan_reconstruction(folder, half_life=1).fit_error > POOR_FIT
+    with pytest.warns(UserWarning, match=r"represent this target poorly \(profile fit error [\d.]+%, above 5%\)"):
+        reconstruct(folder, half_life=1)
+    assert plan_reconstruction(folder, sigma_rel=0.07).fit_error <= POOR_FIT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reconstruct(folder, sigma_rel=0.07)

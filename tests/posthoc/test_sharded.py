@@ -13,10 +13,14 @@ import pytest
 import torch
 from _posthoc_worker import EVERY, PROFILES, UPDATES, data, make_net, train
 
+from emakit._compat import FSDP2_TORCH, TORCH_VERSION
 from emakit.posthoc.reconstruction import reconstruct
 from emakit.posthoc.snapshots import read_snapshot_index, write_snapshot
 
 WORKER = Path(__file__).with_name("_posthoc_worker.py")
+pytestmark = pytest.mark.skipif(
+    TORCH_VERSION < FSDP2_TORCH, reason=f"emakit shards with FSDP2 from torch {FSDP2_TORCH} on, not {torch.__version__}"
+)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,8 @@ def works_or_value_type_error(fn: Any, *args: Any, **kwargs: Any) -> None:
                 "skip_nonfinite",
                 "flatten_model",
                 "overlap",
+                "params",
+                "buffers",
             ]
         ),
         anything,

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from emakit.engine.blend import PreparedBlend, blend_averages_
-from emakit.engine.naming import canonical_name, is_averaged
+from emakit.engine.kernels import Held, hold_equal, nonfinite_positions, restore_equal
+from emakit.engine.naming import is_averaged
 from emakit.engine.overlap import Overlap, make_overlap
 from emakit.engine.plan import UpdatePlan
 from emakit.engine.storage import FlatStorage
@@ -29,15 +30,15 @@ NOW, ALONGSIDE = 0, 1
 Source: TypeAlias = Callable[[], list[torch.Tensor]] | list[torch.Tensor]
 
 
-def _written_in_forward(model: nn.Module) -> set[str]:
-    """Canonical names of parameters that their module's forward writes in place: an overlapped update
-    blends them at once, like buffers. (``Embedding``/``EmbeddingBag`` with ``max_norm`` renormalise the
-    rows they look up.)"""
-    written = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
-            written.add(canonical_name(f"{module_name}.weight" if module_name else "weight"))
-    return written
+def _written_in_forward(model: nn.Module) -> set[int]:
+    """Ids of the parameters that their module's forward writes in place: an overlapped update blends them at
+    once, like buffers. (``Embedding``/``EmbeddingBag`` with ``max_norm`` renormalise the rows they look up.)
+    By identity, not by name: a weight tied to a module registered earlier is tracked under that module's name."""
+    return {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+    }
 
 
 class Averages:
@@ -67,7 +68,7 @@ class Averages:
         """Decide each tracked tensor's phase and make the overlap for the device of the parameters."""
         written = _written_in_forward(model)
         self._phases = tuple(
-            ALONGSIDE if name in params and name not in written and is_averaged(t) else NOW
+            ALONGSIDE if name in params and id(params[name]) not in written and is_averaged(t) else NOW
             for name, t in zip(names, tensors, strict=True)
         )
         devices = sorted({str(t.device) for t, p in zip(tensors, self._phases, strict=True) if p == ALONGSIDE})
@@ -99,6 +100,20 @@ class Averages:
         assert self.storages is not None
         for storage, average in zip(self.storages, averages, strict=True):
             storage.load_state_dict(average)
+
+    def restore(
+        self, averages: Sequence[Mapping[str, torch.Tensor]] | None, live: Mapping[str, torch.Tensor], fp32_ema: bool
+    ) -> bool:
+        """Set the averages to a resumed state's (None: from before the start); returns whether the storages
+        were made or dropped (so that an ``ema_model`` built on the former ones is forgotten)."""
+        if averages is None:
+            self.drop()
+            return True
+        made = self.storages is None
+        if made:
+            self.create(live, fp32_ema)
+        self.load(averages)
+        return made
 
     def drop(self) -> None:
         """Forget the averages (a resumed state from before the start)."""
@@ -132,10 +147,24 @@ class Averages:
                     self.prepared = None  # its views of the weights must be gone before the count
                     self.prepared = (plan, self._prepared_blend(plan))
                     plan.snapshot()  # the prepared chunks are views of the weights' buffers: count them as current
+                keep = [(i, s) for i, (_, _, s) in zip(plan.keep_index, plan.keep_equal, strict=True)]
+                held = self._hold_equal(keep)
                 self.prepared[1](weights)
+                restore_equal(held)
                 return
             source = source()
+        held = self._hold_equal([(i, source[i]) for i in nonfinite_positions(source)])
         blend_averages_([storage.views() for storage in self.storages], source, weights)
+        restore_equal(held)
+
+    def _hold_equal(self, keep: list[tuple[int, torch.Tensor]]) -> Held:
+        """Every average's values equal to the (non-finite) source at positions ``keep``, to set back after
+        the blend (see :func:`~emakit.engine.kernels.hold_equal`)."""
+        assert self.storages is not None
+        if not keep:
+            return []
+        views = [storage.views() for storage in self.storages]
+        return hold_equal([v[i] for v in views for i, _ in keep], [s for _ in views for _, s in keep])
 
     def _prepared_blend(self, plan: UpdatePlan) -> PreparedBlend:
         """The blend of every storage with ``plan``'s sources (``plan`` pairs the first storage)."""

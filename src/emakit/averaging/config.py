@@ -17,12 +17,23 @@ from typing import Any
 
 import torch
 
+from emakit.averaging.snapshots import check_snapshot_folder_writable
 from emakit.engine.kernels import validate_smoothing
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES
 from emakit.time import Time, TimeUnit
 
-__all__ = ["DEFAULT_HALF_LIFE", "UPDATE_UNITS", "Settings", "check_eval_average", "parse_settings"]
+__all__ = [
+    "DEFAULT_HALF_LIFE",
+    "UPDATE_UNITS",
+    "Settings",
+    "check_at_attach",
+    "check_eval_average",
+    "describe",
+    "low_precision_message",
+    "not_started_message",
+    "parse_settings",
+]
 
 
 class _DefaultHalfLife(str):
@@ -127,6 +138,7 @@ def parse_settings(
                     f"half_life: every half-life needs the same unit, got {str(half_lives[0])!r} and {str(parsed)!r}"
                 )
             half_lives.append(parsed)
+    _check_distinct("half_life", [str(h) for h in half_lives], [h.value for h in half_lives])
     first_half_life = half_lives[0] if half_lives else None
     interval = _parse_update_interval(update_interval, first_half_life)
     profiles, smoothings = _coefficients(smoothing, sigma_rel, half_lives, interval, stacklevel + 1)
@@ -186,13 +198,21 @@ def _coefficients(
 ) -> tuple[list[Profile], list[float | None]]:
     """One profile and one constant coefficient (None for a power profile) per tracked average."""
     if smoothing is not None:
-        coefficient = validate_smoothing(smoothing)
+        coefficient = validate_smoothing(_plain_smoothing(smoothing))
+        if coefficient == 1.0:
+            warnings.warn(
+                "smoothing=1.0 keeps the average at its first value forever: it never moves toward the training "
+                "weights. Use a value below 1 (0.999 halves a weight's contribution every 693 updates)",
+                stacklevel=stacklevel,
+            )
         return ([HalfLifeProfile(-1.0 / math.log2(coefficient))] if 0 < coefficient < 1 else []), [coefficient]
     if sigma_rel is not None:
         values: list[float] = list(sigma_rel) if isinstance(sigma_rel, (list, tuple)) else [sigma_rel]  # type: ignore[list-item]
         if not values:
             raise ValueError("sigma_rel must be a number or a non-empty list of numbers, got []")
-        return [PowerProfile.from_sigma_rel(v) for v in values], [None] * len(values)
+        powers = [PowerProfile.from_sigma_rel(v) for v in values]
+        _check_distinct("sigma_rel", values, [p.gamma for p in powers])
+        return list(powers), [None] * len(values)
     profiles: list[Profile] = []
     smoothings: list[float | None] = []
     for h in half_lives:
@@ -232,3 +252,98 @@ def _parse_snapshots(
             f"snapshot_dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {snapshot_dtype!r}"
         )
     return parsed
+
+
+def _plain_smoothing(smoothing: Any) -> Any:
+    """A 0-d floating tensor as its Python float (what ``smoothing`` means); anything else unchanged."""
+    if isinstance(smoothing, torch.Tensor):
+        if smoothing.ndim != 0 or not smoothing.is_floating_point():
+            raise ValueError(
+                f"smoothing must be a Python float or a 0-d floating tensor in [0, 1], got a tensor of shape "
+                f"{tuple(smoothing.shape)} and dtype {smoothing.dtype}"
+            )
+        return float(smoothing.item())
+    return smoothing
+
+
+def _check_distinct(name: str, shown: Sequence[Any], values: Sequence[float]) -> None:
+    """ValueError if two averages of a list get the same profile: they would track one average twice."""
+    for i, value in enumerate(values):
+        for j in range(i):
+            if math.isclose(value, values[j], rel_tol=1e-9):
+                raise ValueError(
+                    f"{name}: every average needs its own value, got {list(shown)!r} ({shown[j]!r} and "
+                    f"{shown[i]!r} are the same profile): duplicates track one average twice and make a post-hoc "
+                    "reconstruction from their snapshots singular"
+                )
+
+
+def low_precision_message(
+    dtypes: Sequence[torch.dtype], fp32_ema: bool, smoothings: Sequence[float | None]
+) -> str | None:
+    """A warning if a 16-bit average (``fp32_ema=False``) would round its updates away; None otherwise.
+
+    An update adds ``(1 - smoothing) * (weights - average)``; once ``1 - smoothing`` is below the dtype's
+    resolution, most of it is lost to rounding and the average barely moves. A power profile's ``1 - beta_t`` shrinks
+    as about ``(gamma + 1) / t``, so it gets there in any long run.
+    """
+    low = sorted({str(d) for d in dtypes if d in (torch.float16, torch.bfloat16)})
+    if fp32_ema or not low:
+        return None
+    eps = max(torch.finfo(getattr(torch, d.removeprefix("torch."))).eps for d in low)
+    if any(s is None for s in smoothings):
+        why = "a sigma_rel average's coefficient 1 - beta_t shrinks as training goes on and falls below it"
+    elif any(s is not None and 0 < 1 - s < eps for s in smoothings):
+        shown = min(s for s in smoothings if s is not None and 1 - s > 0)
+        why = f"1 - smoothing = {1 - shown:.3g} is below it"
+    else:
+        return None
+    return (
+        f"fp32_ema=False keeps the average in the model's {', '.join(low)}, whose resolution is {eps:.3g}: {why}, "
+        "so updates round away, whole or in part, and the average lags far behind. Keep fp32_ema=True (the default)"
+    )
+
+
+def describe(
+    half_lives: Sequence[Time],
+    half_life: Time | None,
+    profiles: Sequence[Profile],
+    smoothing: float,
+    update_interval: Time,
+    ema_start: Time,
+) -> str:
+    """The EMA's ``repr``: its timing as the user gave it, then the interval, the start and the coefficient."""
+    if len(half_lives) > 1:
+        timing = f"half_life={[str(h) for h in half_lives]}"
+    elif half_life is not None:
+        timing = f"half_life='{half_life}'"
+    elif isinstance(profiles[0] if profiles else None, PowerProfile):
+        timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in profiles if isinstance(p, PowerProfile)]}"
+    else:
+        timing = f"smoothing={smoothing}"
+    shown = f", smoothing={smoothing:.6g}" if not math.isnan(smoothing) else ""
+    return f"EMA({timing}, update_interval='{update_interval}', ema_start='{ema_start}'{shown})"
+
+
+def check_at_attach(
+    snapshot_folder: Path | None,
+    live: Sequence[torch.Tensor],
+    fp32_ema: bool,
+    smoothings: Sequence[float | None],
+    stacklevel: int,
+) -> None:
+    """What only the model can tell: a snapshot folder that cannot be written is refused now, not hours in; a
+    16-bit average whose updates would round away warns."""
+    if snapshot_folder is not None:
+        check_snapshot_folder_writable(snapshot_folder)
+    if message := low_precision_message([t.dtype for t in live], fp32_ema, list(smoothings)):
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def not_started_message(update_interval: Time, ema_start: Time) -> str:
+    """Why the average is not there yet, and when it will be."""
+    unit = "batch end (optimizer step)" if update_interval.unit == TimeUnit.BATCH else "epoch end"
+    return (
+        f"the EMA has not started yet: it starts as a copy of the weights at the first {unit} where "
+        f"training progress reaches ema_start='{ema_start}'"
+    )

@@ -19,7 +19,6 @@ stay on the EMA, where users and trainers read and set them. The one base class,
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,14 +31,22 @@ from torch import nn
 from emakit.averaging import states
 from emakit.averaging.averages import Averages
 from emakit.averaging.clock import check_batches_per_epoch, check_duration, start_due, update_due, update_weights
-from emakit.averaging.config import DEFAULT_HALF_LIFE, check_eval_average, parse_settings
+from emakit.averaging.config import (
+    DEFAULT_HALF_LIFE,
+    check_at_attach,
+    check_eval_average,
+    describe,
+    not_started_message,
+    parse_settings,
+)
 from emakit.averaging.former import FormerNames
-from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.guard import nonfinite_baseline, skipped_message, training_weights_finite
+from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse_selection
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
-from emakit.averaging.warmup import Warmup, check_warmup, warmed_weights
-from emakit.posthoc.profiles import PowerProfile, Profile
+from emakit.averaging.warmup import Warmup, check_warmup
+from emakit.posthoc.profiles import Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
 __all__ = ["EMA"]
@@ -98,8 +105,12 @@ class EMA(FormerNames):
             ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
         eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
             and exports use (an index into the averages, default 0).
-        warmup: ramp the smoothing up over the first updates as timm and diffusers do, capping it at
-            ``1 - (1 + s / gamma) ** -power`` for the ``s``-th blend: True, or ``Warmup(gamma=..., power=...)``.
+        params: the parameters averaged: ``'trainable'`` (default; those requiring grad when the average
+            starts), ``'all'``, glob patterns on canonical names, or a callable ``(name, tensor) -> bool``.
+        buffers: floating buffers ``'average'`` (default), ``'copy'`` or ``'share'`` (not kept), or
+            ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
+            :mod:`emakit.averaging.selection`.
+        warmup: ramp the smoothing up early as timm and diffusers do: True or ``Warmup(gamma, power)`` (:mod:`.warmup`).
     """
 
     def __init__(
@@ -117,6 +128,8 @@ class EMA(FormerNames):
         snapshot_folder: str | os.PathLike[str] | None = None,
         snapshot_dtype: torch.dtype = torch.float32,
         eval_average: int = 0,
+        params: ParamSelection = "trainable",
+        buffers: BufferPolicy = "average",
         warmup: bool | Warmup = False,
     ) -> None:
         settings = parse_settings(
@@ -146,15 +159,12 @@ class EMA(FormerNames):
         self.num_averages = settings.num_averages
         self._eval_average = settings.eval_average
         self.ema_start: Time = settings.ema_start
-        self.fp32_ema = settings.fp32_ema
-        self.skip_nonfinite = settings.skip_nonfinite
-        self.num_skipped_nonfinite = 0
-        self.flatten_model = settings.flatten_model
-        self.overlap = settings.overlap
+        self.fp32_ema, self.skip_nonfinite, self.num_skipped_nonfinite = settings.fp32_ema, settings.skip_nonfinite, 0
+        self.flatten_model, self.overlap = settings.flatten_model, settings.overlap
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
-        self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
-        self.warmup: Warmup | None = check_warmup(warmup, sigma_rel, snapshot_folder)
+        self.snapshot_dtype, self.warmup = settings.snapshot_dtype, check_warmup(warmup, sigma_rel, snapshot_folder)
+        selection = parse_selection(params, buffers)
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
         #: :meth:`epoch_end` (or set by the Trainer). Saved in :meth:`state_dict`.
@@ -168,22 +178,18 @@ class EMA(FormerNames):
         self._averages = Averages(self.num_averages)
         self._swap = Swap(self._tracked)
         self._snapshots = SnapshotSeries()
+        self._kept = Kept(selection, self._tracked, self._averages, self._swap)
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
+        self._baseline: dict[int, torch.Tensor] = {}  # tensors holding NaN/Inf at attach, for the guard
+        self._loaded_epoch_open = False  # a state was loaded and the clock has not moved since: set_duration
         #: Counts changes of the average, so that ``ema_model`` refreshes its cast copies only when needed.
         self._version = 0
 
     def __repr__(self) -> str:
-        if len(self.half_lives) > 1:
-            timing = f"half_life={[str(h) for h in self.half_lives]}"
-        elif self.half_life is not None:
-            timing = f"half_life='{self.half_life}'"
-        elif isinstance(self.profiles[0] if self.profiles else None, PowerProfile):
-            timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in self.profiles if isinstance(p, PowerProfile)]}"
-        else:
-            timing = f"smoothing={self.smoothing}"
-        shown = f", smoothing={self.smoothing:.6g}" if not math.isnan(self.smoothing) else ""
-        return f"EMA({timing}, update_interval='{self.update_interval}', ema_start='{self.ema_start}'{shown})"
+        return describe(
+            self.half_lives, self.half_life, self.profiles, self.smoothing, self.update_interval, self.ema_start
+        )
 
     @property
     def eval_average(self) -> int:
@@ -228,11 +234,7 @@ class EMA(FormerNames):
     def require_started(self) -> None:
         """Raise RuntimeError, saying when the average will start, unless it has started."""
         if not self.started:
-            unit = "batch end (optimizer step)" if self.update_interval.unit == TimeUnit.BATCH else "epoch end"
-            raise RuntimeError(
-                f"the EMA has not started yet: it starts as a copy of the weights at the first {unit} where "
-                f"training progress reaches ema_start='{self.ema_start}'"
-            )
+            raise RuntimeError(not_started_message(self.update_interval, self.ema_start))
 
     _require_started = require_started
 
@@ -256,25 +258,29 @@ class EMA(FormerNames):
         if max_duration is not None or batches_per_epoch is not None:
             self.set_duration(max_duration, batches_per_epoch)
         self.wait()  # flattening re-points the tensors a pending update reads
-        params = self._tracked.attach(model, flatten=self.flatten_model)
+        self._tracked.attach(model, flatten=self.flatten_model)
         self._live_reader = self._tracked.live
+        # the model's own NaN/Inf values (a -inf causal mask) as attached: not divergence, for the guard
+        self._baseline = nonfinite_baseline(self._tracked.live())
         self._averages.prepared = None  # it holds views of the previous model's weights
-        if self.overlap:
-            self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
+        self._kept.attach(self.overlap)  # a choice naming nothing fails here; the set is fixed at the start
+        check_at_attach(self.snapshot_folder, self._tracked.live(), self.fp32_ema, self.smoothings, stacklevel=3)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
-        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``."""
+        """Tell the EMA how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
+
+        After :meth:`load_state_dict`, a ``batches_per_epoch`` equal to the state's ``batch_in_epoch`` means the
+        checkpoint was written after an epoch's last batch, before its end: that :meth:`epoch_end` is run here."""
         if max_duration is not None:
             self.max_duration = check_duration(max_duration, self.ema_start)
         if batches_per_epoch is not None:
             self.batches_per_epoch = check_batches_per_epoch(batches_per_epoch)
+            if self._loaded_epoch_open and 0 < self.batches_per_epoch == self.timestamp.batch_in_epoch:
+                self.epoch_end()
 
     def wait(self) -> None:
-        """Finish the pending overlapped update (``overlap=True``); a no-op otherwise.
-
-        On CUDA the current stream waits for the side stream (the host does not block); on CPU this joins the
-        worker thread and re-raises its error, if any.
-        """
+        """Finish the pending overlapped update (``overlap=True``; on CUDA the current stream waits for the side
+        stream, on CPU this joins the worker thread and re-raises its error); a no-op otherwise."""
         self._averages.wait()
 
     # ------------------------------------------------------------------ the clock
@@ -284,6 +290,7 @@ class EMA(FormerNames):
         With ``'ba'`` units the average starts (as a copy of the weights) once ``ema_start`` is reached and
         then blends every ``update_interval``. Returns whether the average was started or blended.
         """
+        self._swap.refuse_step()
         self.timestamp.advance_batch(num_samples)
         return self.tick(TimeUnit.BATCH)
 
@@ -298,14 +305,17 @@ class EMA(FormerNames):
         :meth:`step` and :meth:`epoch_end` call this after advancing the clock; a trainer that keeps the
         clock itself (sets :attr:`timestamp`) calls it directly. Returns whether the average changed.
         """
+        self._loaded_epoch_open = False  # the clock moved on: a resume's epoch boundary is settled
         if unit != self.update_interval.unit:
             return False
         if self._tracked.model is None:
             raise RuntimeError("call ema.attach(model) before the first ema.step()")
+        if self.snapshot_folder is not None:
+            self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         count = self.timestamp.get(unit)
         if not self.started:
             due = start_due(self.ema_start, self.timestamp, self.max_duration, self.batches_per_epoch)
-            if not (due and self._finite_or_skip(count)):
+            if not (due and self._kept.start(self.overlap) and self._finite_or_skip(count)):
                 return False
             self._initialise(count)
         elif update_due(count, self.update_interval) and self._finite_or_skip(count):
@@ -322,7 +332,8 @@ class EMA(FormerNames):
         if not self.skip_nonfinite:
             return True
         flat = self._storage if self._swap.swapped is None and not self._tracked.sharded else None
-        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded):
+        reference = self._storage.views() if self.started and self._storage is not None else self._baseline
+        if training_weights_finite(self._swap.training_tensors, flat, self._tracked.sharded, reference):
             return True
         self.num_skipped_nonfinite += 1
         warnings.warn(skipped_message(self.update_interval.unit, count, self.num_skipped_nonfinite), stacklevel=3)
@@ -345,13 +356,10 @@ class EMA(FormerNames):
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._tracked.sharded or self._swap.swapped is not None:
             source = self._swap.training_tensors()  # a reusable plan only for plain models
-        self._averages.blend(source, self._update_weights(self.num_updates + 2))  # the start was update 1
+        self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2, self.warmup))
+        self._kept.after_blend(self._swap.training_tensors)
         self.num_updates += 1
         self._version += 1
-
-    def _update_weights(self, t: int) -> list[float]:
-        """Every average's ``1 - smoothing`` for update ``t`` (1-based, counting the start)."""
-        return warmed_weights(update_weights(self.smoothings, self.profiles, t), self.warmup, t)
 
     def write_snapshot(self) -> Path:
         """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series.
@@ -362,6 +370,7 @@ class EMA(FormerNames):
         self.require_started()
         if self.snapshot_folder is None:
             raise RuntimeError("this EMA has no snapshot_folder: pass snapshot_folder and snapshot_interval")
+        self._snapshots.check_once(self.snapshot_folder, self._tracked.device)
         self.wait()
         return self._snapshots.write(
             self.snapshot_folder,
@@ -398,26 +407,25 @@ class EMA(FormerNames):
 
         Before the average has started the model keeps its training weights (there is no average yet to
         evaluate). On leaving the block, also through an exception, the training weights are put back
-        exactly as they were. Nested use on the same model is a no-op inside.
+        exactly as they were. Nested use on the same model is a no-op inside. No optimizer step belongs inside:
+        :meth:`step` raises there, and parameters changed in place there raise once the training weights are back.
         """
         target = self.model if model is None else model
         if not self.started or self._swap.swapped is not None:
             yield target
             return
         self.get_ema_model(target)
-        try:
+        assert self._storage is not None
+        with self._swap.block(target, self._storage, self.wait):  # swaps back, then names what changed inside
             yield target
-        finally:
-            self.get_training_model(target)
 
     @property
     def ema_model(self) -> nn.Module:
-        """A module of the model's structure holding the average: eval mode, no gradients.
-
-        Its tensors are the EMA storage itself (no copy; it follows the average as it updates) when the
-        model's dtypes are the average's. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
-        dtype, so it runs on the same inputs as the model; its tensors are refreshed from the fp32 average
-        each time this property is read. Frozen parameters are shared with the training model.
+        """A module of the model's structure holding the average: eval mode, no gradients. Live storage:
+        when the model's dtypes are the average's, its tensors are the EMA storage itself (no copy; it follows
+        the average), so writing to them writes the average: a train-mode forward (``ema_model.train()``)
+        moves the EMA's BatchNorm statistics. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
+        dtype, refreshed from the fp32 average each time this property is read. Frozen parameters are shared.
         """
         self.require_started()
         assert self._storage is not None
@@ -444,7 +452,10 @@ class EMA(FormerNames):
 
     # ------------------------------------------------------------------ state for resuming
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs: the average (fp32 master), counters and the clock."""
+        """Everything an exact resume needs: the average (fp32 master), counters and the clock.
+
+        As with torch's, the tensors are references to the live average: a state kept in memory (not saved)
+        must be ``copy.deepcopy``-ed, or its tensors follow later updates while its counters do not."""
         self.wait()
         return states.ema_state(
             started=self.started,
@@ -455,6 +466,8 @@ class EMA(FormerNames):
             timestamp=self.timestamp,
             averages=self._averages_as_model_tensors() if self.started else [],
             snapshot_index=self._snapshots.index,
+            snapshot_run=self._snapshots.run,
+            profiles=self.profiles,
         )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -462,23 +475,22 @@ class EMA(FormerNames):
         if not isinstance(state, Mapping):
             raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
         self.wait()
-        restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, stacklevel=3)
-        if restored.averages is None:
-            self._averages.drop()
+        with self._kept.saved_set(state, self.overlap):  # the set fixed at the state's start
+            restored = states.read_state(state, self._tracked, self.num_averages, self.smoothing, 3, self.profiles)
+        if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
+            self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
+        if self._averages.restore(restored.averages, restored.live, self.fp32_ema):
             self._swap.forget_ema_model()
-        else:
-            if self._averages.storages is None:
-                self._averages.create(restored.live, self.fp32_ema)
-                self._swap.forget_ema_model()
-            self._averages.load(restored.averages)
         self.start_count = restored.start_count
         self.num_updates = restored.num_updates
         self.num_skipped_nonfinite = restored.num_skipped_nonfinite
         if restored.timestamp is not None:
             self.timestamp = restored.timestamp
         self._snapshots.index = restored.snapshot_index
+        self._snapshots.run = restored.snapshot_run
+        self._loaded_epoch_open = True  # see set_duration
         if self.snapshot_folder is not None:
-            # snapshots written after the resumed point are dropped: their updates are redone
+            # snapshots written after the resumed point are moved aside: their updates are redone
             self._snapshots.resume(self.snapshot_folder, self.num_updates + 1 if self.started else 0, stacklevel=3)
         self._version += 1
 

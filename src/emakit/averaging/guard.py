@@ -2,31 +2,51 @@
 
 With ``skip_nonfinite`` the EMA asks this before each start or update and skips it if any weight is not
 finite, so that one diverged step does not poison the average. Under FSDP all ranks decide together.
+
+A non-finite value that the average already holds at the same place (a causal mask of ``-inf`` registered as
+a buffer) is not a diverged weight: the update leaves it as it is, so the guard ignores it. Before the start,
+when there is no average yet, the reference is the model as attached (:func:`nonfinite_baseline`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from emakit.engine.kernels import nonfinite_positions
 from emakit.engine.storage import FlatStorage
 from emakit.parallel.ranks import all_reduce_sum
 from emakit.time import TimeUnit
 
-__all__ = ["skipped_message", "training_weights_finite"]
+__all__ = ["nonfinite_baseline", "skipped_message", "training_weights_finite"]
+
+#: Reference values per tracked tensor position: the average's views, or the attach-time baseline.
+Reference = Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
+
+
+def nonfinite_baseline(tensors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Copies of the tensors holding NaN or Inf, by position: the guard's reference before the average exists."""
+    return {i: tensors[i].detach().clone() for i in nonfinite_positions(tensors)}
 
 
 def training_weights_finite(
-    training_tensors: Callable[[], list[torch.Tensor]], storage: FlatStorage | None, sharded: bool
+    training_tensors: Callable[[], list[torch.Tensor]],
+    storage: FlatStorage | None,
+    sharded: bool,
+    reference: Reference | None = None,
 ) -> bool:
     """Whether every floating training weight is finite, on every rank for a ``sharded`` model.
 
     When the ``storage`` pairs a flattened model's buffers (training weights in the model, not sharded),
-    those few buffers are checked, one pass each; otherwise the ``training_tensors()`` one by one.
+    those few buffers are checked, one pass each; otherwise the ``training_tensors()`` one by one. Only when
+    a NaN or Inf is found are the tensors compared with ``reference`` (per tracked tensor, in the same
+    order): non-finite values equal to the reference's at the same place do not count.
     """
     flat_spans = storage.current_flat_sources() if storage is not None else None
     finite = _finite(training_tensors, flat_spans)
+    if not finite and reference is not None:
+        finite = _only_kept(training_tensors(), reference)
     if sharded:  # each rank sees its shards only; all must skip together or the shards drift apart
         device = next((t.device for t in training_tensors()), torch.device("cpu"))
         finite = all_reduce_sum([0.0 if finite else 1.0], device)[0] == 0.0
@@ -45,6 +65,21 @@ def _finite(training_tensors: Callable[[], list[torch.Tensor]], flat_spans: list
     for span in flat_spans:
         low, high = torch.aminmax(span)
         if not (bool(low.isfinite()) and bool(high.isfinite())):
+            return False
+    return True
+
+
+@torch.no_grad()
+def _only_kept(tensors: Sequence[torch.Tensor], reference: Reference) -> bool:
+    """Whether every NaN or Inf of ``tensors`` is also in ``reference`` at the same place (NaN matching NaN)."""
+    for i in nonfinite_positions(tensors):
+        ref = reference.get(i) if isinstance(reference, Mapping) else reference[i]
+        if ref is None or ref.shape != tensors[i].shape:
+            return False
+        t = tensors[i].detach()
+        ref = ref.to(device=t.device)
+        same = torch.eq(t, ref) | (t.isnan() & ref.isnan())
+        if not bool((same | t.isfinite()).all()):
             return False
     return True
 

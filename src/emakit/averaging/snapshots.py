@@ -2,31 +2,86 @@
 
 :class:`SnapshotSeries` numbers the snapshots written to ``snapshot_folder`` (every ``snapshot_interval``,
 as :func:`emakit.averaging.clock.update_due` decides; the file format is :mod:`emakit.posthoc.snapshots`).
-On resume it drops the snapshots written after the resumed point, whose updates will be redone, so that
-the series has neither a gap nor a duplicate.
+Each series carries a run id, kept in the EMA's state and in every snapshot, so that a new run never
+writes into (and mixes with) another run's folder. On resume it moves the snapshots written after the
+resumed point aside (their updates will be redone), so that the series has neither a gap nor a duplicate.
 """
 
 from __future__ import annotations
 
+import tempfile
+import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from emakit.parallel.ranks import barrier, get_rank
+from emakit.parallel.ranks import all_reduce_sum, barrier, get_rank
 from emakit.posthoc.profiles import HalfLifeProfile, Profile
-from emakit.posthoc.snapshots import discard_snapshots_after, next_snapshot_index, write_snapshot
+from emakit.posthoc.snapshots import (
+    DtypeOverflowError,
+    discard_snapshots_after,
+    next_snapshot_index,
+    snapshot_runs,
+    write_snapshot,
+)
+from emakit.posthoc.snapshots.reading import describe_indices, describe_run
 from emakit.time import Time, TimeUnit
 
-__all__ = ["SnapshotSeries"]
+__all__ = ["SnapshotSeries", "check_snapshot_folder_writable"]
+
+
+def check_snapshot_folder_writable(folder: Path) -> None:
+    """Fail at attach, not hours later at the first snapshot, if ``folder`` cannot hold snapshots."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"snapshot_folder {str(folder)!r} is not a writable folder: {e.strerror or e}; give a folder "
+            "that can be created and written"
+        ) from e
 
 
 class SnapshotSeries:
-    """The index of the next snapshot in the series, and writing or resuming it in a folder."""
+    """The index of the next snapshot in the series, its run id, and writing or resuming it in a folder."""
 
     def __init__(self) -> None:
         self.index = 0
+        #: Identifies this run's snapshots (None: a resumed legacy run whose snapshots carry no id).
+        self.run: str | None = uuid.uuid4().hex
+        #: Whether the folder was checked for another run's snapshots (before the first write).
+        self.folder_checked = False
+        self._overflow_warned = False
+
+    def check_folder(self, folder: Path, run: str | None, device: torch.device) -> None:
+        """Refuse ``folder`` if it holds snapshots of a run other than ``run`` (checked on rank 0, raised on all).
+
+        Called before anything is written there: at the first start or update of a fresh EMA, and when an
+        EMA state is loaded (``run`` is then the state's).
+        """
+        message = None
+        if get_rank() == 0:
+            others = {r: indices for r, indices in snapshot_runs(folder).items() if r != run}
+            if others:
+                count = sum(len(indices) for indices in others.values())
+                whose = ", ".join(f"{describe_indices(indices)} of {describe_run(r)}" for r, indices in others.items())
+                message = (
+                    f"snapshot_folder {str(folder)!r} already holds {count} snapshot(s) of another run ({whose}); "
+                    f"this EMA is {describe_run(run)}: writing there would overwrite them and reconstructions would "
+                    "mix the two runs. Give this run its own snapshot_folder or move those snapshots elsewhere; to "
+                    "continue that run, load its EMA state (ema.load_state_dict) before training"
+                )
+        if all_reduce_sum([1.0 if message else 0.0], device)[0]:
+            raise ValueError(message or f"snapshot_folder {str(folder)!r} was refused on rank 0 (see its error)")
+        self.folder_checked = True
+
+    def check_once(self, folder: Path, device: Callable[[], torch.device]) -> None:
+        """:meth:`check_folder` for this series' run, unless done (``device`` gives the collective's device)."""
+        if not self.folder_checked:
+            self.check_folder(folder, self.run, device())
 
     def write(
         self,
@@ -39,29 +94,54 @@ class SnapshotSeries:
         update_interval: Time,
         dtype: torch.dtype,
     ) -> Path:
-        """Write ``averages`` to ``folder`` as the next snapshot: after update ``t`` (1-based, counting the start)."""
+        """Write ``averages`` to ``folder`` as the next snapshot: after update ``t`` (1-based, counting the start).
+
+        A weight beyond a 16-bit ``dtype``'s range does not end the run: that snapshot is written in float32
+        (readers accept a series of mixed dtypes), with a warning the first time.
+        """
         interval = int(update_interval.value)
-        path = write_snapshot(
-            folder,
-            self.index,
-            list(averages),
+        args = dict(
+            folder=folder,
+            index=self.index,
+            averages=list(averages),
             # a constant smoothing of 0 or 1 has no profile: record a vanishing one for each average
-            list(profiles) if len(profiles) == len(averages) else [HalfLifeProfile(1e-9)] * len(averages),
+            profiles=list(profiles) if len(profiles) == len(averages) else [HalfLifeProfile(1e-9)] * len(averages),
             t=t,
             step=step,
             update_interval=interval if update_interval.unit == TimeUnit.BATCH else 1,
-            dtype=dtype,
+            run=self.run,
         )
+        try:
+            path = write_snapshot(dtype=dtype, **args)  # type: ignore[arg-type]
+        except DtypeOverflowError as e:
+            if dtype == torch.float32:
+                raise
+            if not self._overflow_warned:
+                warnings.warn(
+                    f"snapshot {self.index} in {str(folder)!r} is written in float32, not snapshot_dtype={dtype}: {e}. "
+                    "Later snapshots that overflow are written in float32 too, without this warning",
+                    stacklevel=4,
+                )
+                self._overflow_warned = True
+            path = write_snapshot(dtype=torch.float32, **args)  # type: ignore[arg-type]
         self.index += 1
         return path
 
     def resume(self, folder: Path, t: int, stacklevel: int) -> None:
-        """Continue the series in ``folder`` after resuming at update ``t`` (0 before the start): drop the
-        snapshots after it and continue at the folder's count (with a warning if :attr:`index` says
-        otherwise, ``stacklevel`` as :func:`warnings.warn` counts it from this method)."""
+        """Continue the series in ``folder`` after resuming at update ``t`` (0 before the start): move the
+        snapshots after it aside, with a warning, and continue at the folder's count (with a warning if
+        :attr:`index` says otherwise). ``stacklevel`` is as :func:`warnings.warn` counts it from this method."""
         if get_rank() == 0:
-            discard_snapshots_after(folder, t)
+            moved = discard_snapshots_after(folder, t)
+            if moved:
+                warnings.warn(
+                    f"resuming at EMA update {t}: the {len(moved)} snapshot(s) of snapshot_folder {str(folder)!r} "
+                    f"taken after it belong to the run's lost future; they were moved aside into "
+                    f"{str(moved[0].parent)!r} (not deleted), and are written again as training goes on",
+                    stacklevel=stacklevel,
+                )
         barrier()
+        self.folder_checked = True
         found = next_snapshot_index(folder)
         if found != self.index:
             warnings.warn(

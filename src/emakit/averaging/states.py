@@ -19,6 +19,7 @@ import torch
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
+from emakit.posthoc.profiles import Profile, profile_from_dict
 from emakit.time import Timestamp
 
 __all__ = [
@@ -41,6 +42,8 @@ def ema_state(
     timestamp: Timestamp,
     averages: Sequence[dict[str, torch.Tensor]],
     snapshot_index: int,
+    snapshot_run: str | None = None,
+    profiles: Sequence[Profile] = (),
 ) -> dict[str, Any]:
     """The EMA's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start)."""
     return {
@@ -54,6 +57,9 @@ def ema_state(
         # the other tracked averages (half_life or sigma_rel lists), and where the snapshot series stands
         "more_averages": list(averages[1:]),
         "snapshot_index": snapshot_index,
+        # the run id of the snapshot series (in every snapshot's metadata), and the averages' profiles
+        "snapshot_run": snapshot_run,
+        "profiles": [p.to_dict() for p in profiles],
     }
 
 
@@ -69,14 +75,23 @@ class Restored:
     num_skipped_nonfinite: int
     timestamp: Timestamp | None
     snapshot_index: int
+    #: The run id of the saved snapshot series (None for states from before run ids were kept).
+    snapshot_run: str | None = None
 
 
-def read_state(state: Any, tracked: TrackedModel, num_averages: int, smoothing: float, stacklevel: int = 2) -> Restored:
+def read_state(
+    state: Any,
+    tracked: TrackedModel,
+    num_averages: int,
+    smoothing: float,
+    stacklevel: int = 2,
+    profiles: Sequence[Profile] = (),
+) -> Restored:
     """Check ``state`` (from :func:`ema_state`) against the followed model and the averages tracked.
 
     A different ``smoothing`` only warns (``stacklevel`` as :func:`warnings.warn` counts it from this function);
-    anything that cannot
-    be restored raises, naming what is wrong.
+    a state of power profiles (``sigma_rel``) for an EMA of constant smoothing, or the reverse, and anything
+    else that cannot be restored raises, naming what is wrong.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
@@ -108,6 +123,7 @@ def read_state(state: Any, tracked: TrackedModel, num_averages: int, smoothing: 
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
             live = dict(zip(tracked.names, tracked.live(), strict=True))
         saved_smoothing = state.get("smoothing")
+        _check_same_kind(saved_smoothing, state.get("profiles"), smoothing, profiles)
         if (
             isinstance(saved_smoothing, float)
             and not (math.isnan(saved_smoothing) and math.isnan(smoothing))
@@ -126,6 +142,29 @@ def read_state(state: Any, tracked: TrackedModel, num_averages: int, smoothing: 
         num_skipped_nonfinite=int(state.get("num_skipped_nonfinite", 0)),
         timestamp=timestamp,
         snapshot_index=int(state.get("snapshot_index", 0)),
+        snapshot_run=state.get("snapshot_run"),
+    )
+
+
+def _describe_averages(smoothing: Any, profiles: Sequence[Profile]) -> str:
+    shown = f"profiles {[str(p) for p in profiles]}" if profiles else ""
+    if isinstance(smoothing, float) and not math.isnan(smoothing):
+        return f"smoothing={smoothing:.6g} (half_life or smoothing)" + (f", {shown}" if shown else "")
+    return "sigma_rel power profiles, whose smoothing changes every update" + (f" ({shown})" if shown else "")
+
+
+def _check_same_kind(saved_smoothing: Any, saved_profiles: Any, smoothing: float, profiles: Sequence[Profile]) -> None:
+    """ValueError if the state's averages are power profiles and this EMA's constant ones, or the reverse."""
+    if not isinstance(saved_smoothing, float) or math.isnan(saved_smoothing) == math.isnan(smoothing):
+        return
+    try:
+        saved = [profile_from_dict(p) for p in saved_profiles or []]
+    except (TypeError, ValueError):
+        saved = []
+    raise ValueError(
+        f"EMA state was saved by an EMA with {_describe_averages(saved_smoothing, saved)}; this EMA has "
+        f"{_describe_averages(smoothing, profiles)}. A power-profile average cannot continue as a constant-"
+        "smoothing one or the reverse: resume with the half_life / smoothing / sigma_rel the state was saved with"
     )
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from emakit.averaging.clock import DURATION_UNITS
 from emakit.averaging.config import UPDATE_UNITS
 from emakit.averaging.ema import EMA
+from emakit.posthoc.profiles import PowerProfile
 from emakit.time import Time, TimeUnit, reached
 
 __all__ = ["SWA", "default_bn_forward"]
@@ -102,7 +103,7 @@ class SWA(EMA):
         )
         self.smoothing = math.nan
         self.smoothings = [None]
-        self.profiles = []
+        self.profiles = [PowerProfile(0.0)]  # the uniform profile: the t-th update enters with weight 1 / t
         self.swa_end: Time | None = None
         if swa_end is not None:
             self.swa_end = Time.coerce(swa_end, "swa_end", (*DURATION_UNITS, TimeUnit.DURATION), positive=True)
@@ -148,10 +149,6 @@ class SWA(EMA):
                 f"the SWA window has not opened yet: the average starts as a copy of the weights at the first {unit} "
                 f"where training progress reaches swa_start='{self.ema_start}'"
             )
-
-    def _update_weights(self, t: int) -> list[float]:
-        """Equal weights: the ``t``-th model of the window (the start is the first) enters with ``1 / t``."""
-        return [1.0 / t]
 
     def tick(self, unit: TimeUnit) -> bool:
         """Open, average or close the window if due at the clock's current time in ``unit``."""

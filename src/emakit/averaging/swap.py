@@ -8,7 +8,9 @@ a copy of the model's structure whose tensors are the average itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,10 @@ class Swap:
         #: For a model whose dtype differs from the average's: (model-dtype tensor of ema_model, average view).
         self._ema_model_casts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ema_model_version = -1
+        #: Depth of ``average_parameters`` blocks now open (no optimizer step belongs inside one).
+        self.blocks = 0
+        #: The swapped model's trainable parameters' ``_version`` counters just after the swap, by name.
+        self._versions: dict[str, int] = {}
 
     def put_in(self, model: nn.Module, average: FlatStorage) -> nn.Module:
         """Copy ``average`` into ``model``, keeping its training weights in the backup; a no-op if it holds it."""
@@ -44,7 +50,66 @@ class Swap:
         self.backup = FlatStorage(dict(zip(self._tracked.names, targets, strict=True)), fp32_ema=False)
         average.copy_to(targets)
         self.swapped = model
+        self._versions = {
+            name: t._version
+            for name, t in zip(self._tracked.names, targets, strict=True)
+            if isinstance(t, nn.Parameter) and t.requires_grad
+        }
         return model
+
+    @contextlib.contextmanager
+    def block(self, model: nn.Module, storage: FlatStorage, wait: Callable[[], None]) -> Iterator[None]:
+        """The body of ``with ema.average_parameters():`` (the EMA weights already in ``model``): on leaving,
+        also through an exception, the training weights go back; then parameters changed in place inside are
+        an error (they were the EMA weights)."""
+        self.blocks += 1
+        changed: list[str] = []
+        try:
+            yield
+            changed = self.changed_in_place(model, storage)
+        finally:
+            self.blocks -= 1
+            if self.is_swapped_out(model):
+                wait()
+                self.take_out(model)
+        if changed:
+            raise RuntimeError(self.changed_message(changed))
+
+    def changed_in_place(self, model: nn.Module, average: FlatStorage) -> list[str]:
+        """The trainable parameters of ``model`` (holding ``average``) written in place since the swap.
+
+        A tensor's ``_version`` counter says it was written; a flattened model's views share one counter,
+        so a written one is also compared with the average it was given.
+        """
+        live = dict(zip(self._tracked.names, self._tracked.live(model), strict=True))
+        changed = []
+        for name, version in self._versions.items():
+            tensor = live[name]
+            if tensor._version != version:
+                with torch.no_grad():
+                    if not torch.equal(tensor, average.tensors[name].to(tensor.dtype)):
+                        changed.append(name)
+        return changed
+
+    def refuse_step(self) -> None:
+        """RuntimeError if an ``average_parameters`` block is open: an optimizer step there trains the EMA weights."""
+        if self.blocks:
+            raise RuntimeError(
+                "ema.step() inside `with ema.average_parameters():`, where the model holds the EMA weights: an "
+                "optimizer step there changes them, not the training weights, and is lost on leaving the block. "
+                "Step the optimizer and the EMA outside the block"
+            )
+
+    @staticmethod
+    def changed_message(names: list[str]) -> str:
+        """The error for trainable parameters changed inside ``average_parameters``."""
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (
+            f"{len(names)} parameter(s) ({shown}) were changed in place inside `with ema.average_parameters():`. "
+            "Inside the block the model holds the EMA weights, so the changes (an optimizer step?) were made to "
+            "them and are not kept: the training weights were restored as they were before the block. "
+            "Train outside the block; use it to evaluate"
+        )
 
     def is_swapped_out(self, model: nn.Module) -> bool:
         """Whether ``model`` holds the EMA weights and its training weights are in the backup."""
@@ -108,8 +173,8 @@ class Swap:
                 casts.append((cast, view))
                 view = cast
             memo[id(original)] = nn.Parameter(view, requires_grad=False) if isinstance(original, nn.Parameter) else view
-        for param in module.parameters():
-            memo.setdefault(id(param), param)
+        for kept in (*module.parameters(), *module.buffers()):  # what the EMA does not keep is shared
+            memo.setdefault(id(kept), kept)
         ema_model = copy.deepcopy(module, memo)
         self._ema_model_casts = casts
         return ema_model.eval()

@@ -1,13 +1,13 @@
 """Which tensors of the model the EMA follows, and reading them wherever they live now.
 
-:class:`TrackedModel` pairs the model's trainable parameters and buffers by canonical name at attach, and
+:class:`TrackedModel` pairs the selected tensors (:mod:`.selection`) by canonical name, and
 finds them again when a submodule or tensor is registered anew (re-pairing), so that every other part of
 the EMA reads "the tracked tensors" without knowing about wrappers, flattening or FSDP shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ class TrackedModel:
         self.names: list[str] = []
         self._slots: list[tuple[dict, str]] = []
         self._slots_count = -1
+        #: The tracked tensors' shapes at attach: a replaced submodule must keep them.
+        self._shapes: list[torch.Size] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self.sharded = False
 
@@ -38,10 +40,22 @@ class TrackedModel:
         self.names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
         self._slots = tensor_slots(model, self.names)
         self._slots_count = registration_count()
+        self._shapes = [table[key].shape for table, key in self._slots]
         self.sharded = is_sharded_model(model)
         if flatten and not self.sharded:
             flatten_model_(model)
         return params
+
+    def select(self, names: Sequence[str]) -> bool:
+        """Track ``names`` (canonical) from now on instead of the set chosen before; returns whether it changed."""
+        assert self.model is not None
+        if list(names) == self.names:
+            return False
+        self._slots = tensor_slots(self.model, names)
+        self.names = list(names)
+        self._slots_count = registration_count()
+        self._shapes = [table[key].shape for table, key in self._slots]
+        return True
 
     def is_own(self, model: nn.Module) -> bool:
         """Whether ``model`` is the followed model (wrappers aside)."""
@@ -65,8 +79,23 @@ class TrackedModel:
                 assert self.model is not None
                 self._slots = tensor_slots(self.model, self.names)
                 self._slots_count = count
+                self._check_shapes()
             return [table[key] for table, key in self._slots]
         return [table[key] for table, key in tensor_slots(model, self.names)]
+
+    def _check_shapes(self) -> None:
+        for name, (table, key), shape in zip(self.names, self._slots, self._shapes, strict=True):
+            if table[key].shape != shape:
+                raise RuntimeError(
+                    f"tracked tensor {name!r} now has shape {tuple(table[key].shape)}, {tuple(shape)} when the EMA "
+                    "attached: a submodule or tensor was replaced by one of another shape, which the average cannot "
+                    "follow. Replace submodules before ema.attach(model), or attach a new EMA to the changed model"
+                )
+
+    def device(self) -> torch.device:
+        """Where the tracked tensors are (the CPU if none is followed): for the EMA's collectives."""
+        live = self.live() if self.model is not None else []
+        return live[0].device if live else torch.device("cpu")
 
     def as_model_tensors(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` (this rank's shards) as DTensors sharded like the model's, for sharded checkpoints."""

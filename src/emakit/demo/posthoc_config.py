@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emakit.demo.config import DemoConfig, OptionError
+from emakit.posthoc import POOR_FIT  # a profile fit error above this: the snapshots represent a target poorly
 
 __all__ = [
     "CHECK_TOLERANCE",
@@ -29,8 +30,6 @@ PLOT_FILE = "posthoc.png"
 TRACKED_SIGMA_REL = (0.05, 0.10)
 #: Snapshots written over a run (about: the interval is rounded to whole batches).
 TARGET_SNAPSHOTS = 30
-#: A profile fit error above this means the snapshots cannot represent that sigma_rel well.
-POOR_FIT = 0.05
 #: The reconstruction check passes when rebuilding a tracked profile misses it by at most this fraction of the
 #: distance between the two tracked averages.
 CHECK_TOLERANCE = 0.01

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from emakit._compat import FOREACH_LERP_PER_TENSOR
 from emakit.engine.kernels import validate_smoothing
 from emakit.engine.naming import is_averaged
 
@@ -30,7 +31,7 @@ _GPU_CHUNK = 1 << 21
 
 _Key = tuple[torch.device, torch.dtype]
 # torch >= 2.6 (about) takes one weight per tensor pair in _foreach_lerp_.
-_SCALAR_LIST = "ScalarList" in torch.ops.aten._foreach_lerp_.overloads()
+_SCALAR_LIST = FOREACH_LERP_PER_TENSOR
 
 
 def chunk_elements(device: torch.device) -> int:

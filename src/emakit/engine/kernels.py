@@ -15,12 +15,16 @@ from collections.abc import Iterable, Sequence
 import torch
 
 __all__ = [
+    "Held",
     "copy_tensors_",
+    "hold_equal",
     "kernel_key",
     "lerp_cast_",
     "lerp_cast_flat_",
     "lerp_flat_",
     "lerp_tensors_",
+    "nonfinite_positions",
+    "restore_equal",
     "validate_smoothing",
 ]
 
@@ -148,3 +152,56 @@ def lerp_cast_flat_(target: torch.Tensor, source: torch.Tensor, weight: float) -
         part = scratch[: stop - start]
         part.copy_(source[start:stop])
         target[start:stop].lerp_(part, weight)
+
+
+# ---------------------------------------------------------------- non-finite values equal on both sides
+# lerp(a, a, w) == a exactly for finite a, but lerp(-inf, -inf, w) is NaN: a constant causal mask full of -inf
+# would turn into NaN in the average. The few pairs whose source holds non-finite values are found once, when
+# an update plan is made (:func:`nonfinite_positions`), and around each blend the positions where the average
+# equals the source are held (:func:`hold_equal`) and written back (:func:`restore_equal`). Other pairs take
+# the plain kernels, untouched.
+
+
+@torch.no_grad()
+def nonfinite_positions(sources: Sequence[torch.Tensor], averaged: Sequence[bool] | None = None) -> list[int]:
+    """Positions of the floating (``averaged``) non-empty sources holding a NaN or an Inf; one pass over them.
+
+    A sum is NaN or Inf whenever a term is, and is the cheapest reduction (a tenth of the time of an
+    Inf-norm on CPU). A finite tensor whose sum overflows is listed too: holding it costs a little, changes
+    nothing.
+    """
+    picked = [
+        i
+        for i, s in enumerate(sources)
+        if (averaged is None or averaged[i]) and s.is_floating_point() and s.numel() > 0 and s.device.type != "meta"
+    ]
+    found: list[int] = []
+    by_device: dict[torch.device, list[int]] = {}
+    for i in picked:
+        by_device.setdefault(sources[i].device, []).append(i)
+    for members in by_device.values():
+        sums = torch.stack([sources[i].detach().sum(dtype=torch.float32) for i in members])
+        finite = sums.isfinite().tolist()  # one device sync per device
+        found += [i for i, ok in zip(members, finite, strict=True) if not ok]
+    return sorted(found)
+
+
+#: What :func:`hold_equal` keeps per pair: the target, where it equals the source, and its values.
+Held = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def hold_equal(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> Held:
+    """Before a blend: for each pair, where the target equals its source, and the target's values there."""
+    held: Held = []
+    for t, s in zip(targets, sources, strict=True):
+        keep = torch.eq(t, s)
+        held.append((t, keep, t.clone()))
+    return held
+
+
+@torch.no_grad()
+def restore_equal(held: Held) -> None:
+    """After a blend: write back the values :func:`hold_equal` found equal on both sides (bitwise unchanged)."""
+    for t, keep, saved in held:
+        t.copy_(torch.where(keep, saved, t))

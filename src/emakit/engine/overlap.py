@@ -22,10 +22,17 @@ must call the EMA's ``wait()`` first: two-step optimizers such as SAM change the
 than ``step()``, and ``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` steps inside backward hooks.
 (``nn.Embedding(max_norm=...)`` renormalises its weight in the forward; the EMA blends such weights at
 once instead.)
+
+A process that forks (``DataLoader(num_workers>0)`` with the default start method on Linux) while the worker
+thread is inside a kernel hands the child a copy of torch's thread pools and locks taken mid-kernel, where it
+can hang. So before every ``os.fork`` the pending CPU work is waited for (finished, its error, if any, kept
+for the EMA's next wait).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -132,6 +139,22 @@ class ThreadOverlap(Overlap):
         future, self._future = self._future, None
         if future is not None:
             future.result()
+
+    def settle(self) -> None:
+        """Block until the pending work has run, without taking its result (that stays for :meth:`wait`)."""
+        future = self._future
+        if future is not None:
+            concurrent.futures.wait([future])
+
+
+def _settle_before_fork() -> None:
+    for overlap in list(_live):
+        if isinstance(overlap, ThreadOverlap):
+            overlap.settle()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(before=_settle_before_fork)
 
 
 def make_overlap(device: torch.device) -> Overlap:

@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from emakit.engine import registry
-from emakit.engine.kernels import kernel_key, lerp_cast_, lerp_cast_flat_
+from emakit.engine.kernels import (
+    Held,
+    hold_equal,
+    kernel_key,
+    lerp_cast_,
+    lerp_cast_flat_,
+    nonfinite_positions,
+    restore_equal,
+)
 from emakit.engine.memory import (
     DATA_PTR,
     STORAGE_USE_COUNT,
@@ -127,6 +135,8 @@ class UpdatePlan:
         phases: per pair, a small integer; pairs of different phases never share a kernel, so that
             ``run(weight, phase)`` can update them at different moments (an overlapped EMA updates the
             parameters later than the buffers). Default: all in phase 0.
+        keep: the positions of the averaged pairs that may hold equal non-finite values (see ``keep_index``),
+            when the caller knows them; default: those whose source holds NaN or Inf now (one pass over them).
     """
 
     def __init__(
@@ -138,12 +148,22 @@ class UpdatePlan:
         protected: Sequence[torch.Tensor] = (),
         watch_targets: bool = True,
         phases: Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
     ) -> None:
         self.registrations = registration_count()
-        self.flat: list[_FlatGroup] = []
-        self.loose: list[tuple[bool, int, list[torch.Tensor], list[torch.Tensor]]] = []
         if phases is None:
             phases = [0] * len(targets)
+        #: Positions (in the order given) of the averaged pairs whose source held NaN or Inf when the plan was
+        #: made (a causal mask of -inf): blended like the others, then set back where the average equalled the
+        #: source, so that equal non-finite values stay what they are (lerp(-inf, -inf, w) is NaN).
+        self.keep_index = nonfinite_positions(sources, averaged) if keep is None else sorted(keep)
+        #: Those pairs as (phase, target, source), detached: the model's tensors' reference counts must still drop
+        #: when they are replaced.
+        self.keep_equal: list[tuple[int, torch.Tensor, torch.Tensor]] = [
+            (phases[i], targets[i].detach(), sources[i].detach()) for i in self.keep_index
+        ]
+        self.flat: list[_FlatGroup] = []
+        self.loose: list[tuple[bool, int, list[torch.Tensor], list[torch.Tensor]]] = []
         groups: dict[tuple[bool, int, bool, tuple[object, ...]], list[int]] = {}
         for i, (t, s, avg, phase) in enumerate(zip(targets, sources, averaged, phases, strict=True)):
             if t.numel() > 0:
@@ -270,8 +290,10 @@ class UpdatePlan:
         which then finds the tensors' metadata in cache). Returns None when every pair ran; otherwise the
         positions (in the order the plan was made with) of the pairs that did not run, for the caller to pair
         again: a tensor was re-pointed (``param.data = ...``, ``model.to(...)``) since."""
+        held = _hold(self.keep_equal, None, weight)
         _run_groups(self.flat, (), weight)
         if not self._chunks:
+            _restore(held)
             return None
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
@@ -282,6 +304,7 @@ class UpdatePlan:
                 _run_loose(chunk.averaged, chunk.same, chunk.targets, chunk.sources, weight)
         finally:
             torch._C._set_grad_enabled(enabled)
+            _restore(held)
         return None
 
     def run(self, weight: float, phase: int | None = None) -> None:
@@ -290,14 +313,17 @@ class UpdatePlan:
         work = self._work.get(phase)
         if work is None:
             work = self._work[phase] = (self._flat_of(phase), self._loose_of(phase))
+        held = _hold(self.keep_equal, phase, weight)
         _run_groups(work[0], work[1], weight)
+        _restore(held)
 
     def bound(self, weight: float, phase: int | None = None) -> Callable[[], None]:
         """``run(weight, phase)`` as a call to make later, perhaps on another thread, over the memory the
         tensors hold now: the loose pairs' sources are detached here, so re-pointing a parameter
         (``param.data = ...``) before the call does not change what it reads."""
         loose = [(avg, same, dst, [s.detach() for s in src]) for avg, same, dst, src in self._loose_of(phase)]
-        return functools.partial(_run_groups, self._flat_of(phase), loose, weight)
+        keep = [pair for pair in self.keep_equal if phase is None or pair[0] == phase]
+        return functools.partial(_run_kept, keep, self._flat_of(phase), loose, weight)
 
     def _flat_of(self, phase: int | None) -> list[_FlatGroup]:
         return self.flat if phase is None else [g for g in self.flat if g.phase == phase]
@@ -343,6 +369,31 @@ class _Chunk:
 def _same_objects(fresh: Sequence[torch.Tensor], saved: list[torch.Tensor]) -> bool:
     """Whether ``fresh`` are the ``saved`` objects, in order (a C-speed loop of identity checks)."""
     return len(fresh) == len(saved) and all(map(operator.is_, fresh, saved))
+
+
+def _hold(keep: list[tuple[int, torch.Tensor, torch.Tensor]], phase: int | None, weight: float) -> Held | None:
+    """Before a blend of ``phase``: where the kept pairs' averages equal their sources (None: nothing to keep)."""
+    if not keep or weight in (0.0, 1.0):
+        return None
+    pairs = [(t, s) for p, t, s in keep if phase is None or p == phase]
+    return hold_equal([t for t, _ in pairs], [s for _, s in pairs]) if pairs else None
+
+
+def _restore(held: Held | None) -> None:
+    if held:
+        restore_equal(held)
+
+
+def _run_kept(
+    keep: list[tuple[int, torch.Tensor, torch.Tensor]],
+    flat: Sequence[_FlatGroup],
+    loose: Sequence[_Loose],
+    weight: float,
+) -> None:
+    """:func:`_run_groups` with the equal non-finite values of ``keep`` held across it (for :meth:`UpdatePlan.bound`)."""
+    held = _hold(keep, None, weight)
+    _run_groups(flat, loose, weight)
+    _restore(held)
 
 
 def _run_groups(flat: Sequence[_FlatGroup], loose: Sequence[_Loose], weight: float) -> None:

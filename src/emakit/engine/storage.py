@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from emakit.engine.kernels import copy_tensors_
+from emakit.engine.kernels import copy_tensors_, nonfinite_positions
 from emakit.engine.memory import is_dense
 from emakit.engine.naming import is_averaged
 from emakit.engine.plan import UpdatePlan
@@ -107,6 +107,9 @@ class FlatStorage:
         self._plan: UpdatePlan | None = None
         self._plan_reader: Callable[[], Sequence[torch.Tensor]] | None = None
         self._plan_phases: Sequence[int] | None = None
+        #: Stored floating tensors holding NaN or Inf since the last copy_from: where the average can equal a
+        #: non-finite source (a -inf mask), so that its blends keep those values (see UpdatePlan's ``keep``).
+        self._keep: list[int] = []
         self.copy_from([sources[n] for n in self.names])
 
     @property
@@ -123,7 +126,9 @@ class FlatStorage:
     ) -> UpdatePlan:
         if len(sources) != len(self._views):
             raise ValueError(f"expected {len(self._views)} source tensors (one per name), got {len(sources)}")
-        return UpdatePlan(self._views, sources, blended, protected=self._views, watch_targets=False, phases=phases)
+        return UpdatePlan(
+            self._views, sources, blended, protected=self._views, watch_targets=False, phases=phases, keep=self._keep
+        )
 
     def current_flat_sources(self) -> list[torch.Tensor] | None:
         """The flat spans of the training weights that the current update plan blends from, if the plan is
@@ -188,7 +193,15 @@ class FlatStorage:
     @torch.no_grad()
     def copy_from(self, sources: Sequence[torch.Tensor]) -> None:
         """Overwrite the stored tensors with ``sources`` (in ``names`` order)."""
-        self._update_plan(sources, [False] * len(self._views)).run(1.0)
+        if len(sources) != len(self._views):
+            raise ValueError(f"expected {len(self._views)} source tensors (one per name), got {len(sources)}")
+        UpdatePlan(self._views, sources, [False] * len(self._views), protected=self._views, watch_targets=False).run(
+            1.0
+        )
+        keep = nonfinite_positions(self._views, self._blended)
+        if keep != self._keep:
+            self._keep = keep
+            self._plan = self._plan_reader = None  # made for the other positions
 
     @torch.no_grad()
     def copy_to(self, targets: Sequence[torch.Tensor]) -> None:

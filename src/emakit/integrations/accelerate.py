@@ -30,9 +30,9 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from emakit import EMA, Time
+from emakit._compat import dtensor_class
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -98,7 +98,7 @@ def _refuse_unsupported(accelerator: Any, model: nn.Module) -> None:
             "rank holds the weights to average. ZeRO stages 0-2 keep whole parameters on every rank"
         )
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor) or hasattr(param, "ds_status"):
+        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):
             raise ValueError(
                 f"prepare_ema does not support sharded parameters: parameter {name!r} is a {type(param.data).__name__}"
                 + (" partitioned by DeepSpeed ZeRO-3" if hasattr(param, "ds_status") else "")

@@ -7,6 +7,7 @@ Lightning's events mapped onto the EMA's verbs, and nothing else:
 ``on_fit_start``                                    ``ema.attach(model)`` (after Lightning moved and wrapped it), then
                                                     the EMA state a resumed checkpoint carried
 ``on_train_start``                                  ``ema.set_duration(...)`` from ``max_steps`` or ``max_epochs``
+                                                    (in batches that step: manual optimization may step twice)
 ``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch
 ``on_train_epoch_end``                              ``ema.epoch_end()``
 ``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
@@ -26,12 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import multiprocessing.context
+import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+
 from emakit import EMA
+from emakit.averaging.selection import BufferPolicy, ParamSelection
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.sharding import reshard_model
@@ -113,13 +119,17 @@ def _strategy_refusal(strategy: Strategy) -> str | None:
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         return f"EMACallback supports one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"
     if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
-        return (
-            f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
-            "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
-            "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
-            "launches the script once per device) or launch with torchrun"
-        )
+        return _launcher_refusal(name)
     return None
+
+
+def _launcher_refusal(name: str) -> str:
+    return (
+        f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
+        "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
+        "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
+        "launches the script once per device) or launch with torchrun"
+    )
 
 
 def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -134,8 +144,11 @@ def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mappin
 class EMACallback(Callback):
     """Keep an :class:`emakit.EMA` of a LightningModule's weights, evaluate and checkpoint with it.
 
-    The first eight arguments, and any further keyword (``ema_kwargs``, e.g. ``sigma_rel``), are
-    :class:`emakit.EMA`'s, with its defaults and its checks; ``'ba'`` counts
+    Every argument but ``weights_after_fit`` is :class:`emakit.EMA`'s, under the same name, with its default
+    and its checks (the Transformers callback takes the same list): the averaging (``half_life``,
+    ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval``), what is averaged (``params``,
+    ``buffers``), post-hoc snapshots (``snapshot_interval``, ``snapshot_folder``, ``snapshot_dtype``, written
+    by rank 0 and continued without gap or duplicate on resume), ``eval_average`` and the speed flags. ``'ba'`` counts
     optimizer steps (with ``accumulate_grad_batches=N``, one per N batches), ``'ep'`` epochs, and ``'dur'``
     a fraction of ``max_steps`` (if set) or else ``max_epochs``. The EMA is :attr:`ema`.
 
@@ -180,8 +193,14 @@ class EMACallback(Callback):
         flatten_model: bool = _EMA_DEFAULTS["flatten_model"],
         overlap: bool = _EMA_DEFAULTS["overlap"],
         *,
+        sigma_rel: float | Sequence[float] | None = None,
+        snapshot_interval: str | Time | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
+        snapshot_dtype: torch.dtype = _EMA_DEFAULTS["snapshot_dtype"],
+        eval_average: int = 0,
+        params: ParamSelection = _EMA_DEFAULTS["params"],
+        buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
         weights_after_fit: Literal["training", "ema"] = "training",
-        **ema_kwargs: Any,
     ) -> None:
         super().__init__()
         #: The EMA this callback drives; its checks name the argument and value of any bad hyperparameter.
@@ -194,7 +213,13 @@ class EMACallback(Callback):
             skip_nonfinite=skip_nonfinite,
             flatten_model=flatten_model,
             overlap=overlap,
-            **ema_kwargs,
+            sigma_rel=sigma_rel,
+            snapshot_interval=snapshot_interval,
+            snapshot_folder=snapshot_folder,
+            snapshot_dtype=snapshot_dtype,
+            eval_average=eval_average,
+            params=params,
+            buffers=buffers,
         )
         if weights_after_fit not in _WEIGHTS_AFTER_FIT:
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
@@ -203,6 +228,7 @@ class EMACallback(Callback):
         #: on_fit_start has run in this fit (ModelParallelStrategy restores checkpoints after it, DDP before).
         self._fit_started = False
         self._last_global_step = 0
+        self._max_steps: int | None = None  # max_steps, when it sets the training length
         self._samples = 0
         #: EMA state read from a checkpoint before the model is ready (Lightning restores callbacks before
         #: it moves the model to its device); loaded at on_fit_start, after attach.
@@ -221,6 +247,18 @@ class EMACallback(Callback):
         """``"EMACallback"``: independent of the hyperparameters, so that a resume with a changed half-life finds
         its state; Lightning then refuses a second EMACallback in one Trainer (both would rewrite ``state_dict``)."""
         return "EMACallback"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refuse, in the calling process, to be sent to the children of a spawn launcher.
+
+        Lightning calls no callback hook before its launcher starts processes; with ``strategy='ddp_spawn'``
+        it pickles the Trainer, callbacks included, for each child, so this is the first point in the main
+        process that sees it (``setup`` runs in the children, where the error would come back buried in
+        their tracebacks). A forking launcher pickles nothing: there ``setup`` refuses, in the children.
+        """
+        if multiprocessing.context.get_spawning_popen() is not None:
+            raise ValueError(_launcher_refusal("DDPStrategy"))
+        return self.__dict__.copy()
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -253,9 +291,10 @@ class EMACallback(Callback):
         self._last_global_step = trainer.global_step
         self._samples = 0
         max_duration, batches_per_epoch = self._training_length(trainer)
-        if max_duration is not None:
-            self.ema.set_duration(max_duration, batches_per_epoch)
-        elif self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
+        self._max_steps = trainer.max_steps if max_duration is not None and max_duration.endswith("ba") else None
+        # after a resume, also counts the end of an epoch whose last batch the checkpoint was written at
+        self.ema.set_duration(max_duration, batches_per_epoch)
+        if max_duration is None and self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
             raise ValueError(
                 f"ema_start='{self.ema.ema_start}' is a fraction of the training length, but this Trainer has "
                 "none (max_steps=-1 and max_epochs=-1): set max_steps or max_epochs, or give ema_start in 'ba' or 'ep'"
@@ -285,8 +324,15 @@ class EMACallback(Callback):
         # global_step counts optimizer steps: it stays put while gradients accumulate, and under manual
         # optimization a batch that steps several optimizers is one update of the average.
         if trainer.global_step > self._last_global_step:
+            steps = trainer.global_step - self._last_global_step
             self._last_global_step = trainer.global_step
             samples, self._samples = self._samples, 0
+            if steps > 1 and self._max_steps is not None:
+                # max_steps counts optimizer steps, the EMA's clock batches that stepped: the length in batches
+                left = -(-(self._max_steps - trainer.global_step) // steps)
+                length = Time(self.ema.timestamp.batch + 1 + max(left, 0), TimeUnit.BATCH)
+                if not (self.ema.ema_start.unit == TimeUnit.BATCH and self.ema.ema_start > length):
+                    self.ema.set_duration(length)
             self.ema.step(samples)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

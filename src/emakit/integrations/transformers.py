@@ -37,6 +37,7 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +45,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
+from emakit._compat import dtensor_class
+from emakit.averaging.selection import BufferPolicy, ParamSelection
 from emakit.checkpoint import read_checkpoint_file
 
 __all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
@@ -70,7 +72,11 @@ else:
 class EMACallback(TrainerCallback):
     """Keep an :class:`emakit.EMA` of the model a ``transformers.Trainer`` trains, and checkpoint it.
 
-    The EMA's arguments are :class:`emakit.EMA`'s, with the Trainer's units: ``'ba'`` counts optimizer
+    Every argument but ``save_ema_as_model`` and ``eval_with_ema`` is :class:`emakit.EMA`'s, under the same
+    name, with its default and its checks (the Lightning callback takes the same list): the averaging,
+    what is averaged (``params``, ``buffers``), post-hoc snapshots (written by rank 0; resuming from a
+    checkpoint drops the snapshots written after it, so the series has no gap or duplicate) and
+    ``eval_average``; with the Trainer's units: ``'ba'`` counts optimizer
     steps (one per ``gradient_accumulation_steps`` micro-batches, like ``state.global_step``), ``'ep'``
     epochs, and ``'dur'`` is a fraction of ``max_steps``. The EMA itself is :attr:`ema`.
 
@@ -100,6 +106,13 @@ class EMACallback(TrainerCallback):
         flatten_model: bool = False,
         overlap: bool = False,
         *,
+        sigma_rel: float | Sequence[float] | None = None,
+        snapshot_interval: str | Time | None = None,
+        snapshot_folder: str | os.PathLike[str] | None = None,
+        snapshot_dtype: torch.dtype = _EMA_DEFAULTS["snapshot_dtype"],
+        eval_average: int = 0,
+        params: ParamSelection = _EMA_DEFAULTS["params"],
+        buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
         save_ema_as_model: bool = False,
         eval_with_ema: bool = True,
     ) -> None:
@@ -112,6 +125,13 @@ class EMACallback(TrainerCallback):
             "skip_nonfinite": skip_nonfinite,
             "flatten_model": flatten_model,
             "overlap": overlap,
+            "sigma_rel": sigma_rel,
+            "snapshot_interval": snapshot_interval,
+            "snapshot_folder": snapshot_folder,
+            "snapshot_dtype": snapshot_dtype,
+            "eval_average": eval_average,
+            "params": params,
+            "buffers": buffers,
         }
         self.ema = EMA(**self._hyperparameters)
         if self.ema.ema_start.unit == TimeUnit.SAMPLE:
@@ -169,6 +189,12 @@ class EMACallback(TrainerCallback):
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._resume(Path(folder), state.global_step)
+        # optimizer steps per epoch, as the Trainer counts them; after a resume at an epoch's last step the
+        # EMA also counts that epoch's end, which the Trainer does not replay
+        loader = kwargs.get("train_dataloader")
+        if loader is not None and has_length(loader) and len(loader) > 0:
+            accumulation = max(1, int(args.gradient_accumulation_steps))
+            self.ema.set_duration(None, -(-len(loader) // accumulation))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.ema.step()
@@ -361,7 +387,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
             "Lightning's ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
         )
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
+        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
             raise ValueError(
                 "EMACallback does not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
                 f"DeepSpeed ZeRO-3): parameter {name!r} is a {type(param.data).__name__}"

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from emakit._compat import fully_shard_function
 from emakit.parallel.ranks import is_distributed
 from emakit.parallel.sharding import is_sharded_model
 
@@ -156,7 +157,7 @@ def shard_model(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = 
     Raises:
         ValueError: an optimizer already has state (it would keep updating the replaced parameters).
     """
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = fully_shard_function()
 
     for opt in optimizers:
         if opt.state:

@@ -6,21 +6,17 @@ helpers are all it needs. torch.distributed.tensor (slow to import) is only impo
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
+
+from emakit._compat import dtensor_type, fsdp_module_type
 
 __all__ = ["gathered", "is_sharded_model", "local_tensor", "reshard_model", "sharded_like"]
 
 
 def _dtensor_type() -> type | None:
-    # No DTensor can exist before torch.distributed.tensor is imported; checking sys.modules avoids the import.
-    if "torch.distributed.tensor" not in sys.modules:
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    # No DTensor can exist before torch has loaded the class; emakit._compat checks without importing it.
+    return dtensor_type()
 
 
 def is_sharded_model(model: nn.Module) -> bool:
@@ -58,12 +54,11 @@ def reshard_model(model: nn.Module) -> None:
 
     Reading or writing parameter shards is only meaningful while the sharded parameters are registered.
     """
-    if "torch.distributed.fsdp" not in sys.modules:
+    fsdp_module = fsdp_module_type()
+    if fsdp_module is None:  # FSDP2 was never loaded, so nothing is sharded by it
         return
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp_module):
             module.reshard()
 
 

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "POOR_FIT",
     "SIGMA_REL_MAX",
     "HalfLifeProfile",
     "PowerProfile",
@@ -100,6 +101,10 @@ _LAZY: dict[str, str] = {
         "emakit.posthoc.snapshots",
     ),
 }
+
+#: Profile fit error above which a reconstruction warns that the snapshots represent its target poorly
+#: (:func:`reconstruct` and ``emakit posthoc`` alike).
+POOR_FIT = 0.05
 
 
 def __getattr__(name: str) -> Any:

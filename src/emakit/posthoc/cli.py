@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emakit._cli_args import Parser, checked
+from emakit.posthoc import POOR_FIT  # the fit error above which the result is printed with a warning
 
 __all__ = ["build_parser", "main"]
 
@@ -36,8 +37,6 @@ _DTYPES = ("float32", "float16", "bfloat16")
 #: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
 _TORCH_SUFFIXES = (".pt", ".pth")
 PROG = "emakit posthoc"
-#: Profile fit error above which the result is printed with a warning.
-POOR_FIT = 0.05
 
 
 _SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
@@ -106,7 +105,8 @@ def _window(text: str) -> float | tuple[int, int]:
 
 
 def _list(folder: str) -> None:
-    from emakit.posthoc.snapshots import read_snapshot_index
+    from emakit.posthoc.snapshots import missing_snapshot_indices, read_snapshot_index
+    from emakit.posthoc.snapshots.reading import describe_indices
 
     index = read_snapshot_index(folder)
     first = index[0]
@@ -116,12 +116,15 @@ def _list(folder: str) -> None:
     print(f"{'snapshot':<28}{'t':>10}{'step':>12}  dtype")
     for info in index:
         print(f"{info.path.name:<28}{info.t:>10}{info.step:>12}  {info.dtype}")
+    missing = missing_snapshot_indices(index)
+    if missing:
+        print(f"missing: {describe_indices(missing)} (deleted or lost?); a reconstruction uses the others")
 
 
 def _run(args: argparse.Namespace) -> None:
     import torch
 
-    from emakit.posthoc.reconstruction import describe, execute_plan, plan_reconstruction
+    from emakit.posthoc.reconstruction import describe, execute_plan, gap_message, plan_reconstruction, poor_fit_message
 
     plan = plan_reconstruction(
         args.snapshots, sigma_rel=args.sigma_rel, half_life=args.half_life, t=args.at, window=args.window
@@ -140,13 +143,11 @@ def _run(args: argparse.Namespace) -> None:
         f"snapshots x {averages} averages; profile fit error {100 * plan.fit_error:.3g}%"
     )
     print(f"wrote {args.out} ({len(result)} tensors, {args.dtype})")
+    gap = gap_message(plan.snapshots)
+    if gap:
+        print(f"{PROG}: warning: {gap}", file=sys.stderr)
     if plan.fit_error > POOR_FIT:
-        print(
-            f"{PROG}: warning: the snapshots represent this target poorly (profile fit error "
-            f"{100 * plan.fit_error:.3g}%): targets between the tracked profiles' widths, at a snapshot's t, "
-            "reconstruct best",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: warning: {poor_fit_message(plan.fit_error)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,14 @@ import dataclasses
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from emakit._version import __version__
+from emakit.posthoc import POOR_FIT
 from emakit.posthoc.profiles import (
     HalfLifeProfile,
     PowerProfile,
@@ -31,16 +33,20 @@ from emakit.posthoc.snapshots import (
     SNAPSHOT_DTYPES,
     SnapshotInfo,
     SnapshotReader,
+    missing_snapshot_indices,
     read_snapshot_index,
     write_safetensors,
 )
+from emakit.posthoc.snapshots.reading import describe_indices
 
 __all__ = [
     "RECONSTRUCTION_METADATA_KEY",
     "ReconstructionPlan",
     "describe",
     "execute_plan",
+    "gap_message",
     "plan_reconstruction",
+    "poor_fit_message",
     "reconstruct",
 ]
 
@@ -182,11 +188,20 @@ def reconstruct(
     sharded snapshot directories without a process group. ``batch_bytes`` bounds the float64 accumulators
     held at once.
 
+    Warns when snapshots are missing from the series (a gap in the indices) and when the snapshots
+    represent the target poorly (a profile fit error above :data:`emakit.posthoc.POOR_FIT`), as
+    ``emakit posthoc`` does.
+
     Raises:
         ValueError: see :func:`plan_reconstruction` and :func:`~emakit.posthoc.snapshots.read_snapshot_index`;
             ``dtype`` not a snapshot dtype.
     """
     plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t, window=window)
+    gap = gap_message(plan.snapshots)
+    if gap:
+        warnings.warn(gap, stacklevel=2)
+    if plan.fit_error > POOR_FIT:
+        warnings.warn(poor_fit_message(plan.fit_error), stacklevel=2)
     return execute_plan(plan, out=out, dtype=dtype, batch_bytes=batch_bytes)
 
 
@@ -225,6 +240,26 @@ def execute_plan(
     if out is not None:
         write_safetensors(Path(out), list(result.items()), {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))})
     return result
+
+
+def gap_message(snapshots: Sequence[SnapshotInfo]) -> str | None:
+    """A warning naming the snapshots missing from the series, or None if it has no gap."""
+    missing = missing_snapshot_indices(snapshots)
+    if not missing:
+        return None
+    folder = snapshots[0].path.parent
+    return (
+        f"snapshot folder {str(folder)!r} lacks {describe_indices(missing)} of its series (deleted or lost?): "
+        f"the reconstruction uses the {len(snapshots)} left, which may represent the target less well"
+    )
+
+
+def poor_fit_message(fit_error: float) -> str:
+    """The warning for a profile fit error above :data:`emakit.posthoc.POOR_FIT`."""
+    return (
+        f"the snapshots represent this target poorly (profile fit error {100 * fit_error:.3g}%, above "
+        f"{100 * POOR_FIT:g}%): targets between the tracked profiles' widths, at a snapshot's t, reconstruct best"
+    )
 
 
 def describe(plan: ReconstructionPlan) -> dict[str, object]:

@@ -11,7 +11,8 @@ A folder holds one entry per snapshot, numbered from 0 without gaps by the write
 
 Metadata (JSON): ``format``, ``format_version``, ``emakit_version``, ``index``, ``t`` (EMA updates so far: the
 time axis of every profile), ``step`` (optimizer steps so far), ``update_interval`` (steps per EMA update),
-``dtype`` (of the floating tensors), ``sharded``, ``world_size`` and ``averages``: one profile per average,
+``dtype`` (of the floating tensors), ``sharded``, ``world_size``, ``run`` (an id of the run that wrote it, so
+that a folder mixing two runs is refused; absent in snapshots from before it was recorded) and ``averages``: one profile per average,
 ``{"kind": "power", "sigma_rel": s, "gamma": g}`` or ``{"kind": "half_life", "half_life_updates": h}``; sharded
 snapshots add ``names``, the tensors' order (a safetensors file keeps it in its data offsets).
 
@@ -22,13 +23,14 @@ integer and bool tensors as they are.
 
 Modules: :mod:`~emakit.posthoc.snapshots.format` (names and codes), :mod:`~emakit.posthoc.snapshots.atomic`
 (atomic files), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
-:mod:`~emakit.posthoc.snapshots.series` (the next index, discarding a lost future). Every public name is
+:mod:`~emakit.posthoc.snapshots.series` (the next index, the runs in a folder, moving a lost future aside into
+a hidden ``.discarded-<time>/`` sub-folder). Every public name is
 importable from here.
 """
 
 from __future__ import annotations
 
-from emakit.posthoc.snapshots.atomic import write_safetensors
+from emakit.posthoc.snapshots.atomic import DtypeOverflowError, write_safetensors
 from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,22 +39,36 @@ from emakit.posthoc.snapshots.format import (
     SNAPSHOT_DTYPES,
     snapshot_name,
 )
-from emakit.posthoc.snapshots.reading import SnapshotInfo, SnapshotReader, read_snapshot_index
-from emakit.posthoc.snapshots.series import discard_snapshots_after, next_snapshot_index
+from emakit.posthoc.snapshots.reading import (
+    SnapshotInfo,
+    SnapshotReader,
+    missing_snapshot_indices,
+    read_snapshot_index,
+)
+from emakit.posthoc.snapshots.series import (
+    DISCARDED_PREFIX,
+    discard_snapshots_after,
+    next_snapshot_index,
+    snapshot_runs,
+)
 from emakit.posthoc.snapshots.writing import write_snapshot
 
 __all__ = [
+    "DISCARDED_PREFIX",
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
     "SHARDED_METADATA_FILE",
     "SNAPSHOT_DTYPES",
+    "DtypeOverflowError",
     "SnapshotInfo",
     "SnapshotReader",
     "discard_snapshots_after",
+    "missing_snapshot_indices",
     "next_snapshot_index",
     "read_snapshot_index",
     "snapshot_name",
+    "snapshot_runs",
     "write_safetensors",
     "write_snapshot",
 ]

@@ -18,8 +18,14 @@ from emakit.engine.naming import is_averaged
 from emakit.posthoc.snapshots.format import _SAFETENSORS_DTYPES
 
 __all__ = [
+    "DtypeOverflowError",
     "write_safetensors",
 ]
+
+
+class DtypeOverflowError(ValueError):
+    """A finite value that the dtype asked for cannot represent (it would be stored as Inf)."""
+
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -108,7 +114,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
         local_in = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard: checked without communication
         local_out = getattr(cast, "_local_tensor", cast)
         if not bool(torch.isfinite(local_out).all()) and bool(torch.isfinite(local_in).all()):
-            raise ValueError(
+            raise DtypeOverflowError(
                 f"{what} has values beyond the range of {dtype}: store the snapshot with dtype=torch.float32"
             )
     return cast

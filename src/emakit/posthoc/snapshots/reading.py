@@ -29,6 +29,7 @@ from emakit.posthoc.snapshots.format import (
 __all__ = [
     "SnapshotInfo",
     "SnapshotReader",
+    "missing_snapshot_indices",
     "read_snapshot_index",
 ]
 
@@ -48,6 +49,8 @@ class SnapshotInfo:
     #: canonical name -> (shape, dtype) of each average's tensor
     tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
     metadata: Mapping[str, Any]
+    #: The id of the run that wrote it (None: written before emakit recorded runs, one legacy run).
+    run: str | None = None
 
 
 def _check_folder(folder: str | os.PathLike[str]) -> Path:
@@ -139,6 +142,8 @@ def _read_one(path: Path, index: int) -> SnapshotInfo:
     for key in ("index", "t", "step", "update_interval"):
         if not isinstance(metadata.get(key), int) or isinstance(metadata.get(key), bool):
             raise ValueError(f"{where}: metadata {key!r} must be an integer, got {metadata.get(key)!r}")
+    if metadata.get("run") is not None and not isinstance(metadata["run"], str):
+        raise ValueError(f"{where}: metadata 'run' must be a string, got {metadata['run']!r}")
     if metadata["index"] != index:
         raise ValueError(f"{where}: its metadata says index {metadata['index']}, its name says {index}")
     raw_profiles = metadata.get("averages")
@@ -166,6 +171,7 @@ def _read_one(path: Path, index: int) -> SnapshotInfo:
         profiles=profiles,
         tensors=per_average[0],
         metadata=metadata,
+        run=metadata.get("run"),
     )
 
 
@@ -177,7 +183,7 @@ def read_snapshot_index(folder: str | os.PathLike[str]) -> list[SnapshotInfo]:
     Raises:
         FileNotFoundError / NotADirectoryError: ``folder`` is missing or not a directory.
         ValueError: ``folder`` holds no snapshot; an index appears twice (as a file and a directory); a
-            snapshot is unreadable or not emakit's; or snapshots disagree on the averages' profiles,
+            snapshot is unreadable or not emakit's; snapshots of two runs are mixed; or snapshots disagree on the averages' profiles,
             ``update_interval``, tensor names or shapes, or do not advance in ``t``. Each error names the file.
     """
     path = _check_folder(folder)
@@ -193,6 +199,7 @@ def read_snapshot_index(folder: str | os.PathLike[str]) -> list[SnapshotInfo]:
         if len(found) > 1:
             raise ValueError(f"snapshot {index} appears twice in {str(path)!r}: {', '.join(p.name for p in found)}")
         infos.append(_read_one(found[0], index))
+    check_one_run(path, infos)
     first = infos[0]
     for info in infos[1:]:
         where = f"snapshot {str(info.path)!r}"
@@ -220,9 +227,50 @@ def read_snapshot_index(folder: str | os.PathLike[str]) -> list[SnapshotInfo]:
         if after.t <= before.t:
             raise ValueError(
                 f"snapshot {str(after.path)!r} has t={after.t}, not after {before.path.name} (t={before.t}): "
-                "a resumed run left snapshots of its lost future? remove them with discard_snapshots_after(folder, t)"
+                "a resumed run left snapshots of its lost future? move them aside with discard_snapshots_after(folder, t)"
             )
     return infos
+
+
+def _spans(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``'0-2, 5'``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def describe_run(run: str | None) -> str:
+    """How an error names a run: its id, or the legacy run of snapshots written without one."""
+    return f"run {run}" if run is not None else "a run without a run id (written before emakit recorded runs)"
+
+
+def check_one_run(folder: Path, infos: Sequence[SnapshotInfo]) -> None:
+    """ValueError naming the runs and their snapshots if ``infos`` were written by more than one run."""
+    runs: dict[str | None, list[int]] = {}
+    for info in infos:
+        runs.setdefault(info.run, []).append(info.index)
+    if len(runs) > 1:
+        parts = "; ".join(f"snapshots {_spans(indices)} from {describe_run(run)}" for run, indices in runs.items())
+        raise ValueError(
+            f"snapshot folder {str(folder)!r} mixes the snapshots of {len(runs)} runs ({parts}): a reconstruction "
+            "from them would combine unrelated averages. Keep one run's snapshots per folder: move the other "
+            "run's snapshots to a folder of their own"
+        )
+
+
+def missing_snapshot_indices(infos: Sequence[SnapshotInfo]) -> list[int]:
+    """The indices between 0 and the last snapshot's that ``infos`` lack (a file deleted or lost)."""
+    present = {info.index for info in infos}
+    return [i for i in range(max(present) + 1 if present else 0) if i not in present]
+
+
+def describe_indices(missing: Sequence[int]) -> str:
+    """``'snapshots 2-3, 7'`` for the snapshot indices ``[2, 3, 7]``."""
+    return f"snapshot{'s' if len(missing) > 1 else ''} {_spans(missing)}"
 
 
 class SnapshotReader:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from emakit._compat import dtensor_type
 from emakit._version import __version__
 from emakit.engine.naming import is_averaged
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
@@ -34,11 +34,7 @@ __all__ = [
 
 
 def _dtensor_type() -> type | None:
-    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist before it is imported
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+    return dtensor_type()
 
 
 def _check_profiles(profiles: Sequence[object], count: int) -> list[Profile]:
@@ -87,12 +83,14 @@ def write_snapshot(
     *,
     update_interval: int = 1,
     dtype: torch.dtype = torch.float32,
+    run: str | None = None,
 ) -> Path:
     """Write snapshot ``index`` of ``averages`` (one dict of tensors by canonical name per average) into ``folder``.
 
     ``profiles[j]`` is average ``j``'s profile; ``t`` the number of EMA updates so far (the averages' time axis),
     ``step`` the optimizer steps so far, ``update_interval`` the steps per update. Floating tensors are stored
-    in ``dtype``. An existing snapshot ``index`` is replaced (a resumed run writing it again).
+    in ``dtype``. ``run`` identifies the run writing the series (readers refuse a folder mixing runs). An
+    existing snapshot ``index`` is replaced (a resumed run writing it again).
 
     Plain tensors make one safetensors file; under a process group only rank 0 writes it and no collective
     is made. If any tensor is a DTensor (FSDP2), every rank must call this: each writes its own shards into a
@@ -110,6 +108,8 @@ def write_snapshot(
     update_interval = _check_int(update_interval, "update_interval", 1)
     if dtype not in SNAPSHOT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {dtype!r}")
+    if run is not None and (not isinstance(run, str) or not run):
+        raise ValueError(f"run must be a non-empty string or None, got {run!r}")
     names = _check_averages(averages)
     checked = _check_profiles(profiles, len(averages))
     dtensor = _dtensor_type()
@@ -130,6 +130,8 @@ def write_snapshot(
         "world_size": world_size if sharded else 1,
         "averages": [p.to_dict() for p in checked],
     }
+    if run is not None:
+        metadata["run"] = run
     path = folder / snapshot_name(index, sharded)
     keys = [(f"{j}/{name}", average[name]) for j, average in enumerate(averages) for name in names]
     if sharded:
