@@ -18,6 +18,7 @@ from emakit._version import __version__
 
 if TYPE_CHECKING:
     from emakit.algorithms.ema import EMA
+    from emakit.algorithms.swa import SWA
     from emakit.callbacks.checkpoint_saver import CheckpointSaver
     from emakit.core.event import Event
     from emakit.distributed import export_ema_weights
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMA",
+    "SWA",
     "CheckpointSaver",
     "Event",
     "Time",
@@ -41,6 +43,7 @@ __all__ = [
 #: Where each public name lives; the one list to change when a module moves.
 _LAZY: dict[str, str] = {
     "EMA": "emakit.algorithms.ema",
+    "SWA": "emakit.algorithms.swa",
     "CheckpointSaver": "emakit.callbacks.checkpoint_saver",
     "Event": "emakit.core.event",
     "Time": "emakit.time",

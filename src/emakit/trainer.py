@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emakit.averaging.swa import SWA
 from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
 from emakit.checkpoint import load_checkpoint, save_checkpoint
@@ -219,7 +220,15 @@ class Trainer:
         self.seed = seed
 
         algorithm_list = _as_list(algorithms, "algorithms", Algorithm)
-        if sum(1 for a in algorithm_list if a.averages_model) > 1:
+        averagers = [a for a in algorithm_list if a.averages_model]
+        if len(averagers) > 1 and any(isinstance(a, SWA) for a in averagers):
+            raise ValueError(
+                "EMA and SWA do not compose: each puts its own average into the model for evaluation, checkpoints "
+                "and exports, and model-averaging methods do not compose well; got algorithms "
+                + " and ".join(type(a).__name__ for a in averagers)
+                + ": give one of them (or train twice)"
+            )
+        if len(averagers) > 1:
             warnings.warn(
                 "more than one model-averaging algorithm given ("
                 + ", ".join(type(a).__name__ for a in algorithm_list if a.averages_model)

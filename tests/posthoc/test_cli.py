@@ -107,7 +107,7 @@ OUT = "{out}"  # replaced by a file in the test's tmp_path
     [
         (
             ["--sigma-rel", "0.5", "--out", OUT],
-            r"--sigma-rel: must be a number in \(0, 1/sqrt\(12\) = 0.2887\), got '0.5'",
+            r"--sigma-rel: must be a number in \(0, 1/sqrt\(12\) = 0.2887\], got '0.5'",
         ),
         (["--sigma-rel", "abc", "--out", OUT], r"--sigma-rel: must be a number in"),
         (["--half-life", "0", "--out", OUT], r"--half-life: must be a positive number of EMA updates, got '0'"),

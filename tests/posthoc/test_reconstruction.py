@@ -161,7 +161,7 @@ def test_a_target_before_the_first_snapshot_names_it(run: dict[str, Any]) -> Non
     [
         ({}, r"give exactly one of sigma_rel and half_life .* got sigma_rel=None, half_life=None"),
         ({"sigma_rel": 0.07, "half_life": 10}, r"give exactly one of sigma_rel and half_life"),
-        ({"sigma_rel": 0.29}, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\) = 0.288675\), got 0.29"),
+        ({"sigma_rel": 0.29}, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\) = 0.288675\], got 0.29"),
         ({"sigma_rel": 0.0}, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\)"),
         ({"half_life": -1}, r"half_life must be a finite real number greater than 0, got -1"),
         ({"sigma_rel": 0.07, "t": 0}, r"t must be an integer >= 1 \(EMA updates\), got 0"),

@@ -1,5 +1,6 @@
 """Algorithms the Trainer runs at events."""
 
 from emakit.algorithms.ema import EMA
+from emakit.algorithms.swa import SWA
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "SWA"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from emakit.averaging.warmup import Warmup, warmed_weights
 from emakit.posthoc.profiles import PowerProfile, Profile, power_beta
 from emakit.time import Time, Timestamp, TimeUnit, reached
 
@@ -33,11 +34,13 @@ def update_due(count: int, interval: Time | None) -> bool:
     return interval is not None and count % int(interval.value) == 0
 
 
-def update_weights(smoothings: Sequence[float | None], profiles: Sequence[Profile], t: int) -> list[float]:
-    """``1 - beta`` of every average for update number ``t`` (1-based, counting the start).
+def update_weights(
+    smoothings: Sequence[float | None], profiles: Sequence[Profile], t: int, warmup: Warmup | None = None
+) -> list[float]:
+    """``1 - beta`` of every average for update number ``t`` (1-based, counting the start, a copy, as update 1).
 
-    A constant ``smoothing`` gives a constant weight; a power profile (``smoothing`` None) a weight that
-    shrinks with ``t``.
+    A constant ``smoothing`` gives a constant weight (its smoothing capped by the ``warmup`` ramp, if any); a
+    power profile (``smoothing`` None) a weight that shrinks with ``t``.
     """
     weights = []
     for j, smoothing in enumerate(smoothings):
@@ -47,7 +50,7 @@ def update_weights(smoothings: Sequence[float | None], profiles: Sequence[Profil
             weights.append(1.0 - power_beta(t, profile.gamma))
         else:
             weights.append(1.0 - smoothing)
-    return weights
+    return warmed_weights(weights, warmup, t)
 
 
 def check_duration(max_duration: str | Time, ema_start: Time) -> Time:

@@ -45,6 +45,7 @@ from emakit.averaging.selection import BufferPolicy, Kept, ParamSelection, parse
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
+from emakit.averaging.warmup import Warmup, check_warmup
 from emakit.posthoc.profiles import Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -109,6 +110,7 @@ class EMA(FormerNames):
         buffers: floating buffers ``'average'`` (default), ``'copy'`` or ``'share'`` (not kept), or
             ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
             :mod:`emakit.averaging.selection`.
+        warmup: ramp the smoothing up early as timm and diffusers do: True or ``Warmup(gamma, power)`` (:mod:`.warmup`).
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class EMA(FormerNames):
         eval_average: int = 0,
         params: ParamSelection = "trainable",
         buffers: BufferPolicy = "average",
+        warmup: bool | Warmup = False,
     ) -> None:
         settings = parse_settings(
             half_life,
@@ -160,7 +163,7 @@ class EMA(FormerNames):
         self.flatten_model, self.overlap = settings.flatten_model, settings.overlap
         self.snapshot_interval: Time | None = settings.snapshot_interval
         self.snapshot_folder: Path | None = settings.snapshot_folder
-        self.snapshot_dtype: torch.dtype = settings.snapshot_dtype
+        self.snapshot_dtype, self.warmup = settings.snapshot_dtype, check_warmup(warmup, sigma_rel, snapshot_folder)
         selection = parse_selection(params, buffers)
 
         #: The EMA's clock: optimizer steps (``batch``), samples and epochs counted by :meth:`step` and
@@ -353,8 +356,7 @@ class EMA(FormerNames):
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._tracked.sharded or self._swap.swapped is not None:
             source = self._swap.training_tensors()  # a reusable plan only for plain models
-        # the start, a copy of the weights, was update 1
-        self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2))
+        self._averages.blend(source, update_weights(self.smoothings, self.profiles, self.num_updates + 2, self.warmup))
         self._kept.after_blend(self._swap.training_tensors)
         self.num_updates += 1
         self._version += 1

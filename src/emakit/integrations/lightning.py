@@ -38,6 +38,7 @@ import torch
 
 from emakit import EMA
 from emakit.averaging.selection import BufferPolicy, ParamSelection
+from emakit.averaging.warmup import Warmup
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.sharding import reshard_model
@@ -200,6 +201,7 @@ class EMACallback(Callback):
         eval_average: int = 0,
         params: ParamSelection = _EMA_DEFAULTS["params"],
         buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
+        warmup: bool | Warmup = False,
         weights_after_fit: Literal["training", "ema"] = "training",
     ) -> None:
         super().__init__()
@@ -220,6 +222,7 @@ class EMACallback(Callback):
             eval_average=eval_average,
             params=params,
             buffers=buffers,
+            warmup=warmup,
         )
         if weights_after_fit not in _WEIGHTS_AFTER_FIT:
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")

@@ -51,6 +51,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from emakit import EMA, Time, TimeUnit, export_ema_weights
 from emakit._compat import dtensor_class
 from emakit.averaging.selection import BufferPolicy, ParamSelection
+from emakit.averaging.warmup import Warmup
 from emakit.checkpoint import read_checkpoint_file
 
 __all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
@@ -113,6 +114,7 @@ class EMACallback(TrainerCallback):
         eval_average: int = 0,
         params: ParamSelection = _EMA_DEFAULTS["params"],
         buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
+        warmup: bool | Warmup = False,
         save_ema_as_model: bool = False,
         eval_with_ema: bool = True,
     ) -> None:
@@ -132,6 +134,7 @@ class EMACallback(TrainerCallback):
             "eval_average": eval_average,
             "params": params,
             "buffers": buffers,
+            "warmup": warmup,
         }
         self.ema = EMA(**self._hyperparameters)
         if self.ema.ema_start.unit == TimeUnit.SAMPLE:
@@ -280,7 +283,9 @@ class EMATrainerMixin(_TrainerBase):
         """The Trainer's :class:`EMACallback`, or None; more than one is an error (one EMA per model)."""
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)]
         if len(found) > 1:
-            raise ValueError(f"a Trainer runs at most one EMACallback, this one has {len(found)}")
+            names = " and ".join(type(cb).__name__ for cb in found)
+            why = "EMA and SWA do not compose" if len({type(cb) for cb in found}) > 1 else "one average per model"
+            raise ValueError(f"a Trainer runs at most one EMACallback, this one has {len(found)}: {names} ({why})")
         return found[0] if found else None
 
     def train(

@@ -1,4 +1,4 @@
-"""``emakit posthoc SNAPSHOTS (--sigma-rel S | --half-life N) [--at T] --out FILE``: reconstruct an average.
+"""``emakit posthoc SNAPSHOTS (--sigma-rel S | --half-life N | --window W) [--at T] --out FILE``: reconstruct an average.
 
 Imports torch only once the arguments are parsed, so ``--help`` answers at once. Bad input (options, an
 unreadable or mixed snapshot folder, a target out of range) is a one-line error on stderr and exit status 2.
@@ -29,7 +29,9 @@ EPILOG = """\
 examples:
   emakit posthoc runs/x/snapshots --list
   emakit posthoc runs/x/snapshots --sigma-rel 0.07 --out ema-0.07.safetensors
-  emakit posthoc runs/x/snapshots --half-life 2000 --at 40000 --out ema.safetensors"""
+  emakit posthoc runs/x/snapshots --half-life 2000 --at 40000 --out ema.safetensors
+  emakit posthoc runs/x/snapshots --window 0.2 --out swa-last-20pct.safetensors
+  emakit posthoc runs/x/snapshots --window 8000:10000 --out swa.safetensors"""
 
 _DTYPES = ("float32", "float16", "bfloat16")
 #: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
@@ -53,7 +55,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--sigma-rel",
-        type=checked(float, lambda v: 0 < v < _SIGMA_REL_MAX, f"a number in (0, 1/sqrt(12) = {_SIGMA_REL_MAX:.4f})"),
+        type=checked(float, lambda v: 0 < v <= _SIGMA_REL_MAX, f"a number in (0, 1/sqrt(12) = {_SIGMA_REL_MAX:.4f}]"),
         metavar="S",
         help="target: a power-function profile whose width is S times the training time (EDM2 uses 0.05-0.2)",
     )
@@ -62,6 +64,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number of EMA updates"),
         metavar="N",
         help="target: a classic EMA with a constant half-life of N EMA updates",
+    )
+    target.add_argument(
+        "--window",
+        type=_window,
+        metavar="W",
+        help="target: the equal-weight average (SWA) of the last fraction W of the updates up to --at (0.2), "
+        "or of the updates after T0 up to T1 (T0:T1); exact at snapshots when sigma_rel 1/sqrt(12) is tracked",
     )
     p.add_argument(
         "--at",
@@ -77,6 +86,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="of the floating tensors (default: %(default)s)")
     p.add_argument("--list", action="store_true", help="list the snapshots (t, step, averages) and exit")
     return p
+
+
+def _window(text: str) -> float | tuple[int, int]:
+    """``--window``: a fraction in (0, 1], or ``T0:T1`` in EMA updates with 0 <= T0 < T1."""
+    try:
+        if ":" in text:
+            t0, t1 = (int(part) for part in text.split(":"))
+            if 0 <= t0 < t1:
+                return (t0, t1)
+        else:
+            fraction = float(text)
+            if 0 < fraction <= 1:
+                return fraction
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got {text!r}")
 
 
 def _list(folder: str) -> None:
@@ -101,7 +126,9 @@ def _run(args: argparse.Namespace) -> None:
 
     from emakit.posthoc.reconstruction import describe, execute_plan, gap_message, plan_reconstruction, poor_fit_message
 
-    plan = plan_reconstruction(args.snapshots, sigma_rel=args.sigma_rel, half_life=args.half_life, t=args.at)
+    plan = plan_reconstruction(
+        args.snapshots, sigma_rel=args.sigma_rel, half_life=args.half_life, t=args.at, window=args.window
+    )
     if Path(args.out).suffix in _TORCH_SUFFIXES:
         from emakit.checkpoint.files import save_checkpoint_file
 
@@ -131,8 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad option (2)
         return int(e.code or 0)
     if not args.list:
-        if args.sigma_rel is None and args.half_life is None:
-            print(f"{parser.prog}: error: give the target: --sigma-rel S or --half-life N", file=sys.stderr)
+        if args.sigma_rel is None and args.half_life is None and args.window is None:
+            print(
+                f"{parser.prog}: error: give the target: --sigma-rel S or --half-life N (or --window W)",
+                file=sys.stderr,
+            )
             return 2
         if args.out is None:
             print(f"{parser.prog}: error: --out FILE is needed (where to write the result)", file=sys.stderr)

@@ -32,6 +32,7 @@ __all__ = [
     "HalfLifeProfile",
     "PowerProfile",
     "Profile",
+    "UniformWindow",
     "exponential_inner",
     "fit_error",
     "gamma_to_sigma_rel",
@@ -45,7 +46,7 @@ __all__ = [
     "solve_coefficients",
 ]
 
-#: The widest power profile, gamma -> 0: the uniform average over [0, t], whose relative std is 1/sqrt(12).
+#: The widest power profile, gamma = 0: the uniform average over [0, t], whose relative std is 1/sqrt(12).
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
 
 
@@ -59,17 +60,17 @@ def _real(value: object, name: str, accepted: str) -> float:
 
 
 def _check_sigma_rel(sigma_rel: object, name: str = "sigma_rel") -> float:
-    accepted = f"a real number in (0, 1/sqrt(12) = {SIGMA_REL_MAX:.6f})"
+    accepted = f"a real number in (0, 1/sqrt(12) = {SIGMA_REL_MAX:.6f}]"
     value = _real(sigma_rel, name, accepted)
-    if not 0.0 < value < SIGMA_REL_MAX:
+    if not 0.0 < value <= SIGMA_REL_MAX:
         raise ValueError(f"{name} must be {accepted}, got {sigma_rel!r}")
     return value
 
 
 def _check_gamma(gamma: object, name: str = "gamma") -> float:
-    accepted = "a finite real number greater than 0"
+    accepted = "a finite real number of 0 or more"
     value = _real(gamma, name, accepted)
-    if not 0.0 < value < math.inf:
+    if not 0.0 <= value < math.inf:
         raise ValueError(f"{name} must be {accepted}, got {gamma!r}")
     return value
 
@@ -82,7 +83,7 @@ def _check_positive(value: object, name: str, what: str = "a finite real number 
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative standard deviation of the power profile with exponent ``gamma`` (> 0)."""
+    """The relative standard deviation of the power profile with exponent ``gamma`` (>= 0)."""
     g = _check_gamma(gamma)
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
@@ -91,9 +92,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent ``gamma`` of the power profile whose relative standard deviation is ``sigma_rel``.
 
     ``gamma`` is the largest real root of ``g**3 + 7 g**2 + (16 - s**-2) g + (12 - s**-2)``, polished with
-    Newton steps; ``sigma_rel`` must lie in ``(0, 1/sqrt(12))``.
+    Newton steps; ``sigma_rel`` must lie in ``(0, 1/sqrt(12)]``, whose end is the uniform profile, gamma 0.
     """
     s = _check_sigma_rel(sigma_rel)
+    if s == SIGMA_REL_MAX:
+        return 0.0
     q = 1.0 / (s * s)
     roots = np.roots([1.0, 7.0, 16.0 - q, 12.0 - q])
     g = float(max(r.real for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real))))
@@ -133,7 +136,11 @@ def power_weights(n: int, gamma: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- profiles
 @dataclasses.dataclass(frozen=True)
 class PowerProfile:
-    """The power-function profile with exponent ``gamma`` (> 0); its width is ``sigma_rel`` of the time."""
+    """The power-function profile with exponent ``gamma`` (>= 0); its width is ``sigma_rel`` of the time.
+
+    ``gamma = 0`` (``sigma_rel = 1/sqrt(12)``) is the uniform average of every update so far: tracked, it lets
+    reconstruction give uniform windows (SWA) exactly.
+    """
 
     gamma: float
 
@@ -142,7 +149,7 @@ class PowerProfile:
 
     @classmethod
     def from_sigma_rel(cls, sigma_rel: float) -> PowerProfile:
-        """The power profile of relative width ``sigma_rel`` in ``(0, 1/sqrt(12))``."""
+        """The power profile of relative width ``sigma_rel`` in ``(0, 1/sqrt(12)]``."""
         return cls(sigma_rel_to_gamma(sigma_rel))
 
     @property
@@ -190,6 +197,26 @@ class HalfLifeProfile:
         return f"half_life({self.half_life:.6g} updates)"
 
 
+@dataclasses.dataclass(frozen=True)
+class UniformWindow:
+    """A target only: the equal-weight average (SWA) of the last ``length`` updates before its time ``t``.
+
+    Its density is ``1 / length`` on ``[t - length, t]``: the updates after ``t - length`` up to ``t``.
+    """
+
+    length: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "length", _check_positive(self.length, "window length"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, as stored in a reconstruction's metadata."""
+        return {"kind": "window", "length_updates": self.length}
+
+    def __str__(self) -> str:
+        return f"window(last {self.length:.6g} updates)"
+
+
 Profile = PowerProfile | HalfLifeProfile
 
 
@@ -216,8 +243,8 @@ def profile_from_dict(data: Mapping[str, Any], where: str = "profile") -> Profil
     raise ValueError(f"{where}: kind must be 'power' or 'half_life', got {kind!r}")
 
 
-def _as_profile(profile: object, name: str) -> Profile:
-    if isinstance(profile, (PowerProfile, HalfLifeProfile)):
+def _as_profile(profile: object, name: str) -> Profile | UniformWindow:
+    if isinstance(profile, (PowerProfile, HalfLifeProfile, UniformWindow)):
         return profile
     if isinstance(profile, numbers.Real) and not isinstance(profile, bool):
         return PowerProfile(_check_gamma(profile, name))
@@ -293,8 +320,27 @@ def power_exponential_inner(gamma: float, t_p: float, half_life: float, t_e: flo
     return scale * _power_exp_integral(g, c * m)
 
 
-def profile_inner(a: Profile, t_a: float, b: Profile, t_b: float) -> float:
+def _window_inner(window: UniformWindow, t_w: float, other: Profile | UniformWindow, t_o: float) -> float:
+    """``integral p_window p_other dtau``: ``1 / length`` times the other's mass on the window (closed forms)."""
+    lo, hi = max(t_w - window.length, 0.0), min(t_w, t_o)
+    if isinstance(other, UniformWindow):
+        lo = max(lo, t_o - other.length)
+        return max(hi - lo, 0.0) / (window.length * other.length)
+    if hi <= lo:
+        return 0.0
+    if isinstance(other, PowerProfile):  # the cumulative (tau / t_o)**(gamma + 1), as ratios below 1
+        g = other.gamma + 1.0
+        return ((hi / t_o) ** g - (lo / t_o) ** g) / window.length
+    c = other.rate  # the cumulative exp(-c (t_o - tau))
+    return math.exp(-c * (t_o - hi)) * -math.expm1(-c * (hi - lo)) / window.length
+
+
+def profile_inner(a: Profile | UniformWindow, t_a: float, b: Profile | UniformWindow, t_b: float) -> float:
     """``integral p_a p_b dtau`` for any two profiles at times ``t_a`` and ``t_b``."""
+    if isinstance(a, UniformWindow):
+        return _window_inner(a, t_a, b, t_b)
+    if isinstance(b, UniformWindow):
+        return _window_inner(b, t_b, a, t_a)
     if isinstance(a, PowerProfile) and isinstance(b, PowerProfile):
         return power_inner(a.gamma, t_a, b.gamma, t_b)
     if isinstance(a, HalfLifeProfile) and isinstance(b, HalfLifeProfile):
@@ -314,12 +360,15 @@ def _sources(snapshots: Sequence[tuple[object, object]]) -> list[tuple[Profile, 
     for i, item in enumerate(snapshots):
         if not isinstance(item, Sequence) or len(item) != 2:
             raise TypeError(f"snapshots[{i}] must be a (profile or gamma, t) pair, got {item!r}")
-        out.append((_as_profile(item[0], f"snapshots[{i}][0]"), _check_positive(item[1], f"snapshots[{i}][1] (t)")))
+        profile = _as_profile(item[0], f"snapshots[{i}][0]")
+        if isinstance(profile, UniformWindow):
+            raise TypeError(f"snapshots[{i}][0]: a window is a target, not a tracked profile, got {profile}")
+        out.append((profile, _check_positive(item[1], f"snapshots[{i}][1] (t)")))
     return out
 
 
 def _normal_equations(
-    sources: Sequence[tuple[Profile, float]], target: Profile, t: float
+    sources: Sequence[tuple[Profile, float]], target: Profile | UniformWindow, t: float
 ) -> tuple[np.ndarray, np.ndarray]:
     n = len(sources)
     a = np.empty((n, n))

@@ -21,7 +21,14 @@ import torch
 
 from emakit._version import __version__
 from emakit.posthoc import POOR_FIT
-from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, fit_error, solve_coefficients
+from emakit.posthoc.profiles import (
+    HalfLifeProfile,
+    PowerProfile,
+    Profile,
+    UniformWindow,
+    fit_error,
+    solve_coefficients,
+)
 from emakit.posthoc.snapshots import (
     SNAPSHOT_DTYPES,
     SnapshotInfo,
@@ -52,7 +59,7 @@ _BATCH_BYTES = 256 << 20
 class ReconstructionPlan:
     """What :func:`reconstruct` will sum: ``coefficient * snapshot[average]`` for each term."""
 
-    target: Profile
+    target: Profile | UniformWindow
     t: int
     #: (snapshot, average index, coefficient) with a non-zero coefficient, in snapshot order
     terms: tuple[tuple[SnapshotInfo, int, float], ...]
@@ -63,12 +70,14 @@ class ReconstructionPlan:
     snapshots: tuple[SnapshotInfo, ...]
 
 
-def _target(sigma_rel: object, half_life: object) -> Profile:
-    if (sigma_rel is None) == (half_life is None):
+def _target(sigma_rel: object, half_life: object, window: object = None) -> Profile | UniformWindow:
+    if sum(v is not None for v in (sigma_rel, half_life, window)) != 1:
         raise ValueError(
-            f"give exactly one of sigma_rel and half_life (the target average), got sigma_rel={sigma_rel!r}, "
-            f"half_life={half_life!r}"
+            "give exactly one of sigma_rel and half_life (the target average) or a window, got "
+            f"sigma_rel={sigma_rel!r}, half_life={half_life!r}, window={window!r}"
         )
+    if window is not None:
+        return UniformWindow(1)  # its length is known once t is; see _window
     if sigma_rel is not None:
         return PowerProfile.from_sigma_rel(sigma_rel)  # type: ignore[arg-type]
     return HalfLifeProfile(half_life)  # type: ignore[arg-type]
@@ -80,11 +89,15 @@ def plan_reconstruction(
     sigma_rel: float | None = None,
     half_life: float | None = None,
     t: int | None = None,
+    window: float | tuple[int, int] | None = None,
 ) -> ReconstructionPlan:
     """The coefficients that reconstruct the target average from a snapshot folder (or its index).
 
     The target is a power profile of relative width ``sigma_rel`` or a constant ``half_life`` in EMA updates,
-    at ``t`` EMA updates (default: the last snapshot's ``t``).
+    at ``t`` EMA updates (default: the last snapshot's ``t``); or ``window``, the equal-weight average (SWA)
+    of a window of updates: a fraction in (0, 1] (the last 20% of the updates up to ``t``: 0.2), or
+    ``(t0, t1)``, the updates after ``t0`` up to ``t1`` (then ``t`` is ``t1``). Windows are fitted best, and
+    exactly at snapshots, when a uniform profile (``sigma_rel=1/sqrt(12)``) is among the tracked averages.
 
     Raises:
         ValueError: neither or both of sigma_rel/half_life, either out of range, or ``t`` not an integer >= 1,
@@ -93,8 +106,10 @@ def plan_reconstruction(
     index = read_snapshot_index(snapshots) if isinstance(snapshots, (str, os.PathLike)) else list(snapshots)
     if not index:
         raise ValueError("snapshots is empty: at least one snapshot is needed to reconstruct an average")
-    target = _target(sigma_rel, half_life)
+    target = _target(sigma_rel, half_life, window)
     first, last = index[0], index[-1]
+    if isinstance(window, tuple):
+        t = _window_end(window, t)
     if t is None:
         t = last.t
     if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
@@ -107,6 +122,8 @@ def plan_reconstruction(
         )
     if t < first.t:
         raise ValueError(f"t={t} is before the first snapshot, {str(first.path)!r} (t={first.t})")
+    if window is not None:
+        target = _window(window, t)
     sources = [(profile, info.t) for info in index for profile in info.profiles]
     x = solve_coefficients(sources, target, t)  # 0 for snapshots after t
     error = fit_error(sources, x, target, t)
@@ -114,6 +131,28 @@ def plan_reconstruction(
     terms = tuple((info, j, float(c)) for (info, j), c in zip(pairs, x, strict=True) if c != 0.0)
     latest = [info for info in index if info.t <= t][-1]
     return ReconstructionPlan(target, t, terms, error, latest, tuple(index))
+
+
+def _window_end(window: tuple[object, ...], t: object) -> int:
+    """``t1`` of a ``(t0, t1)`` window, checked (and ``t``, if given, must be it)."""
+    ends = window if len(window) == 2 else ()
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in ends) or not ends:
+        raise ValueError(f"window must be a fraction in (0, 1] or a (t0, t1) pair of EMA updates, got {window!r}")
+    t0, t1 = int(ends[0]), int(ends[1])  # type: ignore[call-overload]
+    if not 0 <= t0 < t1:
+        raise ValueError(f"window (t0, t1) needs 0 <= t0 < t1 (EMA updates), got {window!r}")
+    if t is not None and t != t1:
+        raise ValueError(f"window={window!r} ends at t={t1}; t={t!r} must be left out or equal it")
+    return t1
+
+
+def _window(window: object, t: int) -> UniformWindow:
+    """The uniform window ending at ``t``: ``(t0, t)`` or the last ``fraction`` of ``[0, t]`` (whole updates)."""
+    if isinstance(window, tuple):
+        return UniformWindow(t - int(window[0]))
+    if isinstance(window, bool) or not isinstance(window, numbers.Real) or not 0 < float(window) <= 1:
+        raise ValueError(f"window must be a fraction in (0, 1] or a (t0, t1) pair of EMA updates, got {window!r}")
+    return UniformWindow(max(1, round(float(window) * t)))
 
 
 def _batches(info: SnapshotInfo, names: Sequence[str], budget: int) -> list[list[str]]:
@@ -139,8 +178,10 @@ def reconstruct(
     dtype: torch.dtype = torch.float32,
     *,
     batch_bytes: int = _BATCH_BYTES,
+    window: float | tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, from ``folder``.
+    """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, or the uniform
+    ``window`` (see :func:`plan_reconstruction`), from ``folder``.
 
     Returns the tensors by canonical name (floating ones in ``dtype``, on the CPU); with ``out``, also writes
     them as a safetensors file (atomically) that loads with ``safetensors.torch.load_file``. Works on
@@ -155,7 +196,7 @@ def reconstruct(
         ValueError: see :func:`plan_reconstruction` and :func:`~emakit.posthoc.snapshots.read_snapshot_index`;
             ``dtype`` not a snapshot dtype.
     """
-    plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t)
+    plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t, window=window)
     gap = gap_message(plan.snapshots)
     if gap:
         warnings.warn(gap, stacklevel=2)
