@@ -26,15 +26,16 @@ def load_script():  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the RSS from /proc")
-def test_averaging_five_200_mb_checkpoints_stays_under_three_models(tmp_path: Path) -> None:
+def test_averaging_five_200_mb_checkpoints_stays_under_two_and_a_half_models(tmp_path: Path) -> None:
     bench = load_script()
     rows = bench.run(tmp_path, count=5, size_mb=200, chunk_mb=64, naive=False)
     one = (tmp_path / "ck0.safetensors").stat().st_size
     assert one > 190 * 2**20
     for name, increase in rows:
         print(f"{name}: {increase / 2**20:.0f} MB = {increase / one:.2f} x one model")
-        # 1.2-1.4 models on a quiet machine, up to 2.75 under load (docs/averaging-checkpoints.md); naive: 8
-        assert increase < 3 * one, name
+        assert increase < 2.5 * one, name  # 1.2-2.0 measured (docs/averaging-checkpoints.md); naive: 8
+    # the streamed safetensors output needs no copy of the model: well under the .pt output's extra model
+    assert dict(rows)["safetensors -> safetensors"] < 1.6 * one
 
 
 @pytest.mark.slow
