@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from emakit.checkpoint.files import fsync_dir
+from emakit.posthoc.snapshots.format import SAFETENSORS_CODES
 
 __all__ = [
     "INDEX_NAME",
@@ -37,24 +38,7 @@ __all__ = [
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
-}
+_DTYPES = SAFETENSORS_CODES
 _UNITS = {
     "": 1,
     "b": 1,

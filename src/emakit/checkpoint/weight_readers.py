@@ -39,30 +39,14 @@ import torch
 
 from emakit.checkpoint.files import CHECKPOINT_FORMAT, check_checkpoint_format, unreadable_checkpoint
 from emakit.checkpoint.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from emakit.posthoc.snapshots.format import SAFETENSORS_CODES
 
 __all__ = ["SAFETENSORS_DTYPES", "WHICH", "Piece", "TensorInfo", "WeightReader", "open_weights"]
 
 WHICH = ("training", "ema")
 
 #: safetensors' dtype codes.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "C64": torch.complex64,
-}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in SAFETENSORS_CODES.items()}
 
 EMA_WEIGHTS_FILE = "ema_weights.safetensors"  # what emakit's Transformers callback writes in checkpoint-N/
 _HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

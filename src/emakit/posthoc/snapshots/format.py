@@ -17,6 +17,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "SAFETENSORS_CODES",
     "SHARDED_METADATA_FILE",
     "SNAPSHOT_DTYPES",
     "snapshot_name",
@@ -34,7 +35,8 @@ SNAPSHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FILE = re.compile(r"snapshot-(\d{6,})\.safetensors")
 _DIR = re.compile(r"snapshot-(\d{6,})")
 _DCP_METADATA = ".metadata"
-_SAFETENSORS_DTYPES = {
+#: safetensors' dtype codes, the one table every safetensors writer and reader of emakit uses.
+SAFETENSORS_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -45,7 +47,14 @@ _SAFETENSORS_DTYPES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
 }
+_SAFETENSORS_DTYPES = SAFETENSORS_CODES
 
 
 def snapshot_name(index: int, sharded: bool = False) -> str:
