@@ -16,9 +16,9 @@ checkpoints               published checkpoints carry the EMA weights as the mod
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from emakit.algorithms.publishing import PublishedCheckpoint
 from emakit.averaging.ema import EMA as _AveragingEMA
 from emakit.core.algorithm import Algorithm
 from emakit.core.event import Event
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["EMA"]
 
 
-class EMA(_AveragingEMA, Algorithm):
+class EMA(PublishedCheckpoint, _AveragingEMA, Algorithm):
     """:class:`emakit.averaging.EMA`, runnable by emakit's :class:`~emakit.Trainer` (same arguments).
 
     The Trainer evaluates on the EMA weights once the average has started, and
@@ -85,24 +85,3 @@ class EMA(_AveragingEMA, Algorithm):
                         stacklevel=2,
                     )
                 self.get_training_model(state.model)
-
-    def checkpoint_model_state(
-        self, model_state: dict[str, Any], algorithm_state: dict[str, Any], publish: bool
-    ) -> dict[str, Any]:
-        training = self.training_model_state(model_state)
-        if not (publish and self.started):
-            return training
-        # tied weights' other names too, so that restoring gives them the training value as well
-        algorithm_state["training_weights"] = {key: training[key] for key, _ in self._keys_of_tracked(training)}
-        return self.published_model_state(training)
-
-    def restore_model_state(self, model_state: dict[str, Any], algorithm_state: dict[str, Any]) -> dict[str, Any]:
-        training = algorithm_state.get("training_weights")
-        if training is None:
-            return model_state
-        if not isinstance(training, Mapping):
-            raise ValueError("EMA state's 'training_weights' must be a dict of tensors")
-        unknown = [n for n in training if n not in model_state]
-        if unknown:
-            raise ValueError(f"EMA state's training weights have a tensor {unknown[0]!r} the checkpoint's model lacks")
-        return {**model_state, **training}

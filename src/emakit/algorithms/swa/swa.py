@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from emakit.algorithms.publishing import PublishedCheckpoint
 from emakit.averaging.clock import start_due
 from emakit.averaging.swa import SWA as _AveragingSWA
 from emakit.core.algorithm import Algorithm
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["SWA"]
 
 
-class SWA(_AveragingSWA, Algorithm):
+class SWA(PublishedCheckpoint, _AveragingSWA, Algorithm):
     """:class:`emakit.averaging.SWA`, runnable by emakit's :class:`~emakit.Trainer` (same arguments).
 
     The Trainer evaluates on the averaged weights once the window has opened; when it closes (at
@@ -123,20 +124,3 @@ class SWA(_AveragingSWA, Algorithm):
         super().load_state_dict(state)
         self.lr_start_batch = state.get("swa_lr_start_batch")
         self.lr_base = [list(bases) for bases in state.get("swa_lr_base", [])]
-
-    def checkpoint_model_state(
-        self, model_state: dict[str, Any], algorithm_state: dict[str, Any], publish: bool
-    ) -> dict[str, Any]:
-        training = self.training_model_state(model_state)
-        if not (publish and self.started):
-            return training
-        algorithm_state["training_weights"] = {key: training[key] for key, _ in self._keys_of_tracked(training)}
-        return self.published_model_state(training)
-
-    def restore_model_state(self, model_state: dict[str, Any], algorithm_state: dict[str, Any]) -> dict[str, Any]:
-        training = algorithm_state.get("training_weights")
-        if training is None:
-            return model_state
-        if not isinstance(training, Mapping):
-            raise ValueError("SWA state's 'training_weights' must be a dict of tensors")
-        return {**model_state, **training}
