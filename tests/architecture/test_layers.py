@@ -33,8 +33,6 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     # how an update runs, and torch.distributed below the trainer
     ("engine", ["emakit.engine", "emakit.parallel"]),
-    # the engine's modules under their paths from before it was a package: re-exports only
-    ("engine's old paths", ["emakit.storage", "emakit.flatten", "emakit.overlap", "emakit.posthoc.kernels"]),
     (
         "functional API and post-hoc files",
         ["emakit.functional", "emakit.posthoc.snapshots", "emakit.posthoc.reconstruction"],

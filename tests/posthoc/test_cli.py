@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from emakit.engine.blend import blend_averages_
 from emakit.posthoc.cli import main
-from emakit.posthoc.kernels import blend_averages_
 from emakit.posthoc.profiles import PowerProfile
 from emakit.posthoc.reconstruction import reconstruct
 from emakit.posthoc.snapshots import write_snapshot

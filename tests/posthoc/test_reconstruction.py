@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from emakit.posthoc.kernels import blend_averages_
+from emakit.engine.blend import blend_averages_
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, solve_coefficients
 from emakit.posthoc.reconstruction import RECONSTRUCTION_METADATA_KEY, plan_reconstruction, reconstruct
 from emakit.posthoc.snapshots import next_snapshot_index, read_snapshot_index, write_snapshot

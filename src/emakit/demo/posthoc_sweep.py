@@ -101,7 +101,7 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from emakit.algorithms import EMA
+    from emakit.averaging import EMA
     from emakit.demo.data import load_data
     from emakit.demo.model import build_model
     from emakit.demo.run import build_loaders

@@ -13,7 +13,7 @@ The maths, in the terms every module here uses:
   Targets may be power profiles or constant half-lives.
 
 Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.engine.blend` (k averages updated
-with one read of the weights; also as :mod:`~emakit.posthoc.kernels`), :mod:`~emakit.posthoc.snapshots` (the folder format),
+with one read of the weights), :mod:`~emakit.posthoc.snapshots` (the folder format),
 :mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
 Names are imported on first use, so ``emakit posthoc --help`` does not load torch.
 """

@@ -16,8 +16,8 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1]))
 from conftest import make_loader, make_model  # noqa: E402
-from emakit.algorithms import EMA as TrainerEMA  # noqa: E402
-from emakit.algorithms import SWA as TrainerSWA  # noqa: E402
+from emakit import EMA as TrainerEMA  # noqa: E402
+from emakit import SWA as TrainerSWA  # noqa: E402
 from emakit.averaging import EMA, SWA  # noqa: E402
 from emakit.trainer import Trainer  # noqa: E402
 
