@@ -112,7 +112,7 @@ OUT = "{out}"  # replaced by a file in the test's tmp_path
         (["--sigma-rel", "abc", "--out", OUT], r"--sigma-rel: must be a number in"),
         (["--half-life", "0", "--out", OUT], r"--half-life: must be a positive number of EMA updates, got '0'"),
         (["--sigma-rel", "0.07", "--half-life", "3", "--out", OUT], r"not allowed with argument"),
-        (["--out", OUT], r"give the target: --sigma-rel S or --half-life N"),
+        (["--out", OUT], r"give the target: --sigma-rel S, --half-life N, --window W or --kernel NAME:VALUE"),
         (["--sigma-rel", "0.07"], r"--out FILE is needed"),
         (["--sigma-rel", "0.07", "--at", "0", "--out", OUT], r"--at: must be an integer >= 1 \(EMA updates\), got '0'"),
         (["--sigma-rel", "0.07", "--at", "201", "--out", OUT], r"t=201 is after the last snapshot, .*snapshot-000009"),

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POOR_FIT",
+    "UNREPRESENTABLE",
     "SIGMA_REL_MAX",
     "HalfLifeProfile",
     "PowerProfile",
@@ -105,6 +106,9 @@ _LAZY: dict[str, str] = {
 #: Profile fit error above which a reconstruction warns that the snapshots represent its target poorly
 #: (:func:`reconstruct` and ``emakit posthoc`` alike).
 POOR_FIT = 0.05
+#: Profile fit error at or above which a reconstruction is refused: the snapshots' best combination is no closer
+#: to the target than the zero profile (whose error is exactly 1).
+UNREPRESENTABLE = 1.0
 
 
 def __getattr__(name: str) -> Any:

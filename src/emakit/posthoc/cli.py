@@ -1,4 +1,5 @@
-"""``emakit posthoc SNAPSHOTS (--sigma-rel S | --half-life N | --window W) [--at T] --out FILE``: reconstruct an average.
+"""``emakit posthoc SNAPSHOTS (--sigma-rel S | --half-life N | --window W | --kernel K) [--at T] --out FILE``: reconstruct
+an average; ``--list-kernels`` lists the named kernels.
 
 Imports torch only once the arguments are parsed, so ``--help`` answers at once. Bad input (options, an
 unreadable or mixed snapshot folder, a target out of range) is a one-line error on stderr and exit status 2.
@@ -31,7 +32,9 @@ examples:
   emakit posthoc runs/x/snapshots --sigma-rel 0.07 --out ema-0.07.safetensors
   emakit posthoc runs/x/snapshots --half-life 2000 --at 40000 --out ema.safetensors
   emakit posthoc runs/x/snapshots --window 0.2 --out swa-last-20pct.safetensors
-  emakit posthoc runs/x/snapshots --window 8000:10000 --out swa.safetensors"""
+  emakit posthoc runs/x/snapshots --window 8000:10000 --out swa.safetensors
+  emakit posthoc runs/x/snapshots --kernel cosine:0.2 --out merged.safetensors
+  emakit posthoc --list-kernels"""
 
 _DTYPES = ("float32", "float16", "bfloat16")
 #: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
@@ -51,7 +54,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    p.add_argument("snapshots", metavar="SNAPSHOTS", help="the snapshot folder a run wrote")
+    p.add_argument("snapshots", metavar="SNAPSHOTS", nargs="?", help="the snapshot folder a run wrote")
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--sigma-rel",
@@ -72,6 +75,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="target: the equal-weight average (SWA) of the last fraction W of the updates up to --at (0.2), "
         "or of the updates after T0 up to T1 (T0:T1); exact at snapshots when sigma_rel 1/sqrt(12) is tracked",
     )
+    target.add_argument(
+        "--kernel",
+        type=_kernel,
+        metavar="NAME:VALUE",
+        help="target: any kernel over the updates, e.g. cosine:0.2 (WSM's merge emulating a cosine decay over the "
+        "last 20%%); --list-kernels names them all",
+    )
     p.add_argument(
         "--at",
         type=checked(int, lambda v: v >= 1, "an integer >= 1 (EMA updates)"),
@@ -84,8 +94,46 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="write the result here (.safetensors, or .pt/.pth for torch.save); needed unless --list",
     )
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="of the floating tensors (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (never a snapshot)")
     p.add_argument("--list", action="store_true", help="list the snapshots (t, step, averages) and exit")
+    p.add_argument("--list-kernels", action="store_true", help="list the named kernels of --kernel and exit")
     return p
+
+
+def _kernel(text: str) -> dict[str, object]:
+    """``--kernel``: ``NAME:VALUE`` (see ``--list-kernels``), as plan_reconstruction's target arguments."""
+    from emakit.posthoc.targets import parse_kernel  # numpy only
+
+    try:
+        return parse_kernel(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _kernel_list() -> str:
+    from emakit.posthoc.targets import KERNELS
+
+    lines = ["named kernels of --kernel NAME:VALUE:"]
+    lines += [f"  {f'{name}:{param}':<10}  {what}" for name, (param, what) in KERNELS.items()]
+    return "\n".join(lines)
+
+
+#: Options that take a value which may start with '-' (a bad value such as --window -10:20 is then reported by its
+#: own check, not as argparse's "expected one argument").
+_VALUE_OPTIONS = ("--sigma-rel", "--half-life", "--window", "--kernel", "--at")
+
+
+def _join_dashed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _window(text: str) -> float | tuple[int, int]:
@@ -126,16 +174,28 @@ def _run(args: argparse.Namespace) -> None:
 
     from emakit.posthoc.reconstruction import describe, execute_plan, gap_message, plan_reconstruction, poor_fit_message
 
-    plan = plan_reconstruction(
-        args.snapshots, sigma_rel=args.sigma_rel, half_life=args.half_life, t=args.at, window=args.window
-    )
+    from emakit.posthoc.reconstruction import check_output
+
+    targets = args.kernel or {"sigma_rel": args.sigma_rel, "half_life": args.half_life, "window": args.window}
+    plan = plan_reconstruction(args.snapshots, t=args.at, **targets)
+    try:
+        check_output(plan, args.out, overwrite=args.force)
+    except FileExistsError:
+        raise FileExistsError(
+            f"--out: {args.out!r} exists; pass --force to replace it, or choose another name"
+        ) from None
+    except ValueError:
+        raise ValueError(
+            f"--out: {args.out!r} is inside the snapshot folder {args.snapshots!r}, where it would replace or pose as "
+            "a snapshot; write the result somewhere else"
+        ) from None
     if Path(args.out).suffix in _TORCH_SUFFIXES:
         from emakit.checkpoint.files import save_checkpoint_file
 
         result = execute_plan(plan, dtype=getattr(torch, args.dtype))
         save_checkpoint_file(result, args.out)  # atomic, like the safetensors write
     else:
-        result = execute_plan(plan, out=args.out, dtype=getattr(torch, args.dtype))
+        result = execute_plan(plan, out=args.out, dtype=getattr(torch, args.dtype), overwrite=args.force)
     summary = describe(plan)
     averages = len(plan.latest.profiles)
     print(
@@ -154,13 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``emakit posthoc`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(_join_dashed_values(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as e:  # --help (0) or a bad option (2)
         return int(e.code or 0)
+    if args.list_kernels:
+        print(_kernel_list())
+        return 0
+    if args.snapshots is None:
+        print(f"{parser.prog}: error: the SNAPSHOTS folder is needed (unless --list-kernels)", file=sys.stderr)
+        return 2
     if not args.list:
-        if args.sigma_rel is None and args.half_life is None and args.window is None:
+        if args.sigma_rel is None and args.half_life is None and args.window is None and args.kernel is None:
             print(
-                f"{parser.prog}: error: give the target: --sigma-rel S or --half-life N (or --window W)",
+                f"{parser.prog}: error: give the target: --sigma-rel S, --half-life N, --window W or --kernel NAME:VALUE",
                 file=sys.stderr,
             )
             return 2
