@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "POOR_FIT",
-    "UNREPRESENTABLE",
     "SIGMA_REL_MAX",
+    "UNREPRESENTABLE",
     "HalfLifeProfile",
     "PowerProfile",
     "Profile",

@@ -172,9 +172,14 @@ def _list(folder: str) -> None:
 def _run(args: argparse.Namespace) -> None:
     import torch
 
-    from emakit.posthoc.reconstruction import describe, execute_plan, gap_message, plan_reconstruction, poor_fit_message
-
-    from emakit.posthoc.reconstruction import check_output
+    from emakit.posthoc.reconstruction import (
+        check_output,
+        describe,
+        execute_plan,
+        gap_message,
+        plan_reconstruction,
+        poor_fit_message,
+    )
 
     targets = args.kernel or {"sigma_rel": args.sigma_rel, "half_life": args.half_life, "window": args.window}
     plan = plan_reconstruction(args.snapshots, t=args.at, **targets)

@@ -29,7 +29,6 @@ from emakit.posthoc.profiles import (
     fit_error,
     solve_coefficients,
 )
-from emakit.posthoc.targets import Kernel, KernelFunction, kernel_fit, kernel_from_function, parse_kernel
 from emakit.posthoc.snapshots import (
     SNAPSHOT_DTYPES,
     SnapshotInfo,
@@ -39,6 +38,7 @@ from emakit.posthoc.snapshots import (
     write_safetensors,
 )
 from emakit.posthoc.snapshots.reading import describe_indices
+from emakit.posthoc.targets import Kernel, KernelFunction, kernel_fit, kernel_from_function, parse_kernel
 
 __all__ = [
     "RECONSTRUCTION_METADATA_KEY",
