@@ -87,7 +87,7 @@ class Kernel:
         if bad.any():
             k_bad = int(np.flatnonzero(bad)[0]) + 1
             raise ValueError(
-                f"kernel {self}: weights must be finite and >= 0, got {w[k_bad - 1]!r} for update {k_bad} (t={t})"
+                f"kernel {self}: weights must be finite and >= 0, got {float(w[k_bad - 1])!r} for update {k_bad} (t={t})"
             )
         total = float(w.sum())
         if not total > 0.0:
@@ -99,7 +99,7 @@ class Kernel:
         return {"kind": "kernel", "name": self.name, "params": list(self.params)}
 
     def __str__(self) -> str:
-        return f"{self.name}:{','.join(f'{p:g}' for p in self.params)}" if self.params else self.name
+        return f"{self.name}:{','.join(repr(p) for p in self.params)}" if self.params else self.name
 
 
 def kernel_from_function(function: KernelFunction, name: str | None = None) -> Kernel:
