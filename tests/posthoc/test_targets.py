@@ -153,7 +153,7 @@ def test_a_kernel_rebuilt_from_a_training_run_is_the_oracle_within_its_fit_error
 
 
 def test_a_python_function_is_a_kernel(probe: tuple[Path, list[dict[str, torch.Tensor]]]) -> None:
-    folder, recorded = probe
+    folder, _ = probe
     plan = plan_reconstruction(folder, kernel=lambda k, t: np.exp((k - t) / 15.0))
     w = np.exp((np.arange(1, UPDATES + 1) - UPDATES) / 15.0)
     w /= w.sum()

@@ -10,11 +10,13 @@ The maths, in the terms every module here uses:
   after ``n`` updates, update ``k`` weighs ``(k**(g+1) - (k-1)**(g+1)) / n**(g+1)``.
 - Snapshots ``i`` (profile ``p_i`` at ``t_i <= t*``) reconstruct a target ``p*`` at ``t*`` as ``sum_i x_i avg_i``,
   where ``x`` solves the least-squares problem ``<p_i, p_j> x = <p_i, p*>`` and is rescaled to sum to 1.
-  Targets may be power profiles or constant half-lives.
+  Targets may be power profiles, constant half-lives, uniform windows, or any kernel over the updates
+  (:mod:`~emakit.posthoc.targets`: WSM's decay-emulating merges, Python functions).
 
 Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.engine.blend` (k averages updated
 with one read of the weights; also as :mod:`~emakit.posthoc.kernels`), :mod:`~emakit.posthoc.snapshots` (the folder format),
-:mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
+:mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.targets` (kernels),
+:mod:`~emakit.posthoc.sweep` (choose the best average by a metric), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
 Names are imported on first use, so ``emakit posthoc --help`` does not load torch.
 """
 
@@ -47,22 +49,31 @@ if TYPE_CHECKING:
         read_snapshot_index,
         write_snapshot,
     )
+    from emakit.posthoc.sweep import SweepError, SweepResult, sigma_rel_grid, sweep
+    from emakit.posthoc.targets import KERNELS, Kernel, decay_kernel, kernel_from_function, parse_kernel
 
 __all__ = [
+    "KERNELS",
     "POOR_FIT",
     "SIGMA_REL_MAX",
     "UNREPRESENTABLE",
     "HalfLifeProfile",
+    "Kernel",
     "PowerProfile",
     "Profile",
     "ReconstructionPlan",
     "SnapshotInfo",
+    "SweepError",
+    "SweepResult",
     "blend_averages_",
+    "decay_kernel",
     "discard_snapshots_after",
     "execute_plan",
     "fit_error",
     "gamma_to_sigma_rel",
+    "kernel_from_function",
     "next_snapshot_index",
+    "parse_kernel",
     "plan_reconstruction",
     "power_beta",
     "power_inner",
@@ -70,8 +81,10 @@ __all__ = [
     "profile_inner",
     "read_snapshot_index",
     "reconstruct",
+    "sigma_rel_grid",
     "sigma_rel_to_gamma",
     "solve_coefficients",
+    "sweep",
     "write_snapshot",
 ]
 
@@ -96,6 +109,10 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(
         ["ReconstructionPlan", "execute_plan", "plan_reconstruction", "reconstruct"], "emakit.posthoc.reconstruction"
+    ),
+    **dict.fromkeys(["SweepError", "SweepResult", "sigma_rel_grid", "sweep"], "emakit.posthoc.sweep"),
+    **dict.fromkeys(
+        ["KERNELS", "Kernel", "decay_kernel", "kernel_from_function", "parse_kernel"], "emakit.posthoc.targets"
     ),
     **dict.fromkeys(
         ["SnapshotInfo", "discard_snapshots_after", "next_snapshot_index", "read_snapshot_index", "write_snapshot"],

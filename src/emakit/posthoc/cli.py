@@ -34,7 +34,14 @@ examples:
   emakit posthoc runs/x/snapshots --window 0.2 --out swa-last-20pct.safetensors
   emakit posthoc runs/x/snapshots --window 8000:10000 --out swa.safetensors
   emakit posthoc runs/x/snapshots --kernel cosine:0.2 --out merged.safetensors
-  emakit posthoc --list-kernels"""
+  emakit posthoc --list-kernels
+  emakit posthoc runs/x/snapshots --metric my_eval:loss --candidates tracked power:0.03 power:0.15
+      cosine:0.1 cosine:0.2 uniform:0.2 --table sweep/ --out best.safetensors
+
+choose by a metric (--metric): each candidate is reconstructed in turn and passed, as a dict of
+tensors by name, to FUNCTION of MODULE (importable from here, or path/to/file.py), which returns
+a number or a dict of numbers (--select names the one to choose by); the lowest wins unless
+--maximize. --table DIR gets sweep.csv, sweep.json and sweep.png; --out gets the best."""
 
 _DTYPES = ("float32", "float16", "bfloat16")
 #: --out suffixes written with torch.save; ``.safetensors`` is written with safetensors, nothing else is accepted.
@@ -97,6 +104,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists (never a snapshot)")
     p.add_argument("--list", action="store_true", help="list the snapshots (t, step, averages) and exit")
     p.add_argument("--list-kernels", action="store_true", help="list the named kernels of --kernel and exit")
+    choose = p.add_argument_group("choose by a metric")
+    choose.add_argument("--metric", metavar="MODULE:FUNCTION", help="evaluate each candidate with this function")
+    choose.add_argument("--candidates", nargs="+", metavar="NAME:VALUE", help="targets to compare, or 'tracked'")
+    choose.add_argument("--select", metavar="NAME", help="the number (of those FUNCTION returns) to choose by")
+    choose.add_argument("--maximize", action="store_true", help="the highest value wins (default: the lowest)")
+    choose.add_argument("--table", metavar="DIR", help="write sweep.csv, sweep.json and sweep.png here")
     return p
 
 
@@ -215,6 +228,65 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{PROG}: warning: {poor_fit_message(plan.fit_error)}", file=sys.stderr)
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    """The first problem with the options (beyond each option's own check), or None."""
+    targets = [args.sigma_rel, args.half_life, args.window, args.kernel]
+    if args.list:
+        return None
+    if args.metric is not None:
+        if any(v is not None for v in targets):
+            return "--metric compares --candidates; leave out --sigma-rel, --half-life, --window and --kernel"
+        if not args.candidates:
+            return "--metric needs --candidates NAME:VALUE ... (or 'tracked'); --list-kernels names them"
+        if args.out is not None and Path(args.out).suffix != ".safetensors":
+            return f"--out: {args.out!r}: the best candidate is written as a .safetensors file; name it so"
+        return None
+    if args.candidates or args.table or args.select or args.maximize:
+        return "--candidates, --table, --select and --maximize go with --metric MODULE:FUNCTION"
+    if all(v is None for v in targets):
+        return "give the target: --sigma-rel S, --half-life N, --window W or --kernel NAME:VALUE"
+    if args.out is None:
+        return "--out FILE is needed (where to write the result)"
+    if Path(args.out).is_dir():
+        return f"--out: {args.out!r} is a directory; give a file name"
+    if Path(args.out).suffix not in (".safetensors", *_TORCH_SUFFIXES):
+        return (
+            f"--out: {args.out!r} has neither suffix '.safetensors' (written with safetensors) "
+            "nor '.pt'/'.pth' (written with torch.save); name the file for the format you want"
+        )
+    return None
+
+
+def _choose(args: argparse.Namespace) -> None:
+    from emakit.posthoc.sweep import load_metric, sweep
+    from emakit.posthoc.targets import parse_kernel
+
+    for spec in args.candidates:
+        if spec != "tracked":
+            try:
+                parse_kernel(spec)
+            except ValueError as e:
+                raise ValueError(f"--candidates: {e}") from None
+    evaluate = load_metric(args.metric)
+    result = sweep(
+        args.snapshots,
+        evaluate,
+        args.candidates,
+        t=args.at,
+        metric=args.select,
+        goal="max" if args.maximize else "min",
+        out=args.table,
+        export=args.out,
+        overwrite=args.force,
+    )
+    print(f"{'candidate':<28}{result.metric:>14}{'fit error':>12}")
+    for row in result.rows:
+        mark = "  best" if row is result.best else ""
+        print(f"{row['candidate']:<28}{row[result.metric]:>14.6g}{100 * row['fit_error']:>11.3g}%{mark}")
+    for path in result.files.values():
+        print(f"wrote {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``emakit posthoc`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -228,31 +300,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.snapshots is None:
         print(f"{parser.prog}: error: the SNAPSHOTS folder is needed (unless --list-kernels)", file=sys.stderr)
         return 2
-    if not args.list:
-        if args.sigma_rel is None and args.half_life is None and args.window is None and args.kernel is None:
-            print(
-                f"{parser.prog}: error: give the target: --sigma-rel S, --half-life N, --window W or --kernel NAME:VALUE",
-                file=sys.stderr,
-            )
-            return 2
-        if args.out is None:
-            print(f"{parser.prog}: error: --out FILE is needed (where to write the result)", file=sys.stderr)
-            return 2
-        if Path(args.out).is_dir():
-            print(f"{parser.prog}: error: --out: {args.out!r} is a directory; give a file name", file=sys.stderr)
-            return 2
-        if Path(args.out).suffix not in (".safetensors", *_TORCH_SUFFIXES):
-            print(
-                f"{parser.prog}: error: --out: {args.out!r} has neither suffix '.safetensors' (written with safetensors) "
-                "nor '.pt'/'.pth' (written with torch.save); name the file for the format you want",
-                file=sys.stderr,
-            )
-            return 2
+    problem = _check(args)
+    if problem:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return 2
+    from emakit.posthoc.sweep import SweepError
+
     try:
         if args.list:
             _list(args.snapshots)
+        elif args.metric is not None:
+            _choose(args)
         else:
             _run(args)
+    except SweepError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
