@@ -304,3 +304,29 @@ def test_a_kernel_no_snapshot_covers_is_refused(probe: tuple[Path, list[dict[str
             ValueError, match=r"cannot represent linear:0.05 at t=130: the latest one at or before t \(t=120\)"
         ):
             plan_reconstruction(probe[0], kernel="linear:0.05", t=130)
+
+
+def percent(error: float) -> str:
+    return "exact" if error < 1e-6 else f"{100 * error:.2g}%"
+
+
+def kernel_table(tmp_path: Path) -> list[str]:
+    """docs/posthoc.md's table: the fit error of each named kernel at t=240, snapshots every 12, of two tracked sets."""
+    errors: dict[str, list[float]] = {}
+    for i, tracked in enumerate(([0.05, 0.10], list(TRACKED))):
+        model = nn.Module()
+        model.w = nn.Parameter(torch.zeros(2))
+        ema = EMA(sigma_rel=tracked, snapshot_interval=f"{EVERY}ba", snapshot_folder=tmp_path / str(i))
+        ema.attach(model)
+        for _ in range(UPDATES):
+            ema.step()
+        for spec in NAMED:
+            errors.setdefault(spec, []).append(plan_reconstruction(tmp_path / str(i), kernel=spec).fit_error)
+    return [f"| `{spec}` | {percent(a)} | {percent(b)} |" for spec, (a, b) in errors.items()]
+
+
+def test_the_page_quotes_the_fit_error_of_each_kernel(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "posthoc.md").read_text()
+    table = kernel_table(tmp_path)
+    print("\n" + "\n".join(table))
+    assert [line for line in table if line not in page] == []

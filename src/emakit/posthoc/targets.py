@@ -22,7 +22,7 @@ the same relative L2 error as a profile target's, taken over the updates (the pi
 mass ``w_k`` on ``(k-1, k]``). These sums are the inner products, exactly: the "quadrature" is one term per
 update with closed-form masses, so its only error is float64 rounding (about 1e-15 relative, which sets a floor
 of about 1e-8 under the fit error). Its cost is ``O(n**2 t)`` for ``n`` snapshot averages, in chunks of
-:data:`CHUNK` updates (1.5 s for 60 averages at t = 10**6 on one core).
+:data:`CHUNK` updates (1.7 s of CPU time for 60 averages at t = 10**6 on one core).
 """
 
 from __future__ import annotations
