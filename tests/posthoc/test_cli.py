@@ -267,3 +267,24 @@ def test_a_window_starting_with_a_dash_is_reported_by_its_check(capsys: pytest.C
     assert "--window: must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got '-10:20'" in capsys.readouterr().err
     assert main(["s", "--at", "-5", "--sigma-rel", "0.1", "--out", "x.safetensors"]) == 2
     assert "--at: must be an integer >= 1 (EMA updates), got '-5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "target"),
+    [
+        ({"window": (75, 95)}, r"window\(last 20 updates\) at t=95"),
+        ({"half_life": 1, "t": 199}, r"half_life\(1 updates\) at t=199"),
+    ],
+)
+def test_a_target_fitted_no_better_than_nothing_is_refused(
+    folder: Path, kwargs: dict[str, object], target: str
+) -> None:
+    # Only a sliver of each target lies in the snapshots at or before its t: rescaled to sum to 1, the best
+    # combination is further from the target than the zero profile.
+    from emakit.posthoc.reconstruction import plan_reconstruction
+
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot represent {target}: the best combination of those at or before it has a profile fit error of \d+%, no closer than nothing",
+    ):
+        plan_reconstruction(folder, **kwargs)  # type: ignore[arg-type]
