@@ -16,7 +16,8 @@ The maths, in the terms every module here uses:
 Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.engine.blend` (k averages updated
 with one read of the weights; also as :mod:`~emakit.posthoc.kernels`), :mod:`~emakit.posthoc.snapshots` (the folder format),
 :mod:`~emakit.posthoc.reconstruction` (streaming reconstruction), :mod:`~emakit.posthoc.targets` (kernels),
-:mod:`~emakit.posthoc.sweep` (choose the best average by a metric), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
+:mod:`~emakit.posthoc.sweep` (``sweep``: choose the best average by a metric; the function is not re-exported
+here, where its name is the module's), :mod:`~emakit.posthoc.cli` (``emakit posthoc``).
 Names are imported on first use, so ``emakit posthoc --help`` does not load torch.
 """
 
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
         read_snapshot_index,
         write_snapshot,
     )
-    from emakit.posthoc.sweep import SweepError, SweepResult, sigma_rel_grid, sweep
+    from emakit.posthoc.sweep import SweepError, SweepResult, sigma_rel_grid
     from emakit.posthoc.targets import KERNELS, Kernel, decay_kernel, kernel_from_function, parse_kernel
 
 __all__ = [
@@ -84,7 +85,6 @@ __all__ = [
     "sigma_rel_grid",
     "sigma_rel_to_gamma",
     "solve_coefficients",
-    "sweep",
     "write_snapshot",
 ]
 
@@ -110,7 +110,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         ["ReconstructionPlan", "execute_plan", "plan_reconstruction", "reconstruct"], "emakit.posthoc.reconstruction"
     ),
-    **dict.fromkeys(["SweepError", "SweepResult", "sigma_rel_grid", "sweep"], "emakit.posthoc.sweep"),
+    **dict.fromkeys(["SweepError", "SweepResult", "sigma_rel_grid"], "emakit.posthoc.sweep"),
     **dict.fromkeys(
         ["KERNELS", "Kernel", "decay_kernel", "kernel_from_function", "parse_kernel"], "emakit.posthoc.targets"
     ),
