@@ -330,3 +330,61 @@ def test_the_page_quotes_the_fit_error_of_each_kernel(tmp_path: Path) -> None:
     table = kernel_table(tmp_path)
     print("\n" + "\n".join(table))
     assert [line for line in table if line not in page] == []
+
+
+# ---------------------------------------------------------------------------------------------- the maths
+@settings(max_examples=60, deadline=None)
+@given(
+    t_i=st.integers(1, 300),
+    sigma_rel=st.floats(0.02, SIGMA_REL_MAX),
+    half_life=st.floats(0.5, 200),
+)
+def test_update_weights_are_what_the_tracked_averages_give(t_i: int, sigma_rel: float, half_life: float) -> None:
+    """Against the averages' recursions run over unit impulses (the tracked EMA's own update rule)."""
+    from emakit.posthoc.profiles import HalfLifeProfile
+    from emakit.posthoc.targets import update_weights
+
+    k = np.arange(1, t_i + 6, dtype=np.float64)  # and 5 updates after t_i, which it has not seen
+    for profile in (PowerProfile.from_sigma_rel(sigma_rel), HalfLifeProfile(half_life)):
+        weights = np.zeros(t_i)
+        for step in range(1, t_i + 1):
+            beta = profile.beta(step)
+            weights *= beta
+            weights[step - 1] += 1 - beta
+        got = update_weights(profile, float(t_i), k)
+        np.testing.assert_allclose(got[:t_i], weights, rtol=1e-9, atol=1e-15)
+        assert not got[t_i:].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(20, 150),
+    every=st.integers(3, 20),
+    raw=st.lists(st.floats(0, 1), min_size=1, max_size=8),
+    sigma_rels=st.sets(st.sampled_from([0.03, 0.05, 0.1, 0.2, SIGMA_REL_MAX]), min_size=1, max_size=3),
+)
+def test_kernel_fit_reports_the_residual_of_the_weights_it_chose(
+    t: int, every: int, raw: list[float], sigma_rels: set[float]
+) -> None:
+    """The fit error is ||sum_i x_i m_i - w|| / ||w|| computed by brute force over the updates; x sums to 1, is 0
+    after t, and no other combination of the same snapshots does better (the least-squares optimum, then scaled)."""
+    from emakit.posthoc.targets import kernel_fit, update_weights
+
+    times = [float(s) for s in range(every, t + every, every)]
+    sources = [(PowerProfile.from_sigma_rel(s), ti) for ti in times for s in sorted(sigma_rels)]
+    pattern = np.resize(np.asarray(raw), t)
+    if not pattern[-every:].any():
+        pattern[-1] = 1.0  # weight in the last snapshot interval, so the target is not trivially after t
+    kernel = kernel_from_function(lambda k, _t: pattern[: len(k)], "pattern")
+    try:
+        x, error = kernel_fit(sources, kernel, t)
+    except ValueError as e:
+        assert "cannot represent pattern" in str(e)
+        return
+    k = np.arange(1, t + 1, dtype=np.float64)
+    m = np.stack([update_weights(p, ti, k) for p, ti in sources])
+    w = pattern / pattern.sum()
+    assert math.isclose(x.sum(), 1.0, rel_tol=1e-9)
+    assert not x[[i for i, (_, ti) in enumerate(sources) if ti > t]].any()
+    brute = float(np.linalg.norm(x @ m - w) / np.linalg.norm(w))
+    assert error == pytest.approx(brute, rel=1e-5, abs=1e-7)
