@@ -20,6 +20,7 @@ exponential inner products are closed forms; power x exponential is integrated n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -369,17 +370,24 @@ def _sources(snapshots: Sequence[tuple[object, object]]) -> list[tuple[Profile, 
     return out
 
 
-def _normal_equations(
-    sources: Sequence[tuple[Profile, float]], target: Profile | UniformWindow, t: float
-) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)
+def _gram(sources: tuple[tuple[Profile, float], ...]) -> np.ndarray:
+    """``A_ij = <p_i, p_j>``, kept for the last few snapshot sets: a sweep fits many targets to the same ones."""
     n = len(sources)
     a = np.empty((n, n))
     for i, (pi, ti) in enumerate(sources):
         for j in range(i, n):
             pj, tj = sources[j]
             a[i, j] = a[j, i] = profile_inner(pi, ti, pj, tj)
+    a.flags.writeable = False
+    return a
+
+
+def _normal_equations(
+    sources: Sequence[tuple[Profile, float]], target: Profile | UniformWindow, t: float
+) -> tuple[np.ndarray, np.ndarray]:
     b = np.array([profile_inner(p, ti, target, t) for p, ti in sources])
-    return a, b
+    return _gram(tuple(sources)), b
 
 
 def usable_sources(
