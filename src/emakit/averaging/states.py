@@ -19,6 +19,7 @@ import torch
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
+from emakit.parallel.zero import check_partitions
 from emakit.posthoc.profiles import Profile, profile_from_dict
 from emakit.time import Timestamp
 
@@ -118,6 +119,8 @@ def read_state(
             )
         live = dict(zip(tracked.names, tracked.model_tensors() if tracked.sharded else tracked.live(), strict=True))
         for average in saved:
+            if tracked.zero3:  # ZeRO-3: partitions of another world size are refused by name (parallel/zero.py)
+                check_partitions(average, live, "EMA state")
             check_state_matches(average, live, "EMA state")
         if tracked.sharded:  # keep this rank's shards
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]

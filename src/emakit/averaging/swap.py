@@ -49,6 +49,7 @@ class Swap:
         targets = self._tracked.live(model)
         self.backup = FlatStorage(dict(zip(self._tracked.names, targets, strict=True)), fp32_ema=False)
         average.copy_to(targets)
+        self._tracked.release(model)  # ZeRO-3: the next forward gathers the EMA partitions
         self.swapped = model
         self._versions = {
             name: t._version
@@ -121,6 +122,7 @@ class Swap:
             return model
         assert self.backup is not None
         self.backup.copy_to(self._tracked.live(model))
+        self._tracked.release(model)  # ZeRO-3: drop copies gathered from the EMA partitions
         self.backup = None
         self.swapped = None
         return model

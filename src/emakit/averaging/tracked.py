@@ -16,6 +16,7 @@ from emakit.engine.flatten import flatten_model_
 from emakit.engine.naming import named_tensors, tensor_slots, unwrap_model
 from emakit.engine.registry import registration_count
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
+from emakit.parallel.zero import is_zero3_model, partition, release_gathered
 
 __all__ = ["TrackedModel"]
 
@@ -32,6 +33,8 @@ class TrackedModel:
         self._shapes: list[torch.Size] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self.sharded = False
+        #: DeepSpeed ZeRO-3 model (also ``sharded``): the tracked tensors are this rank's flat partitions.
+        self.zero3 = False
 
     def attach(self, model: nn.Module, flatten: bool) -> dict[str, torch.Tensor]:
         """Follow ``model`` (flattened first if asked and not sharded); returns its parameters by name."""
@@ -41,7 +44,8 @@ class TrackedModel:
         self._slots = tensor_slots(model, self.names)
         self._slots_count = registration_count()
         self._shapes = [table[key].shape for table, key in self._slots]
-        self.sharded = is_sharded_model(model)
+        self.zero3 = is_zero3_model(model)  # ZeRO-3: parallel/zero.py
+        self.sharded = self.zero3 or is_sharded_model(model)
         if flatten and not self.sharded:
             flatten_model_(model)
         return params
@@ -67,7 +71,15 @@ class TrackedModel:
         assert model is not None
         reshard_model(model)
         slots = self._slots if model is self.model else tensor_slots(model, self.names)
+        if self.zero3:  # ZeRO-3: the partitions are the tensors the model keeps (parallel/zero.py)
+            return [partition(table[key]) for table, key in slots]
         return [table[key] for table, key in slots]
+
+    def release(self, model: nn.Module | None = None) -> None:
+        """ZeRO-3: free gathered copies of parameters after their partitions were written (parallel/zero.py)."""
+        target = self.model if model is None else model
+        if self.zero3 and target is not None:
+            release_gathered(target)
 
     def live(self, model: nn.Module | None = None) -> list[torch.Tensor]:
         """The tracked tensors to read and write in place: this rank's shards for a sharded model."""

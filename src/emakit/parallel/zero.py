@@ -1,0 +1,95 @@
+"""DeepSpeed ZeRO-3 parameters: this rank's partition of each, releasing gathered copies, gathering one whole.
+
+Under ZeRO-3 a parameter is an empty placeholder between forwards; ``param.ds_tensor`` is this rank's flat
+partition (``ceil(ds_numel / world)`` elements, the last rank's padded) and ``ds_shape`` its whole shape. The
+EMA of such a model keeps the partitions only, read and written in place here with no communication, the
+analogue of :func:`emakit.parallel.sharding.local_tensor` for FSDP2's DTensors. Nothing here imports
+DeepSpeed: a ZeRO-3 parameter is recognised by the attributes DeepSpeed gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "check_partitions",
+    "gather_partition",
+    "is_zero3_model",
+    "is_zero3_param",
+    "partition",
+    "release_gathered",
+    "zero3_parameters",
+]
+
+
+def is_zero3_param(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a parameter partitioned by DeepSpeed ZeRO-3 (it has ``ds_tensor`` and ``ds_shape``)."""
+    return getattr(tensor, "ds_tensor", None) is not None and hasattr(tensor, "ds_shape")
+
+
+def is_zero3_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is partitioned by ZeRO-3 (``deepspeed.initialize`` with stage 3)."""
+    return any(is_zero3_param(p) for p in model.parameters())
+
+
+def partition(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's flat partition of a ZeRO-3 parameter (its memory: writes reach the model), else ``tensor``."""
+    return tensor.ds_tensor if is_zero3_param(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def zero3_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s ZeRO-3 parameters by name, tied ones under each of their names (empty for other models)."""
+    return {name: p for name, p in model.named_parameters(remove_duplicate=False) if is_zero3_param(p)}
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Free the whole copies ZeRO-3 keeps of gathered parameters, so the next forward gathers the partitions.
+
+    An eval forward (and a persistent parameter, below ``stage3_param_persistence_threshold``) leaves
+    parameters gathered; a forward would then use those copies, not the partitions. Writing new values into
+    the partitions (swapping the EMA in or out) must be followed by this. Local: no communication.
+    """
+    for p in model.parameters():
+        if not is_zero3_param(p):
+            continue
+        status = getattr(p.ds_status, "name", str(p.ds_status))  # type: ignore[attr-defined]
+        if status == "NOT_AVAILABLE":
+            continue
+        if status == "INFLIGHT" or p.ds_active_sub_modules:  # type: ignore[attr-defined]
+            raise RuntimeError(
+                f"a ZeRO-3 parameter of shape {tuple(p.ds_shape)} is in use by a running forward "  # type: ignore[attr-defined]
+                "or gather: swap the EMA weights in or out between forwards, not inside one"
+            )
+        p.partition()  # type: ignore[attr-defined]
+
+
+def gather_partition(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a CPU copy, ``like``'s shape) of which ``part`` is this rank's partition, laid out as
+    ``like``'s (a ZeRO-3 parameter). A collective over ``like``'s process group: every rank must call it."""
+    group = getattr(like, "ds_process_group", None)
+    world = dist.get_world_size(group)
+    pieces = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(pieces, part.contiguous(), group=group)
+    numel = int(like.ds_numel)  # type: ignore[attr-defined]
+    whole = torch.cat(pieces)[:numel].view(like.ds_shape)  # type: ignore[attr-defined]
+    del pieces
+    return whole.cpu().clone() if whole.device.type != "cpu" else whole
+
+
+def check_partitions(state: Mapping[str, object], partitions: Mapping[str, torch.Tensor], what: str) -> None:
+    """ValueError if ``state`` holds partitions of another size than ``partitions`` (this rank's): it was saved
+    with another number of ranks, which a partition-local average cannot be resumed on."""
+    for name, mine in partitions.items():
+        saved = state.get(name)
+        if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.numel() != mine.numel():
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            raise ValueError(
+                f"{what}: tensor {name!r} holds a ZeRO-3 partition of {saved.numel()} elements, this rank's has "
+                f"{mine.numel()} ({world} ranks): the state was saved with another number of ranks. A ZeRO-3 EMA "
+                "resumes only on as many ranks as it was saved with; to change it, export the EMA with "
+                "emakit.export_ema_weights and start a new EMA from those weights"
+            )

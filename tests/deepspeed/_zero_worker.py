@@ -1,0 +1,165 @@
+"""One DeepSpeed ZeRO run on 2 CPU ranks with an EMA, for tests/deepspeed/test_zero.py.
+
+``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE``: a frozen base with a trainable
+low-rank adapter and head, trained by ``deepspeed.initialize`` at ZeRO ``STAGE``, with the EMA attached to
+``engine.module``. Rank 0 records the whole training weights after every step (the oracle's input), what an
+evaluation on the EMA gives (also right after an ordinary eval forward), and writes the exported EMA. Stage 3
+also saves a checkpoint mid-run and resumes from it in a second engine. Results go to files; the final barrier
+is followed by a hard exit (a teardown abort must not fail the test).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from torch import nn
+
+import deepspeed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from _collectives import count_collectives
+
+from emakit import EMA, export_ema_weights
+
+SMOOTHING = 0.75
+STEPS, SAVE_AT = 6, 3
+
+
+class Adapted(nn.Module):
+    """A frozen base layer with a trainable low-rank adapter (LoRA-style), then a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(24, 32)
+        self.lora_a = nn.Linear(24, 4, bias=False)
+        self.lora_b = nn.Linear(4, 32, bias=False)
+        self.head = nn.Linear(32, 3)
+        nn.init.normal_(self.lora_b.weight, std=0.1)
+        self.base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.base(x) + self.lora_b(self.lora_a(x))))
+
+
+def config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+    }
+
+
+def make_engine(stage: int) -> deepspeed.DeepSpeedEngine:
+    torch.manual_seed(0)
+    model = Adapted()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config(stage))
+    return engine
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(4, 24, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+def train_step(engine: deepspeed.DeepSpeedEngine, step: int) -> None:
+    x, y = batch(step, dist.get_rank())
+    loss = nn.functional.cross_entropy(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+
+
+def whole_weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Every parameter whole (gathered under ZeRO-3), as CPU copies."""
+    params = dict(engine.module.named_parameters())
+    with GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def partitions(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for n, p in engine.module.named_parameters()
+    }
+
+
+def main() -> None:
+    out, stage = Path(sys.argv[1]), int(sys.argv[2])
+    engine = make_engine(stage)
+    rank = dist.get_rank()
+    record: dict = {"stage": stage, "layout": {}}
+    for name, p in engine.module.named_parameters():
+        if stage == 3:
+            record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel)
+    ema = EMA(smoothing=SMOOTHING)
+    ema.attach(engine.module)
+    weights, calls = [], []
+    for step in range(1, STEPS + 1):
+        train_step(engine, step)
+        with count_collectives() as collectives:
+            ema.step()
+        calls.append(list(collectives))
+        weights.append(whole_weights(engine))
+        if step == SAVE_AT and stage == 3:
+            engine.save_checkpoint(str(out / "ds"), tag="mid")
+            torch.save(ema.state_dict(), out / f"ema_mid_rank{rank}.pt")
+    record["calls"] = calls
+    record["weights"] = weights
+    record["ema_bytes"] = sum(t.numel() * t.element_size() for t in ema.ema_tensors.values())
+
+    # an ordinary eval forward first: ZeRO-3 leaves the parameters gathered after it
+    engine.eval()
+    x_eval, _ = batch(99, 0)
+    before = partitions(engine)
+    with torch.no_grad():
+        plain = engine(x_eval)
+        record["gathered_after_eval"] = [
+            getattr(p, "ds_status", None) is not None and p.ds_status.name == "AVAILABLE"
+            for p in engine.module.parameters()
+        ]
+        with ema.average_parameters():
+            on_ema = engine(x_eval)
+            on_ema_again = engine(x_eval)
+        plain_after = engine(x_eval)
+    after = partitions(engine)
+    record["eval"] = {"plain": plain, "ema": on_ema, "ema_again": on_ema_again, "plain_after": plain_after, "x": x_eval}
+    record["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+    record["weights_after_eval"] = whole_weights(engine)
+    engine.train()
+    export_ema_weights(ema, out / f"ema_stage{stage}.safetensors")
+    record["final_partitions"] = {n: t.clone() for n, t in ema.state_dict()["ema"].items()}
+    record["final_training"] = partitions(engine)
+
+    if stage == 3:  # resume from the mid-run checkpoint in a new engine and run the same steps
+        resumed = make_engine(stage)
+        resumed.load_checkpoint(str(out / "ds"), tag="mid")
+        ema2 = EMA(smoothing=SMOOTHING)
+        ema2.attach(resumed.module)
+        ema2.load_state_dict(torch.load(out / f"ema_mid_rank{rank}.pt", weights_only=True))
+        for step in range(SAVE_AT + 1, STEPS + 1):
+            train_step(resumed, step)
+            ema2.step()
+        record["resumed_partitions"] = {n: t.clone() for n, t in ema2.state_dict()["ema"].items()}
+        record["resumed_training"] = partitions(resumed)
+        # a state saved with another number of ranks: its partitions have another size (3 ranks here)
+        state = torch.load(out / f"ema_mid_rank{rank}.pt", weights_only=True)
+        name = "head.weight"
+        whole = resumed.module.head.weight.ds_numel
+        state["ema"][name] = torch.zeros(-(-whole // 3))
+        try:
+            ema2.load_state_dict(state)
+            record["other_world"] = None
+        except ValueError as error:
+            record["other_world"] = str(error)
+    torch.save(record, out / f"stage{stage}_rank{rank}.pt")
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
