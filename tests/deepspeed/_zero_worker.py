@@ -1,10 +1,12 @@
 """One DeepSpeed ZeRO run on 2 CPU ranks with an EMA, for tests/deepspeed/test_zero.py.
 
-``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE``: a frozen base with a trainable
+``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE [bf16]``: a frozen base with a trainable
 low-rank adapter and head, trained by ``deepspeed.initialize`` at ZeRO ``STAGE``, with the EMA attached to
 ``engine.module``. Rank 0 records the whole training weights after every step (the oracle's input), what an
 evaluation on the EMA gives (also right after an ordinary eval forward), and writes the exported EMA. Stage 3
 also saves a checkpoint mid-run and resumes from it in a second engine. Results go to files; the final barrier
+is followed by a hard exit. With ``bf16`` the model trains in bfloat16 and each rank records, after every step, its
+partitions of the optimizer's fp32 master and of the bf16 parameters; no checkpoint then. The final barrier
 is followed by a hard exit (a teardown abort must not fail the test).
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
 
 import deepspeed
@@ -46,19 +49,20 @@ class Adapted(nn.Module):
         return self.head(torch.relu(self.base(x) + self.lora_b(self.lora_a(x))))
 
 
-def config(stage: int) -> dict:
+def config(stage: int, bf16: bool = False) -> dict:
     return {
+        "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": 4,
         "optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}},
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
     }
 
 
-def make_engine(stage: int) -> deepspeed.DeepSpeedEngine:
+def make_engine(stage: int, bf16: bool = False) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(0)
     model = Adapted()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config(stage))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config(stage, bf16))
     return engine
 
 
@@ -69,6 +73,7 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_step(engine: deepspeed.DeepSpeedEngine, step: int) -> None:
     x, y = batch(step, dist.get_rank())
+    x = x.to(next(engine.module.parameters()).dtype)
     loss = nn.functional.cross_entropy(engine(x), y)
     engine.backward(loss)
     engine.step()
@@ -81,6 +86,10 @@ def whole_weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in params.items()}
 
 
+def trainable(engine: deepspeed.DeepSpeedEngine) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
 def partitions(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
     return {
         n: (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for n, p in engine.module.named_parameters()
@@ -88,8 +97,8 @@ def partitions(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    out, stage = Path(sys.argv[1]), int(sys.argv[2])
-    engine = make_engine(stage)
+    out, stage, bf16 = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["bf16"]
+    engine = make_engine(stage, bf16)
     rank = dist.get_rank()
     record: dict = {"stage": stage, "layout": {}}
     for name, p in engine.module.named_parameters():
@@ -97,16 +106,24 @@ def main() -> None:
             record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel)
     ema = EMA(smoothing=SMOOTHING)
     ema.attach(engine.module)
-    weights, calls = [], []
+    weights, calls, masters, bf16_parts = [], [], [], []
     for step in range(1, STEPS + 1):
         train_step(engine, step)
         with count_collectives() as collectives:
             ema.step()
         calls.append(list(collectives))
         weights.append(whole_weights(engine))
-        if step == SAVE_AT and stage == 3:
+        if bf16:
+            masters.append({n: safe_get_local_fp32_param(p).clone() for n, p in trainable(engine)})
+            bf16_parts.append({n: p.ds_tensor.clone() for n, p in trainable(engine)})
+        if step == SAVE_AT and stage == 3 and not bf16:
             engine.save_checkpoint(str(out / "ds"), tag="mid")
             torch.save(ema.state_dict(), out / f"ema_mid_rank{rank}.pt")
+    if bf16:
+        record.update(masters=masters, bf16_parts=bf16_parts, ema=dict(ema.state_dict()["ema"]))
+        torch.save(record, out / f"bf16_rank{rank}.pt")
+        dist.barrier()
+        os._exit(0)
     record["calls"] = calls
     record["weights"] = weights
     record["ema_bytes"] = sum(t.numel() * t.element_size() for t in ema.ema_tensors.values())

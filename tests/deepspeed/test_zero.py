@@ -23,13 +23,16 @@ TRAINABLE = ["lora_a.weight", "lora_b.weight", "head.weight", "head.bias"]
 pytestmark = pytest.mark.slow
 
 
-def run_stage(out: Path, stage: int, env: dict[str, str]) -> list[dict[str, Any]]:
+def run_stage(out: Path, stage: int, env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
     start = time.perf_counter()
-    result = subprocess.run([*command, str(out), str(stage)], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [*command, str(out), str(stage), *extra], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    print(f"ZeRO-{stage} 2-rank launch: {time.perf_counter() - start:.1f} s")
-    return [torch.load(out / f"stage{stage}_rank{r}.pt", weights_only=False) for r in range(2)]
+    print(f"ZeRO-{stage} {' '.join(extra)} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    name = "bf16" if extra else f"stage{stage}"
+    return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,11 @@ def zero3(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str
 def zero2(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str]) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("zero2")
     return {"out": out, "ranks": run_stage(out, 2, deepspeed_env)}
+
+
+@pytest.fixture(scope="module")
+def zero3_bf16(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str]) -> list[dict[str, Any]]:
+    return run_stage(tmp_path_factory.mktemp("zero3_bf16"), 3, deepspeed_env, "bf16")
 
 
 def load_export(path: Path) -> dict[str, torch.Tensor]:
@@ -135,3 +143,14 @@ def test_zero2_ema_equals_zero3(zero2: dict[str, Any], zero3: dict[str, Any]) ->
         # ZeRO-2's parameters are whole on each rank, and so is its EMA (zero3's partitions are half of it)
         assert rank["ema_bytes"] == 4 * sum(rank["weights"][0][n].numel() for n in TRAINABLE)
     torch.testing.assert_close(zero2["ranks"][0]["eval"]["ema"], zero3["ranks"][0]["eval"]["ema"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_model_averages_the_fp32_master_partition(zero3_bf16: list[dict[str, Any]]) -> None:
+    for rank in zero3_bf16:
+        master, rounded = oracle(rank["masters"]), oracle(rank["bf16_parts"])
+        for name in TRAINABLE:
+            ema = rank["ema"][name]
+            assert ema.dtype == torch.float32 and rank["bf16_parts"][0][name].dtype == torch.bfloat16
+            torch.testing.assert_close(ema.double(), master[name], rtol=1e-6, atol=1e-7)
+            # an average of the bf16 copies is off by their rounding, which the master's average is not
+            assert (ema.double() - rounded[name]).abs().max() > 20 * (ema.double() - master[name]).abs().max()

@@ -124,7 +124,7 @@ def read_state(
             check_state_matches(average, live, "EMA state")
         if tracked.sharded:  # keep this rank's shards
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
-            live = dict(zip(tracked.names, tracked.live(), strict=True))
+            live = dict(zip(tracked.names, tracked.masters(tracked.live()), strict=True))  # ZeRO-3: as started
         saved_smoothing = state.get("smoothing")
         _check_same_kind(saved_smoothing, state.get("profiles"), smoothing, profiles)
         if (

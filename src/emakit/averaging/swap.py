@@ -130,8 +130,8 @@ class Swap:
     def training_tensors(self) -> list[torch.Tensor]:
         """The training weights, wherever they are: in the model, or in the backup while swapped out."""
         if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):
-            return self.backup.views()
-        return self._tracked.live()
+            return self._tracked.masters(self.backup.views())  # ZeRO-3: masters are never swapped
+        return self._tracked.masters(self._tracked.live())
 
     def training_backup(self) -> dict[str, torch.Tensor] | None:
         """The followed model's training weights by name while the EMA's are in it; None otherwise."""

@@ -16,7 +16,7 @@ from emakit.engine.flatten import flatten_model_
 from emakit.engine.naming import named_tensors, tensor_slots, unwrap_model
 from emakit.engine.registry import registration_count
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
-from emakit.parallel.zero import is_zero3_model, partition, release_gathered
+from emakit.parallel.zero import is_zero3_model, master_partition, partition, release_gathered
 
 __all__ = ["TrackedModel"]
 
@@ -74,6 +74,14 @@ class TrackedModel:
         if self.zero3:  # ZeRO-3: the partitions are the tensors the model keeps (parallel/zero.py)
             return [partition(table[key]) for table, key in slots]
         return [table[key] for table, key in slots]
+
+    def masters(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ZeRO-3: ``tensors`` (the tracked tensors, training weights) with the optimizer's fp32 master partition
+        in place of each parameter partition that has one, as the source of the average (parallel/zero.py)."""
+        if not self.zero3:
+            return tensors
+        masters = [master_partition(table[key]) for table, key in self._slots]
+        return [t if m is None else m for t, m in zip(tensors, masters, strict=True)]
 
     def release(self, model: nn.Module | None = None) -> None:
         """ZeRO-3: free gathered copies of parameters after their partitions were written (parallel/zero.py)."""

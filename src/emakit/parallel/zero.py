@@ -20,6 +20,7 @@ __all__ = [
     "gather_partition",
     "is_zero3_model",
     "is_zero3_param",
+    "master_partition",
     "partition",
     "release_gathered",
     "zero3_parameters",
@@ -39,6 +40,24 @@ def is_zero3_model(model: nn.Module) -> bool:
 def partition(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's flat partition of a ZeRO-3 parameter (its memory: writes reach the model), else ``tensor``."""
     return tensor.ds_tensor if is_zero3_param(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def master_partition(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 master of this rank's partition of ``tensor`` that ZeRO-3's optimizer steps (a view of its flat
+    fp32 group, laid out as ``ds_tensor``), or None: not a trainable ZeRO-3 parameter, or the optimizer keeps
+    its states offloaded (on the CPU or NVMe, where reading it every update would copy or swap it in).
+
+    The optimizer writes the master and then copies it into ``ds_tensor`` (rounded to the model's dtype):
+    for an fp32 model the two are equal, for a bf16/fp16 model the master is the precise weight.
+    """
+    optimizer = getattr(tensor, "_z3_optimizer", None)
+    if optimizer is None or not tensor.requires_grad or getattr(optimizer, "offload_optimizer", True):
+        return None
+    master = optimizer.get_local_fp32_param(tensor)
+    part = tensor.ds_tensor  # type: ignore[attr-defined]
+    if not isinstance(master, torch.Tensor) or master.shape != part.shape or master.device != part.device:
+        return None
+    return master
 
 
 def zero3_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
