@@ -30,6 +30,7 @@ from _collectives import count_collectives
 from emakit import EMA, export_ema_weights
 
 SMOOTHING = 0.75
+HALF_LIVES = ("2ba", "5ba")
 STEPS, SAVE_AT = 6, 3
 
 
@@ -106,11 +107,14 @@ def main() -> None:
             record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel)
     ema = EMA(smoothing=SMOOTHING)
     ema.attach(engine.module)
+    several = EMA(half_life=list(HALF_LIVES))  # several averages from one read of the partitions
+    several.attach(engine.module)
     weights, calls, masters, bf16_parts = [], [], [], []
     for step in range(1, STEPS + 1):
         train_step(engine, step)
         with count_collectives() as collectives:
             ema.step()
+            several.step()
         calls.append(list(collectives))
         weights.append(whole_weights(engine))
         if bf16:
@@ -148,6 +152,10 @@ def main() -> None:
     record["weights_after_eval"] = whole_weights(engine)
     engine.train()
     export_ema_weights(ema, out / f"ema_stage{stage}.safetensors")
+    export_ema_weights(ema, out / f"ema_stage{stage}_sharded", max_shard_size=1000)  # Transformers' layout
+    for index in range(len(HALF_LIVES)):
+        several.eval_average = index
+        export_ema_weights(several, out / f"several{index}_stage{stage}.safetensors")
     record["final_partitions"] = {n: t.clone() for n, t in ema.state_dict()["ema"].items()}
     record["final_training"] = partitions(engine)
 

@@ -7,6 +7,7 @@ resumed from a DeepSpeed checkpoint and the per-rank EMA states against the unin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from _zero_worker import SAVE_AT, SMOOTHING, STEPS, Adapted
+from _zero_worker import HALF_LIVES, SAVE_AT, SMOOTHING, STEPS, Adapted
 
 WORKER = Path(__file__).with_name("_zero_worker.py")
 TRAINABLE = ["lora_a.weight", "lora_b.weight", "head.weight", "head.bias"]
@@ -58,11 +59,11 @@ def load_export(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def oracle(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def oracle(weights: list[dict[str, torch.Tensor]], smoothing: float = SMOOTHING) -> dict[str, torch.Tensor]:
     """The EMA in float64: a copy of the weights after the first step, then one blend per step."""
     ema = {n: t.double() for n, t in weights[0].items()}
     for step in weights[1:]:
-        ema = {n: SMOOTHING * ema[n] + (1 - SMOOTHING) * step[n].double() for n in ema}
+        ema = {n: smoothing * ema[n] + (1 - smoothing) * step[n].double() for n in ema}
     return ema
 
 
@@ -91,6 +92,23 @@ def test_export_equals_float64_oracle(zero3: dict[str, Any]) -> None:
     for name in ("base.weight", "base.bias"):  # frozen: not averaged, exported as they are
         assert torch.equal(exported[name], rank0["weights"][0][name])
         assert torch.equal(exported[name], rank0["weights"][-1][name])
+
+
+def test_several_averages_and_the_sharded_layout(zero3: dict[str, Any]) -> None:
+    out, weights = zero3["out"], zero3["ranks"][0]["weights"]
+    for index, half_life in enumerate(HALF_LIVES):
+        exported = load_export(out / f"several{index}_stage3.safetensors")
+        expected = oracle(weights, 2 ** (-1 / int(half_life.removesuffix("ba"))))
+        for name in TRAINABLE:
+            torch.testing.assert_close(exported[name].double(), expected[name], rtol=1e-6, atol=1e-7)
+    index = json.loads((out / "ema_stage3_sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1
+    sharded: dict[str, torch.Tensor] = {}
+    for name in files:
+        sharded.update(load_export(out / "ema_stage3_sharded" / name))
+    single = load_export(out / "ema_stage3.safetensors")
+    assert set(sharded) == set(single) and all(torch.equal(sharded[n], single[n]) for n in single)
 
 
 def test_eval_on_ema_equals_exported_ema_after_an_ordinary_eval(zero3: dict[str, Any]) -> None:
