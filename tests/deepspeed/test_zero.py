@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from _launch import deepspeed_env
+
+pytest.importorskip("deepspeed")
 from _zero_worker import HALF_LIVES, SAVE_AT, SMOOTHING, STEPS, Adapted
 
 WORKER = Path(__file__).with_name("_zero_worker.py")
@@ -37,20 +40,20 @@ def run_stage(out: Path, stage: int, env: dict[str, str], *extra: str) -> list[d
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str]) -> dict[str, Any]:
+def zero3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("zero3")
-    return {"out": out, "ranks": run_stage(out, 3, deepspeed_env)}
+    return {"out": out, "ranks": run_stage(out, 3, deepspeed_env())}
 
 
 @pytest.fixture(scope="module")
-def zero2(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str]) -> dict[str, Any]:
+def zero2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("zero2")
-    return {"out": out, "ranks": run_stage(out, 2, deepspeed_env)}
+    return {"out": out, "ranks": run_stage(out, 2, deepspeed_env())}
 
 
 @pytest.fixture(scope="module")
-def zero3_bf16(tmp_path_factory: pytest.TempPathFactory, deepspeed_env: dict[str, str]) -> list[dict[str, Any]]:
-    return run_stage(tmp_path_factory.mktemp("zero3_bf16"), 3, deepspeed_env, "bf16")
+def zero3_bf16(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_stage(tmp_path_factory.mktemp("zero3_bf16"), 3, deepspeed_env(), "bf16")
 
 
 def load_export(path: Path) -> dict[str, torch.Tensor]:
