@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from emakit._compat import all_gather_single
+
 __all__ = [
     "check_partitions",
     "gather_partition",
@@ -90,13 +92,10 @@ def gather_partition(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a CPU copy, ``like``'s shape) of which ``part`` is this rank's partition, laid out as
     ``like``'s (a ZeRO-3 parameter). A collective over ``like``'s process group: every rank must call it."""
     group = getattr(like, "ds_process_group", None)
-    world = dist.get_world_size(group)
-    pieces = [torch.empty_like(part) for _ in range(world)]
-    dist.all_gather(pieces, part.contiguous(), group=group)
-    numel = int(like.ds_numel)  # type: ignore[attr-defined]
-    whole = torch.cat(pieces)[:numel].view(like.ds_shape)  # type: ignore[attr-defined]
-    del pieces
-    return whole.cpu().clone() if whole.device.type != "cpu" else whole
+    padded = part.new_empty(dist.get_world_size(group) * part.numel())  # the partitions are padded alike
+    all_gather_single(padded, part.contiguous(), group)
+    whole = padded[: int(like.ds_numel)].view(like.ds_shape)  # type: ignore[attr-defined]
+    return whole.cpu() if whole.device.type != "cpu" else whole
 
 
 def check_partitions(state: Mapping[str, object], partitions: Mapping[str, torch.Tensor], what: str) -> None:
