@@ -107,6 +107,11 @@ def main() -> None:
             record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel)
     ema = EMA(smoothing=SMOOTHING)
     ema.attach(engine.module)
+    record["refused"] = {}
+    try:
+        EMA(snapshot_folder=out / f"snapshots{rank}", snapshot_interval="1ba").attach(engine.module)
+    except ValueError as error:
+        record["refused"]["snapshots"] = str(error)
     several = EMA(half_life=list(HALF_LIVES))  # several averages from one read of the partitions
     several.attach(engine.module)
     weights, calls, masters, bf16_parts = [], [], [], []
@@ -128,6 +133,10 @@ def main() -> None:
         torch.save(record, out / f"bf16_rank{rank}.pt")
         dist.barrier()
         os._exit(0)
+    try:
+        ema.ema_model  # noqa: B018
+    except RuntimeError as error:
+        record["refused"]["ema_model"] = str(error)
     record["calls"] = calls
     record["weights"] = weights
     record["ema_bytes"] = sum(t.numel() * t.element_size() for t in ema.ema_tensors.values())

@@ -46,6 +46,7 @@ from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
 from emakit.averaging.warmup import Warmup, check_warmup
+from emakit.parallel.zero import refuse_snapshots
 from emakit.posthoc.profiles import Profile
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -257,6 +258,8 @@ class EMA(FormerNames):
             raise RuntimeError("this EMA already follows another model; use one EMA per model")
         if max_duration is not None or batches_per_epoch is not None:
             self.set_duration(max_duration, batches_per_epoch)
+        if self.snapshot_folder is not None:
+            refuse_snapshots(model)  # ZeRO-3 (parallel/zero.py): no snapshots of partitions yet
         self.wait()  # flattening re-points the tensors a pending update reads
         self._tracked.attach(model, flatten=self.flatten_model)
         self._live_reader = self._tracked.live

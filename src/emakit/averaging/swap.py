@@ -160,7 +160,7 @@ class Swap:
         assert tracked.model is not None
         if tracked.sharded:
             raise RuntimeError(
-                "ema_model is not available for a sharded (FSDP) model: each rank holds only its shards of the "
+                "ema_model is not available for a sharded (FSDP, ZeRO-3) model: each rank holds only its shards of the "
                 "average. Use emakit.export_ema_weights(ema, path) to write the whole EMA to one file, "
                 "or `with ema.average_parameters():` to run the sharded model on the EMA weights"
             )
