@@ -1,12 +1,13 @@
 """One DeepSpeed ZeRO run on 2 CPU ranks with an EMA, for tests/deepspeed/test_zero.py.
 
-``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE [bf16]``: a frozen base with a trainable
+``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE [bf16|persistent]``: a frozen base with a trainable
 low-rank adapter and head, trained by ``deepspeed.initialize`` at ZeRO ``STAGE``, with the EMA attached to
 ``engine.module``. Rank 0 records the whole training weights after every step (the oracle's input), what an
 evaluation on the EMA gives (also right after an ordinary eval forward), and writes the exported EMA. Stage 3
 also saves a checkpoint mid-run and resumes from it in a second engine. Results go to files; the final barrier
 is followed by a hard exit. With ``bf16`` the model trains in bfloat16 and each rank records, after every step, its
-partitions of the optimizer's fp32 master and of the bf16 parameters; no checkpoint then. The final barrier
+partitions of the optimizer's fp32 master and of the bf16 parameters; no checkpoint then. With ``persistent``
+(stage 3, DeepSpeed's default persistence threshold) it runs :func:`persistent_runs` only. The final barrier
 is followed by a hard exit (a teardown abort must not fail the test).
 """
 
@@ -50,20 +51,23 @@ class Adapted(nn.Module):
         return self.head(torch.relu(self.base(x) + self.lora_b(self.lora_a(x))))
 
 
-def config(stage: int, bf16: bool = False) -> dict:
+def config(stage: int, bf16: bool = False, persistent: bool = False) -> dict:
+    """``persistent``: DeepSpeed's default persistence threshold, under which every parameter of this small
+    model is persistent (stays gathered between forwards); otherwise 0, so that all are partitioned."""
+    zero = {"stage": stage} if persistent else {"stage": stage, "stage3_param_persistence_threshold": 0}
     return {
         "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": 4,
         "optimizer": {"type": "Adam", "params": {"lr": 0.05, "torch_adam": True}},
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
     }
 
 
-def make_engine(stage: int, bf16: bool = False) -> deepspeed.DeepSpeedEngine:
+def make_engine(stage: int, bf16: bool = False, persistent: bool = False) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(0)
     model = Adapted()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config(stage, bf16))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config(stage, bf16, persistent))
     return engine
 
 
@@ -91,22 +95,75 @@ def trainable(engine: deepspeed.DeepSpeedEngine) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
 
+def held(param: nn.Parameter, tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter from its partition (or ``tensor``, laid out alike): rank r's
+    partition starts at r times its size, and what lies past the parameter's end is padding."""
+    tensor = param.ds_tensor if tensor is None else tensor
+    size = param.ds_tensor.numel()
+    return tensor[: max(0, min(size, param.ds_numel - dist.get_rank() * size))].detach().clone()
+
+
+def poison_padding(engine: deepspeed.DeepSpeedEngine) -> None:
+    """NaN in the padding of every partition, and of the optimizer's master, which it copies into them."""
+    for p in engine.module.parameters():
+        p.ds_tensor[held(p).numel() :] = float("nan")
+        if p.requires_grad:
+            safe_get_local_fp32_param(p)[held(p).numel() :] = float("nan")
+
+
 def partitions(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    return {
-        n: (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for n, p in engine.module.named_parameters()
-    }
+    """This rank's elements of every parameter (the whole parameter under ZeRO-2)."""
+    return {n: held(p) if hasattr(p, "ds_tensor") else p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def persistent_runs(out: Path, rank: int) -> None:
+    """Persistent parameters (the default threshold): the same steps with an evaluation on the EMA after step
+    ``SAVE_AT`` and without; what the evaluation gave, and both runs' training weights and EMA partitions."""
+    record: dict = {}
+    for with_eval in (True, False):
+        engine = make_engine(3, persistent=True)
+        ema = EMA(smoothing=SMOOTHING)
+        ema.attach(engine.module)
+        weights = []
+        for step in range(1, STEPS + 1):
+            train_step(engine, step)
+            ema.step()
+            weights.append(whole_weights(engine))
+            if with_eval and step == SAVE_AT:
+                record["persistent"] = [bool(p.ds_persist) for p in engine.module.parameters()]
+                engine.eval()
+                with torch.no_grad(), ema.average_parameters():
+                    record["x"] = batch(99, 0)[0]
+                    record["on_ema"] = engine(record["x"])
+                engine.train()
+        record[with_eval] = {"weights": weights, "ema": partitions_of(ema), "training": partitions(engine)}
+    torch.save(record, out / f"persistent_rank{rank}.pt")
+
+
+def partitions_of(ema: EMA) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in ema.state_dict()["ema"].items()}
 
 
 def main() -> None:
     out, stage, bf16 = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["bf16"]
+    if sys.argv[3:] == ["persistent"]:
+        persistent_runs(out, int(os.environ["RANK"]))
+        dist.barrier()
+        os._exit(0)
     engine = make_engine(stage, bf16)
     rank = dist.get_rank()
     record: dict = {"stage": stage, "layout": {}}
     for name, p in engine.module.named_parameters():
         if stage == 3:
-            record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel)
+            record["layout"][name] = (p.numel(), p.ds_tensor.numel(), p.ds_numel, held(p).numel())
+    if stage == 3:  # DeepSpeed leaves the padding uninitialised: any bits; NaN here, which must not matter
+        with torch.no_grad():
+            poison_padding(engine)
+
     ema = EMA(smoothing=SMOOTHING)
     ema.attach(engine.module)
+    guarded = EMA(smoothing=SMOOTHING, skip_nonfinite=True)
+    guarded.attach(engine.module)
     record["refused"] = {}
     try:
         EMA(snapshot_folder=out / f"snapshots{rank}", snapshot_interval="1ba").attach(engine.module)
@@ -120,11 +177,12 @@ def main() -> None:
         with count_collectives() as collectives:
             ema.step()
             several.step()
+        guarded.step()
         calls.append(list(collectives))
         weights.append(whole_weights(engine))
         if bf16:
-            masters.append({n: safe_get_local_fp32_param(p).clone() for n, p in trainable(engine)})
-            bf16_parts.append({n: p.ds_tensor.clone() for n, p in trainable(engine)})
+            masters.append({n: held(p, safe_get_local_fp32_param(p)) for n, p in trainable(engine)})
+            bf16_parts.append({n: held(p) for n, p in trainable(engine)})
         if step == SAVE_AT and stage == 3 and not bf16:
             engine.save_checkpoint(str(out / "ds"), tag="mid")
             torch.save(ema.state_dict(), out / f"ema_mid_rank{rank}.pt")
@@ -133,6 +191,7 @@ def main() -> None:
         torch.save(record, out / f"bf16_rank{rank}.pt")
         dist.barrier()
         os._exit(0)
+    record["guarded"] = {"skipped": guarded.num_skipped_nonfinite, "ema": partitions_of(guarded)}
     try:
         ema.ema_model  # noqa: B018
     except RuntimeError as error:

@@ -35,7 +35,7 @@ def run_stage(out: Path, stage: int, env: dict[str, str], *extra: str) -> list[d
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     print(f"ZeRO-{stage} {' '.join(extra)} 2-rank launch: {time.perf_counter() - start:.1f} s")
-    name = "bf16" if extra else f"stage{stage}"
+    name = extra[0] if extra else f"stage{stage}"
     return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -56,6 +56,11 @@ def zero3_bf16(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     return run_stage(tmp_path_factory.mktemp("zero3_bf16"), 3, deepspeed_env(), "bf16")
 
 
+@pytest.fixture(scope="module")
+def zero3_persistent(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_stage(tmp_path_factory.mktemp("zero3_persistent"), 3, deepspeed_env(), "persistent")
+
+
 def load_export(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -72,10 +77,11 @@ def oracle(weights: list[dict[str, torch.Tensor]], smoothing: float = SMOOTHING)
 
 def test_parameters_are_partitioned_and_the_ema_keeps_half(zero3: dict[str, Any]) -> None:
     for rank in zero3["ranks"]:
-        for name, (placeholder, part, whole) in rank["layout"].items():
+        for name, (placeholder, part, whole, _) in rank["layout"].items():
             assert placeholder == 0 and part == -(-whole // 2), name
-        # the EMA holds this rank's partition of each trainable parameter, in fp32
-        assert rank["ema_bytes"] == 4 * sum(rank["layout"][n][1] for n in TRAINABLE)
+        # the EMA holds this rank's elements of each trainable parameter, in fp32, and not the padding
+        assert rank["ema_bytes"] == 4 * sum(rank["layout"][n][3] for n in TRAINABLE)
+    assert zero3["ranks"][1]["layout"]["head.bias"] == (0, 2, 3, 1)
 
 
 def test_update_runs_no_collective(zero3: dict[str, Any]) -> None:
@@ -183,3 +189,31 @@ def test_what_zero3_cannot_do_is_refused(zero3: dict[str, Any], zero2: dict[str,
         assert "ema_model is not available for a sharded (FSDP, ZeRO-3) model" in rank["refused"]["ema_model"]
     for rank in zero2["ranks"]:  # whole parameters: snapshots and ema_model work
         assert rank["refused"] == {}
+
+
+def test_persistent_parameters_evaluate_on_the_ema_and_train_on_unchanged(
+    zero3_persistent: list[dict[str, Any]],
+) -> None:
+    for rank in zero3_persistent:
+        assert all(rank["persistent"])  # gathered between forwards: the swap must release them both ways
+        evaluated, plain = rank[True], rank[False]
+        for name, value in plain["training"].items():
+            assert torch.equal(evaluated["training"][name], value), name
+        for name, value in plain["ema"].items():
+            assert torch.equal(evaluated["ema"][name], value), name
+        by_hand = Adapted()
+        average = oracle(evaluated["weights"][:SAVE_AT])
+        by_hand.load_state_dict({n: t.float() for n, t in average.items()})
+        with torch.no_grad():
+            expected = by_hand(rank["x"])
+        torch.testing.assert_close(rank["on_ema"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_of_the_partitions_is_not_averaged(zero3: dict[str, Any]) -> None:
+    """The worker filled the partitions' padding with NaN: an EMA with skip_nonfinite never skips, and the
+    exports and evaluations above matched their oracles all the same."""
+    for rank in zero3["ranks"]:
+        assert rank["guarded"]["skipped"] == 0
+        for name, value in rank["final_partitions"].items():
+            assert torch.equal(rank["guarded"]["ema"][name], value), name
+            assert value.isfinite().all(), name

@@ -30,7 +30,7 @@ from emakit.checkpoint.streaming import TensorEntry, parse_size, write_safetenso
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.ranks import barrier, get_rank, is_distributed
 from emakit.parallel.sharding import gathered, reshard_model
-from emakit.parallel.zero import gather_partition, zero3_parameters
+from emakit.parallel.zero import gather_partition, partition, zero3_parameters
 
 __all__ = ["export_ema_weights", "model_weights"]
 
@@ -156,7 +156,7 @@ def export_ema_weights(
         reshard_model(model)
         # ZeRO-3: this rank's partitions in, each gathered whole when its turn to be written comes
         zero3 = {canonical_name(n): p for n, p in zero3_parameters(unwrap_model(model)).items()}
-        state = {name: zero3[name].ds_tensor if name in zero3 else t for name, t in model_state_dict(model).items()}  # type: ignore[attr-defined]
+        state = {name: partition(zero3[name]) if name in zero3 else t for name, t in model_state_dict(model).items()}
         weights = ema.published_model_state(state)
         entries = [_entry(name, t, zero3.get(name)) for name, t in weights.items() if isinstance(t, torch.Tensor)]
         extra = {name: value for name, value in weights.items() if not isinstance(value, torch.Tensor)}

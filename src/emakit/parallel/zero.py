@@ -1,8 +1,10 @@
 """DeepSpeed ZeRO-3 parameters: this rank's partition of each, releasing gathered copies, gathering one whole.
 
 Under ZeRO-3 a parameter is an empty placeholder between forwards; ``param.ds_tensor`` is this rank's flat
-partition (``ceil(ds_numel / world)`` elements, the last rank's padded) and ``ds_shape`` its whole shape. The
-EMA of such a model keeps the partitions only, read and written in place here with no communication, the
+partition (``ceil(ds_numel / world)`` elements, rank ``r`` holding those from ``r`` times that) and ``ds_shape``
+its whole shape. The last ranks' partitions end in padding that DeepSpeed leaves uninitialised (any bits, NaN
+included), so "the partition" here is the part holding elements of the parameter, possibly empty. The
+EMA of such a model keeps those partitions only, read and written in place here with no communication, the
 analogue of :func:`emakit.parallel.sharding.local_tensor` for FSDP2's DTensors. Nothing here imports
 DeepSpeed: a ZeRO-3 parameter is recognised by the attributes DeepSpeed gives it.
 """
@@ -40,9 +42,19 @@ def is_zero3_model(model: nn.Module) -> bool:
     return any(is_zero3_param(p) for p in model.parameters())
 
 
+def _held(param: torch.Tensor) -> int:
+    """How many elements of ``param`` this rank's partition holds (the rest of ``ds_tensor`` is padding)."""
+    size = param.ds_tensor.numel()  # type: ignore[attr-defined]
+    rank = dist.get_rank(getattr(param, "ds_process_group", None))
+    return max(0, min(size, int(param.ds_numel) - rank * size))  # type: ignore[attr-defined]
+
+
 def partition(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's flat partition of a ZeRO-3 parameter (its memory: writes reach the model), else ``tensor``."""
-    return tensor.ds_tensor if is_zero3_param(tensor) else tensor  # type: ignore[attr-defined]
+    """This rank's flat partition of a ZeRO-3 parameter without its padding (a view: writes reach the model),
+    else ``tensor``."""
+    if not is_zero3_param(tensor):
+        return tensor
+    return tensor.ds_tensor.narrow(0, 0, _held(tensor))  # type: ignore[attr-defined]
 
 
 def master_partition(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -60,7 +72,7 @@ def master_partition(tensor: torch.Tensor) -> torch.Tensor | None:
     part = tensor.ds_tensor  # type: ignore[attr-defined]
     if not isinstance(master, torch.Tensor) or master.shape != part.shape or master.device != part.device:
         return None
-    return master
+    return master.narrow(0, 0, _held(tensor))
 
 
 def zero3_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -90,11 +102,14 @@ def release_gathered(model: nn.Module) -> None:
 
 
 def gather_partition(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a CPU copy, ``like``'s shape) of which ``part`` is this rank's partition, laid out as
-    ``like``'s (a ZeRO-3 parameter). A collective over ``like``'s process group: every rank must call it."""
+    """The whole tensor (a CPU copy, ``like``'s shape) of which ``part`` is this rank's partition (as
+    :func:`partition` gives it), laid out as ``like``'s (a ZeRO-3 parameter). A collective over ``like``'s process group: every rank must call it."""
     group = getattr(like, "ds_process_group", None)
-    padded = part.new_empty(dist.get_world_size(group) * part.numel())  # the partitions are padded alike
-    all_gather_single(padded, part.contiguous(), group)
+    size = like.ds_tensor.numel()  # type: ignore[attr-defined]
+    piece = part.new_zeros(size)  # the partitions padded alike, as all_gather needs them
+    piece[: part.numel()] = part
+    padded = part.new_empty(dist.get_world_size(group) * size)
+    all_gather_single(padded, piece, group)
     whole = padded[: int(like.ds_numel)].view(like.ds_shape)  # type: ignore[attr-defined]
     return whole.cpu() if whole.device.type != "cpu" else whole
 
