@@ -114,15 +114,14 @@ def gather_partition(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return whole.cpu() if whole.device.type != "cpu" else whole
 
 
-def refuse_snapshots(model: nn.Module) -> None:
-    """ValueError if ``model`` is a ZeRO-3 model: post-hoc snapshots are not written partition by partition (a
+def refuse_snapshots() -> None:
+    """ValueError for snapshots of a ZeRO-3 model: post-hoc snapshots are not written partition by partition (a
     snapshot folder of plain tensors would keep one rank's partitions only)."""
-    if is_zero3_model(model):
-        raise ValueError(
-            "snapshot_folder is not supported for a DeepSpeed ZeRO-3 model: each rank holds only its partitions of "
-            "the average, which the snapshot files cannot hold yet. Leave snapshot_folder=None (export the EMA "
-            "with emakit.export_ema_weights), or train with ZeRO stage 0-2"
-        )
+    raise ValueError(
+        "snapshot_folder is not supported for a DeepSpeed ZeRO-3 model: each rank holds only its partitions of "
+        "the average, which the snapshot files cannot hold yet. Leave snapshot_folder=None (export the EMA "
+        "with emakit.export_ema_weights), or train with ZeRO stage 0-2"
+    )
 
 
 def check_partitions(state: Mapping[str, object], partitions: Mapping[str, torch.Tensor], what: str) -> None:
