@@ -186,7 +186,7 @@ class Averager(ABC):
         self._baseline = self._tracked.nonfinite_baseline()
         self._averages.prepared = None  # it holds views of the previous model's weights
         self._setup_overlap()
-        check_at_attach(self.snapshot_folder, self.fp32_ema, self._tracked.live(), self.schedule, stacklevel=3)
+        check_at_attach(self.snapshot_folder, self.fp32_ema, self._tracked, self.schedule, stacklevel=3)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the averager how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.

@@ -49,6 +49,7 @@ class Swap:
         targets = self._tracked.live(model)
         self.backup = FlatStorage(dict(zip(self._tracked.names, targets, strict=True)), fp32_ema=False)
         average.copy_to(targets)
+        self._tracked.release(model)  # ZeRO-3: the next forward gathers the EMA partitions
         self.swapped = model
         self._versions = {
             name: t._version
@@ -121,6 +122,7 @@ class Swap:
             return model
         assert self.backup is not None
         self.backup.copy_to(self._tracked.live(model))
+        self._tracked.release(model)  # ZeRO-3: drop copies gathered from the EMA partitions
         self.backup = None
         self.swapped = None
         return model
@@ -128,8 +130,8 @@ class Swap:
     def training_tensors(self) -> list[torch.Tensor]:
         """The training weights, wherever they are: in the model, or in the backup while swapped out."""
         if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):
-            return self.backup.views()
-        return self._tracked.live()
+            return self._tracked.masters(self.backup.views())  # ZeRO-3: masters are never swapped
+        return self._tracked.masters(self._tracked.live())
 
     def training_backup(self) -> dict[str, torch.Tensor] | None:
         """The followed model's training weights by name while the EMA's are in it; None otherwise."""
@@ -158,7 +160,7 @@ class Swap:
         assert tracked.model is not None
         if tracked.sharded:
             raise RuntimeError(
-                "ema_model is not available for a sharded (FSDP) model: each rank holds only its shards of the "
+                "ema_model is not available for a sharded (FSDP, ZeRO-3) model: each rank holds only its shards of the "
                 "average. Use emakit.export_ema_weights(ema, path) to write the whole EMA to one file, "
                 "or `with ema.average_parameters():` to run the sharded model on the EMA weights"
             )
