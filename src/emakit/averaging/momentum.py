@@ -34,8 +34,8 @@ _UPDATE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH)
 def _timing(schedule: Any, update_interval: str | Time, start: str | Time, end: str | Time | None) -> None:
     """Parse the timing fields of a frozen momentum schedule in place (they may be given as strings)."""
     interval = Time.coerce(update_interval, "update_interval", _UPDATE_UNITS, positive=True)
-    if interval.value <= 0 or interval.value != int(interval.value):
-        raise ValueError(f"update_interval must be a positive whole number of 'ba' or 'ep', got {str(interval)!r}")
+    if interval.value <= 0:
+        raise ValueError(f"update_interval must be greater than 0, got {str(interval)!r}")
     object.__setattr__(schedule, "update_interval", interval)
     object.__setattr__(schedule, "start", check_start(start, "ema_start"))
     if end is not None:
