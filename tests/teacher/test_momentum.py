@@ -118,7 +118,7 @@ def test_refusals() -> None:
         CosineMomentum(base=1.5)
     with pytest.raises(ValueError, match="total_updates must be a positive int or None, got 0"):
         CosineMomentum(total_updates=0)
-    with pytest.raises(ValueError, match="update_interval must be greater than 0, got .0ba."):
+    with pytest.raises(ValueError, match=r"update_interval must be greater than 0, got '0ba'"):
         CosineMomentum(update_interval="0ba")
     with pytest.raises(TypeError, match="fn must be a callable"):
         MomentumFunction(0.9)  # type: ignore[arg-type]
