@@ -118,10 +118,15 @@ class EMA(Averager):
                 half_life, smoothing, sigma_rel, ema_start, update_interval, warmup, snapshot_folder, stacklevel=3
             )
         else:
-            explicit = {"half_life": None if half_life is DEFAULT_HALF_LIFE else half_life, "smoothing": smoothing}
-            start = None if ema_start == "0.0dur" else ema_start
-            explicit |= {"sigma_rel": sigma_rel, "ema_start": start, "update_interval": update_interval}
-            schedule = check_schedule_argument(schedule, **explicit, warmup=warmup)
+            schedule = check_schedule_argument(
+                schedule,
+                half_life=None if half_life is DEFAULT_HALF_LIFE else half_life,
+                smoothing=smoothing,
+                sigma_rel=sigma_rel,
+                ema_start=None if ema_start == "0.0dur" else ema_start,
+                update_interval=update_interval,
+                warmup=warmup,
+            )
         options = parse_options(
             schedule,
             fp32_ema=fp32_ema,

@@ -91,7 +91,7 @@ def _plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``module`` copied with its original classes (FSDP's removed), FSDP's hooks and flags dropped, and
     the tensors in ``memo`` replaced; the other tensors shared; shared submodules stay shared."""
     if id(module) in memo:
-        return memo[id(module)]  # type: ignore[no-any-return]
+        return memo[id(module)]
     cls: type[nn.Module] = type(module)
     fsdp_module = fsdp_module_type()
     if fsdp_module is not None and isinstance(module, fsdp_module):
@@ -146,7 +146,7 @@ def _gather(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module,
     with torch.no_grad():
         whole = {id(p): p.full_tensor() for p in {id(p): p for _, _, p in slots}.values()}  # type: ignore[attr-defined]
     for owner, key, parameter in slots:
-        owner._parameters[key] = whole[id(parameter)]  # type: ignore[assignment]
+        owner._parameters[key] = whole[id(parameter)]
 
 
 def _release(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module, args: Any, output: Any) -> None:
