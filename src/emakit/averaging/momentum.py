@@ -26,7 +26,7 @@ from emakit.averaging.schedules import Schedule
 from emakit.posthoc.profiles import Profile
 from emakit.time import Time, TimeUnit
 
-__all__ = ["CosineMomentum", "MomentumFunction", "check_schedule_argument", "with_length"]
+__all__ = ["CosineMomentum", "MomentumFunction", "MomentumSchedule", "check_schedule_argument", "with_length"]
 
 _UPDATE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH)
 
@@ -48,9 +48,26 @@ def _momentum(value: object, argument: str) -> float:
     return float(value)
 
 
+class MomentumSchedule(Schedule):
+    """A teacher's momentum rule (abstract): one average, whose smoothing changes with ``n`` and whose weighting
+    of the past is no post-hoc profile."""
+
+    @property
+    def num_averages(self) -> int:
+        return 1
+
+    @property
+    def profiles(self) -> list[Profile]:
+        return []
+
+    @property
+    def smoothing(self) -> float:
+        return math.nan
+
+
 @final
 @dataclass(frozen=True)
-class CosineMomentum(Schedule):
+class CosineMomentum(MomentumSchedule):
     """The momentum of BYOL and DINO: from ``base`` to ``final`` along a half cosine over ``K`` blends.
 
     Args:
@@ -80,10 +97,6 @@ class CosineMomentum(Schedule):
             raise ValueError(f"total_updates must be a positive int or None, got {total!r}")
         _timing(self, self.update_interval, self.start, self.end)
 
-    @property
-    def num_averages(self) -> int:
-        return 1
-
     def weights(self, n: int) -> list[float]:
         total = self.total_updates if self.total_updates is not None else self.learned_updates
         if total is None:
@@ -96,14 +109,6 @@ class CosineMomentum(Schedule):
         momentum = self.final - (self.final - self.base) * (1.0 + math.cos(math.pi * progress)) / 2.0
         return [1.0 - momentum]
 
-    @property
-    def profiles(self) -> list[Profile]:
-        return []
-
-    @property
-    def smoothing(self) -> float:
-        return math.nan
-
     def describe(self) -> str:
         total = "" if self.total_updates is None else f", total_updates={self.total_updates}"
         return (
@@ -114,7 +119,7 @@ class CosineMomentum(Schedule):
 
 @final
 @dataclass(frozen=True)
-class MomentumFunction(Schedule):
+class MomentumFunction(MomentumSchedule):
     """Any per-blend momentum: blend ``i`` (0-based) uses ``fn(i)``, a float in [0, 1].
 
     ``fn`` must be pure in ``i`` for a resumed run to continue exactly (a list's ``__getitem__`` is).
@@ -130,20 +135,8 @@ class MomentumFunction(Schedule):
             raise TypeError(f"fn must be a callable (blend index -> momentum), got {type(self.fn).__name__}")
         _timing(self, self.update_interval, self.start, self.end)
 
-    @property
-    def num_averages(self) -> int:
-        return 1
-
     def weights(self, n: int) -> list[float]:
         return [1.0 - _momentum(self.fn(max(n - 2, 0)), f"fn({max(n - 2, 0)})")]
-
-    @property
-    def profiles(self) -> list[Profile]:
-        return []
-
-    @property
-    def smoothing(self) -> float:
-        return math.nan
 
     def describe(self) -> str:
         name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
