@@ -50,7 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from emakit._compat import dtensor_class
 from emakit.averaging import EMA, SWA, Averager
-from emakit.averaging.batchnorm import default_bn_forward
+from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.streaming import TensorEntry, write_safetensors
@@ -253,7 +253,8 @@ class AveragingCallback(TrainerCallback):
                 default_bn_forward(module, batch)
 
         loader = kwargs.get("train_dataloader")
-        self.averager.finish_window(loader, model, forward, end_of_training=end_of_training)
+        ordered = None if loader is None else FixedOrder(loader)  # the same batches wherever the run resumed
+        self.averager.finish_window(ordered, model, forward, end_of_training=end_of_training)
 
     def _resume(self, folder: Path, global_step: int) -> None:
         path = folder / EMA_STATE_NAME
