@@ -54,7 +54,9 @@ class FixedOrder:
         dataset = getattr(loader, "dataset", None)
         batch_sampler = getattr(loader, "batch_sampler", None)
         batch_size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None)
-        if not isinstance(loader, DataLoader) or isinstance(dataset, IterableDataset) or not batch_size:
+        if not isinstance(loader, DataLoader) or dataset is None or isinstance(dataset, IterableDataset):
+            return iter(loader)
+        if not batch_size:
             return iter(loader)
         ordered = DataLoader(
             dataset,

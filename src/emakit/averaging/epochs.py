@@ -10,15 +10,18 @@ epoch end is refused; otherwise the first verb that needs the average says that 
 from __future__ import annotations
 
 from emakit.averaging.schedules import Schedule
-from emakit.time import Timestamp, TimeUnit
+from emakit.time import Time, Timestamp, TimeUnit
 
 __all__ = ["check_step", "epoch_settings", "not_started_hint"]
 
 
 def epoch_settings(schedule: Schedule) -> list[str]:
     """The schedule's settings in epochs, as the user named them (``"update_interval='1ep'"``)."""
-    named = [("update_interval", schedule.update_interval), (schedule.start_argument, schedule.start)]
-    named.append((schedule.end_argument, schedule.end))
+    named: list[tuple[str, Time | None]] = [
+        ("update_interval", schedule.update_interval),
+        (schedule.start_argument, schedule.start),
+        (schedule.end_argument, schedule.end),
+    ]
     return [f"{name}={str(time)!r}" for name, time in named if time is not None and time.unit == TimeUnit.EPOCH]
 
 

@@ -39,6 +39,7 @@ import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
@@ -418,8 +419,8 @@ def _write_averaged(averager: Averager, path: Path) -> None:
     published = averager.published_model_state(model_state)
     entries = []
     for name in averager.tracked_keys(model_state):
-        tensor = published[name].detach()
-        entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, lambda t=tensor: t))
+        tensor: torch.Tensor = published[name].detach()
+        entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(torch.Tensor.detach, tensor)))
     write_safetensors(entries, path)
 
 
