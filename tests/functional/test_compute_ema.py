@@ -154,9 +154,10 @@ def test_low_precision_ema_stalls_but_fp32_ema_moves() -> None:
         bf16_ema.weight.zero_()
         fp32_ema.weight.zero_()
     bf16_target = copy.deepcopy(target).to(torch.bfloat16)
-    for _ in range(3000):
-        ef.compute_ema(bf16_target, bf16_ema, smoothing=0.9999)
-        ef.compute_ema(target, fp32_ema, smoothing=0.9999)
+    with pytest.warns(UserWarning, match=r"1 - smoothing = 0\.0001 is below it, so updates round away"):
+        for _ in range(3000):
+            ef.compute_ema(bf16_target, bf16_ema, smoothing=0.9999)
+            ef.compute_ema(target, fp32_ema, smoothing=0.9999)
     assert fp32_ema.weight.item() == pytest.approx(1 - 0.9999**3000, rel=1e-4)
     assert bf16_ema.weight.item() < 0.2 * (1 - 0.9999**3000)
 

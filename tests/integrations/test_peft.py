@@ -192,3 +192,29 @@ def test_guide_lora_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "docs/guides/transformers.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_each_checkpoint_holds_the_averaged_adapters_alone_and_loads_onto_the_base(tmp_path: Path) -> None:
+    """Issue #32 item 13: ``checkpoint-N/ema_weights.safetensors`` held the whole frozen base (the tied embedding
+    twice). It holds what the average holds, and loads onto the base with ``strict=False``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    callback = EMACallback(half_life="2ba", params="trainable")
+    trainer = run(tmp_path / "run", callback, max_steps=4, save_strategy="steps", save_steps=4)
+    path = tmp_path / "run" / "checkpoint-4" / "ema_weights.safetensors"
+    averaged = callback.averager.ema_tensors
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == sorted(averaged)
+    assert path.stat().st_size < nbytes(averaged.values()) + 64 * 1024  # the adapters and a header, no base
+    assert nbytes(averaged.values()) < nbytes(trainer.model.parameters()) / 10
+    stored = load_file(path)
+    for name, value in averaged.items():
+        assert torch.equal(stored[name], value), name
+    onto_base = lora_model()  # the base and fresh adapters, as the guide says to load it
+    result = onto_base.load_state_dict(stored, strict=False)
+    assert not result.unexpected_keys
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    with callback.averager.average_parameters(trainer.model):
+        expected = trainer.model.eval()(input_ids=x).logits
+    torch.testing.assert_close(onto_base.eval()(input_ids=x).logits, expected, rtol=0, atol=0)

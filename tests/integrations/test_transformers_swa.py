@@ -93,3 +93,34 @@ def test_ema_and_swa_callbacks_are_refused_together(tmp_path: Path) -> None:
         match=r"at most one averaging callback, this one has 2: EMACallback and SWACallback \(EMA and SWA do not compose\)",
     ):
         trainer.train()
+
+
+def swa_run(out: Path, *extra: TrainerCallback, resume: str | None = None) -> SWACallback:
+    swa = SWACallback(swa_start="3ba", update_interval="1ba")
+    args = training_args(out, max_steps=12, save_strategy="steps", save_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = EMATrainer(model=BatchNormNet(), args=args, train_dataset=Data(), callbacks=[swa, *extra])
+        trainer.train(resume_from_checkpoint=resume)
+    return swa
+
+
+def test_a_run_resumed_mid_epoch_inside_the_window_recomputes_batch_norm_as_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """Issue #32 item 11: the BatchNorm pass iterated the resumed Trainer's loader, whose shuffled order depends
+    on where the run was resumed: running_var came out 6% off. The pass reads the data in a fixed order."""
+    from _hf_common import StopAt
+
+    full = swa_run(tmp_path / "full")
+    swa_run(tmp_path / "cut", StopAt(5))  # 8 steps per epoch: step 5 is mid-epoch, inside the window
+    resumed = swa_run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-5"))
+    assert full.averager.bn_updated and resumed.averager.bn_updated
+    assert full.averager.n_averaged == resumed.averager.n_averaged == 10
+    for name, value in full.averager.ema_tensors.items():
+        assert torch.equal(resumed.averager.ema_tensors[name], value), name
+    # the fixed order: the dataset in its own order, in the Trainer's batch size, through the average
+    average, x = full.averager.ema_model, Data().x
+    hidden = x @ average.first.weight.T + average.first.bias
+    per_batch = torch.stack([hidden[i : i + 4].var(0) for i in range(0, len(x), 4)]).mean(0)
+    torch.testing.assert_close(average.norm.running_var, per_batch, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.averaging import batchnorm, momentum, states
+from emakit.averaging import batchnorm, epochs, momentum, states
 from emakit.averaging.averages import Averages
 from emakit.averaging.config import Options, check_at_attach, check_eval_average
 from emakit.averaging.guard import skipped_message, training_weights_finite
@@ -142,7 +142,8 @@ class Averager(ABC):
     def require_started(self) -> None:
         """Raise RuntimeError, saying when the average will start, unless it has started."""
         if not self.started:
-            raise RuntimeError(self.schedule.not_started_message())
+            hint = epochs.not_started_hint(type(self).__name__, self.schedule, self.timestamp)
+            raise RuntimeError(self.schedule.not_started_message() + hint)
 
     def _evaluated(self) -> FlatStorage:
         """The evaluated average's storage, once started and with no update pending."""
@@ -213,11 +214,7 @@ class Averager(ABC):
         and then blends every ``update_interval``. Returns whether the average was started or blended.
         """
         self._swap.refuse_step()
-        if self.schedule.counts_samples() and not num_samples:
-            raise ValueError(
-                f"{type(self).__name__}: a start or end in samples ({self.schedule.describe()}) needs the samples of "
-                f"each step: call step(num_samples=...) (got num_samples={num_samples!r}), or give it in 'ba' or 'dur'"
-            )
+        epochs.check_step(type(self).__name__, self.schedule, self.timestamp, self.batches_per_epoch, num_samples)
         self.timestamp.advance_batch(num_samples)
         return self.tick(TimeUnit.BATCH)
 

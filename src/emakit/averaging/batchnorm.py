@@ -25,7 +25,7 @@ from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage
 from emakit.rng import capture_rng, loader_generators, restore_rng
 
-__all__ = ["batch_norms", "batch_statistics", "default_bn_forward", "recompute"]
+__all__ = ["FixedOrder", "batch_norms", "batch_statistics", "default_bn_forward", "recompute"]
 
 
 def default_bn_forward(model: nn.Module, batch: Any) -> None:
@@ -41,6 +41,39 @@ def default_bn_forward(model: nn.Module, batch: Any) -> None:
     if device is not None and isinstance(inputs, torch.Tensor):
         inputs = inputs.to(device)
     model(inputs)
+
+
+class FixedOrder:
+    """A training loader's data in a fixed order, for the BatchNorm pass: a map-style ``DataLoader`` is read as
+    its dataset's own order in the loader's batch size, collate function and workers, so the batches (and so
+    the per-batch variances that ``running_var`` averages) do not depend on the shuffling state, which differs
+    between a run and one resumed mid-epoch. A loader of an ``IterableDataset``, or anything else, is read
+    as it is. The new loader is made only when iterated (the adapters hand this over at every step)."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import DataLoader, IterableDataset
+
+        loader = self.loader
+        dataset = getattr(loader, "dataset", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        batch_size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", None)
+        if not isinstance(loader, DataLoader) or dataset is None or isinstance(dataset, IterableDataset):
+            return iter(loader)
+        if not batch_size:
+            return iter(loader)
+        ordered = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=bool(getattr(batch_sampler, "drop_last", loader.drop_last)),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            worker_init_fn=loader.worker_init_fn,
+        )
+        return iter(ordered)
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -121,7 +121,7 @@ def ema_schedule(
     start = check_start(ema_start, "ema_start")
     checked_warmup = check_warmup(warmup, sigma_rel, snapshot_folder)
     if smoothing is not None:
-        coefficient = validate_smoothing(_plain_smoothing(smoothing))
+        coefficient = validate_smoothing(smoothing)
         if coefficient == 1.0:
             warnings.warn(
                 "smoothing=1.0 keeps the average at its first value forever: it never moves toward the training "
@@ -239,18 +239,6 @@ def _parse_snapshots(
             f"snapshot_dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {snapshot_dtype!r}"
         )
     return parsed
-
-
-def _plain_smoothing(smoothing: Any) -> Any:
-    """A 0-d floating tensor as its Python float (what ``smoothing`` means); anything else unchanged."""
-    if isinstance(smoothing, torch.Tensor):
-        if smoothing.ndim != 0 or not smoothing.is_floating_point():
-            raise ValueError(
-                f"smoothing must be a Python float or a 0-d floating tensor in [0, 1], got a tensor of shape "
-                f"{tuple(smoothing.shape)} and dtype {smoothing.dtype}"
-            )
-        return float(smoothing.item())
-    return smoothing
 
 
 def _check_distinct(name: str, shown: Sequence[Any], values: Sequence[float]) -> None:

@@ -23,10 +23,12 @@ with the training model, and checkpoints and exports hold the training model's v
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +80,7 @@ def parse_selection(params: Any, buffers: Any) -> Selection:
             raise ValueError(f"params must be {accepted}, got {params!r} (a pattern goes in a list: [{params!r}])")
         checked = params
     elif callable(params):
+        _check_arity(params)
         checked = params
     elif isinstance(params, Sequence) and not isinstance(params, (bytes, bytearray)):
         patterns = tuple(params)
@@ -99,6 +102,42 @@ def parse_selection(params: Any, buffers: Any) -> Selection:
         if policy not in BUFFER_POLICIES:
             raise ValueError(f"buffers: the policy for {pattern!r} must be one of {policies}, got {policy!r}")
     return Selection(checked, tuple(buffers.items()), "average")
+
+
+def _check_arity(params: Callable[..., Any]) -> None:
+    """TypeError now, not when the average starts, if ``params`` cannot be called as ``params(name, tensor)``."""
+    try:
+        signature = inspect.signature(params)
+    except (TypeError, ValueError):  # a builtin or extension callable without a signature: asked as it is
+        return
+    try:
+        signature.bind("name", None)
+    except TypeError:
+        raise TypeError(
+            f"params: the callable must take two arguments (name, tensor), got one of signature {signature}"
+        ) from None
+
+
+def _ask(chosen: Callable[[str, torch.Tensor], Any], name: str, tensor: torch.Tensor) -> bool:
+    """The ``params`` callable's answer for one parameter, as a bool; its own error gets the parameter's name."""
+    try:
+        answer = chosen(name, tensor)
+    except Exception as error:
+        message = f"params: the callable raised {error!r} for the parameter {name!r}"
+        try:
+            named = type(error)(message)
+        except Exception:  # an exception type that takes other arguments: raised as it is
+            raise error from None
+        raise named from error
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        return bool(answer.item())
+    if answer is None or isinstance(answer, (bool, np.bool_)):
+        return bool(answer)
+    shown = f"a tensor of shape {tuple(answer.shape)}" if isinstance(answer, torch.Tensor) else repr(answer)
+    raise TypeError(
+        f"params: the callable must return a bool (a Python or numpy bool, or a one-element tensor), got {shown} "
+        f"for {name!r}"
+    )
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -133,13 +172,7 @@ def decide(selection: Selection, model: nn.Module, *, at_start: bool) -> Decisio
                 )
         kept = {n for n in params if _matches(n, chosen)}
     else:
-        kept = set()
-        for n, p in params.items():
-            answer = chosen(n, p)  # type: ignore[operator]
-            if not isinstance(answer, (bool, torch.Tensor)) and answer is not None:
-                raise TypeError(f"params: the callable must return a bool, got {answer!r} for {n!r}")
-            if answer:
-                kept.add(n)
+        kept = {n for n, p in params.items() if _ask(chosen, n, p)}  # type: ignore[arg-type]
         if not kept:
             raise ValueError("params: the callable accepts no parameter of the model")
     buffers = {n: t for n, t in tensors.items() if n not in params}

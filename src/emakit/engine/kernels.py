@@ -30,7 +30,18 @@ __all__ = [
 
 
 def validate_smoothing(smoothing: object, name: str = "smoothing") -> float:
-    """Return ``smoothing`` as a float after checking it is a real number in [0, 1]."""
+    """Return ``smoothing`` as a float after checking it is a real number in [0, 1] (a 0-d floating tensor
+    is its value; a tensor of other shape or dtype is refused)."""
+    if isinstance(smoothing, torch.Tensor):
+        if smoothing.ndim != 0 or not smoothing.is_floating_point():
+            raise ValueError(
+                f"{name} must be a Python float or a 0-d floating tensor in [0, 1], got a tensor of shape "
+                f"{tuple(smoothing.shape)} and dtype {smoothing.dtype}"
+            )
+        value = float(smoothing.item())
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a real number in [0, 1], got {smoothing!r}")
+        return value
     if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real):
         raise ValueError(f"{name} must be a real number in [0, 1], got {smoothing!r}")
     value = float(smoothing)

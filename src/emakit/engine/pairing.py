@@ -8,6 +8,7 @@ of many small tensors, so the pairing (an :class:`~emakit.engine.plan.UpdatePlan
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,6 +123,47 @@ def _pair(model: _Tree, ema_model: _Tree) -> tuple[list[str], list[_Entry], list
     return names, sources, targets, averaged
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _check_tensors(names: Sequence[str], sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+    """Refuse a side on the meta device (the update would change nothing, silently); warn once if the average is
+    narrower than the model (an fp16 average of an fp32 model). Returns the average's 16-bit resolution."""
+    for what, tensors in (("model", sources), ("ema_model", targets)):
+        meta = next((n for n, t in zip(names, tensors, strict=True) if t.device.type == "meta"), None)
+        if meta is not None:
+            raise ValueError(
+                f"{what}: tensor {meta!r} is on the meta device, which holds no values: compute_ema needs both "
+                "models materialised on a real device (e.g. ema_model = copy.deepcopy(model), or "
+                "to_empty(device=...) and load the weights)"
+            )
+    low = [(n, s, t) for n, s, t in zip(names, sources, targets, strict=True) if t.dtype in _LOW]
+    narrower = [
+        (n, s, t) for n, s, t in low if s.is_floating_point() and torch.finfo(s.dtype).eps < torch.finfo(t.dtype).eps
+    ]
+    if narrower:
+        name, source, target = narrower[0]
+        warnings.warn(
+            f"compute_ema: ema_model keeps {target.dtype} tensors for the model's {source.dtype} ones ({name!r} and "
+            f"{len(narrower) - 1} more): each update is rounded to {target.dtype}, whose resolution is "
+            f"{torch.finfo(target.dtype).eps:.3g}, so updates round away, whole or in part, and the average lags "
+            "far behind, the more so the longer its half-life. Keep the average in float32 "
+            "(ema_model = copy.deepcopy(model).float())",
+            stacklevel=5,
+        )
+    return max((torch.finfo(t.dtype).eps for _, _, t in low if t.is_floating_point()), default=0.0)
+
+
+def _warn_rounding(resolution: float, weight: float) -> None:
+    """Warn that a 16-bit average's update ``weight`` (1 - smoothing) is below its resolution and rounds away."""
+    warnings.warn(
+        f"compute_ema: ema_model keeps 16-bit floating tensors, whose resolution is {resolution:.3g}: "
+        f"1 - smoothing = {weight:.3g} is below it, so updates round away, whole or in part, and the average lags "
+        "far behind. Keep the average in float32 (ema_model = copy.deepcopy(model).float())",
+        stacklevel=4,
+    )
+
+
 class _Pairing:
     """compute_ema's kept work for one (model, ema_model): both trees, the pairs' locations and the plan."""
 
@@ -131,6 +173,7 @@ class _Pairing:
         "model",
         "names",
         "plan",
+        "resolution",
         "source_keys",
         "source_tables",
         "target_keys",
@@ -154,6 +197,8 @@ class _Pairing:
         self.names, sources, targets, self.averaged = _pair(*self.trees)
         for tree in self.trees:
             tree.entries = {}  # a flat plan must hold no tensor, or its buffers' reference counts could not drop
+        #: The coarsest resolution (eps) among the average's 16-bit floating tensors; 0.0 if it has none.
+        self.resolution = _check_tensors(self.names, [t for _, _, t in sources], [t for _, _, t in targets])
         self.source_tables = [table for table, _, _ in sources]
         self.source_keys = [key for _, key, _ in sources]
         self.target_tables = [table for table, _, _ in targets]
@@ -226,6 +271,8 @@ def update_kept(model: nn.Module, ema_model: nn.Module, weight: float) -> None:
     pairing = _pairings.get(key)
     left: list[str] | None = None
     if pairing is not None and pairing.current(model, ema_model):
+        if 0.0 < weight < pairing.resolution:
+            _warn_rounding(pairing.resolution, weight)
         unrun = pairing.plan.run_checked(weight)
         if unrun is None:
             return
@@ -234,6 +281,8 @@ def update_kept(model: nn.Module, ema_model: nn.Module, weight: float) -> None:
     del pairing  # release the old plan's spans before the new plan counts references
     pairing = _Pairing(model, ema_model, _forgetter(key))
     _pairings[key] = pairing
+    if 0.0 < weight < pairing.resolution:
+        _warn_rounding(pairing.resolution, weight)
     if left is None:
         pairing.plan.run(weight)
     else:

@@ -13,8 +13,8 @@ evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write
 ``on_step_end``                        ``ema.step()``: once per optimizer step, after the last micro-batch of
                                        each ``gradient_accumulation_steps`` and after ``optimizer.step()``
 ``on_epoch_end``                       ``ema.epoch_end()`` for complete epochs (not the cut one at ``max_steps``)
-``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the EMA model, loadable into the
-                                       plain model) and ``checkpoint-N/emakit_ema.pt`` (``ema.state_dict()``)
+``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the averaged tensors alone, for
+                                       ``load_state_dict``) and ``checkpoint-N/emakit_ema.pt`` (``ema.state_dict()``)
 ``on_train_end``                       with ``load_best_model_at_end``: the EMA of the best checkpoint loaded
 ``evaluate()``, ``predict()``          ``with ema.average_parameters(model)`` (mixin), once the average started
 ``save_model()``                       the EMA weights as the model with ``save_ema_as_model=True`` (mixin);
@@ -39,6 +39,7 @@ import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
@@ -50,10 +51,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from emakit._compat import dtensor_class
 from emakit.averaging import EMA, SWA, Averager
-from emakit.averaging.batchnorm import default_bn_forward
+from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
-from emakit.checkpoint.export import export_ema_weights
+from emakit.checkpoint.contents import model_state_dict
+from emakit.checkpoint.streaming import TensorEntry, write_safetensors
 from emakit.integrations.arguments import derived_signature, keyword
+from emakit.parallel.ranks import get_rank, is_distributed
 from emakit.time import Time, TimeUnit
 
 __all__ = [
@@ -66,8 +69,9 @@ __all__ = [
     "SWACallback",
 ]
 
-#: The EMA model in each checkpoint folder: the whole model ``state_dict`` with the average in place of the
-#: averaged tensors, in the model's dtypes, for ``model.load_state_dict(safetensors.torch.load_file(path))``.
+#: The average in each checkpoint folder: the tensors it holds (all of a fully trained model's; a LoRA model's
+#: adapters, not its frozen base), in the model's dtypes, under the model's names, for
+#: ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``.
 EMA_WEIGHTS_NAME = "ema_weights.safetensors"
 #: ``ema.state_dict()`` in each checkpoint folder: what ``train(resume_from_checkpoint=...)`` restores.
 EMA_STATE_NAME = "emakit_ema.pt"
@@ -97,7 +101,7 @@ class AveragingCallback(TrainerCallback):
         save_ema_as_model: ``trainer.save_model()`` (and ``push_to_hub``) write the averaged weights as the
             model, so ``from_pretrained`` on the output loads the averaged model. Needs :class:`EMATrainerMixin`.
             Off by default: ``save_model`` writes the training weights; every checkpoint folder holds the averaged
-            model as ``ema_weights.safetensors``, and ``emakit.export_ema_weights(callback, path)`` writes it
+            tensors as ``ema_weights.safetensors``, and ``emakit.export_ema_weights(callback, path)`` writes it
             anywhere (call it on every rank).
         eval_with_ema: ``evaluate()`` and ``predict()`` run on the averaged weights once the average has started
             (needs :class:`EMATrainerMixin`). Set ``callback.eval_with_ema = False`` to evaluate the training
@@ -209,8 +213,8 @@ class AveragingCallback(TrainerCallback):
             raise RuntimeError(
                 f"{type(self).__name__} cannot find the checkpoint folder the Trainer just wrote: {folder}"
             )
-        if self.averager.started:  # every rank calls it (it waits for all); rank 0 writes
-            export_ema_weights(self.averager, folder / EMA_WEIGHTS_NAME)
+        if self.averager.started and (get_rank() == 0 or not is_distributed()):
+            _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
         if args.should_save:
             _save_atomically(self.averager.state_dict(), folder / EMA_STATE_NAME)
 
@@ -250,7 +254,8 @@ class AveragingCallback(TrainerCallback):
                 default_bn_forward(module, batch)
 
         loader = kwargs.get("train_dataloader")
-        self.averager.finish_window(loader, model, forward, end_of_training=end_of_training)
+        ordered = None if loader is None else FixedOrder(loader)  # the same batches wherever the run resumed
+        self.averager.finish_window(ordered, model, forward, end_of_training=end_of_training)
 
     def _resume(self, folder: Path, global_step: int) -> None:
         path = folder / EMA_STATE_NAME
@@ -405,6 +410,18 @@ def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict) or hasattr(batch, "items"):
         return {k: _to(v, device) for k, v in batch.items()}
     return batch
+
+
+def _write_averaged(averager: Averager, path: Path) -> None:
+    """The tensors the average holds, under each name the model gives them, in the model's dtypes: a frozen
+    base (LoRA) is not copied into every checkpoint. Plain tensors (FSDP is refused), so rank 0 writes alone."""
+    model_state = model_state_dict(averager.model)
+    published = averager.published_model_state(model_state)
+    entries = []
+    for name in averager.tracked_keys(model_state):
+        tensor: torch.Tensor = published[name].detach()
+        entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(torch.Tensor.detach, tensor)))
+    write_safetensors(entries, path)
 
 
 def _save_atomically(obj: Any, path: Path) -> None:
