@@ -83,7 +83,7 @@ def ema_schedule(
     from this function.
     """
     explicit_half_life = half_life is not None and not isinstance(half_life, _DefaultHalfLife)
-    named = (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
+    named: tuple[tuple[str, Any], ...] = (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
     named += (("half_life_fraction", half_life_fraction),)
     given = [n for n, v in named if v is not None and (n != "half_life" or explicit_half_life)]
     if len(given) > 1:
@@ -152,7 +152,9 @@ def _growing(
     half_life_fraction: float | Sequence[float], update_interval: str | Time | None, start: str | Time, warmup: object
 ) -> GrowingHalfLife:
     """The schedule of ``half_life_fraction`` (one fraction or a list, each finite and above 0)."""
-    values = list(half_life_fraction) if isinstance(half_life_fraction, (list, tuple)) else [half_life_fraction]
+    values: list[Any] = (
+        list(half_life_fraction) if isinstance(half_life_fraction, (list, tuple)) else [half_life_fraction]
+    )
     if not values:
         raise ValueError("half_life_fraction must be a number or a non-empty list of numbers, got []")
     for value in values:
