@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from emakit._version import __version__
 
 if TYPE_CHECKING:
-    from emakit.averaging import EMA, SWA
+    from emakit.averaging import BEMA, EMA, SWA
     from emakit.callbacks.checkpoint_saver import CheckpointSaver
     from emakit.core.event import Event
     from emakit.distributed import export_ema_weights
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from emakit.trainer import Trainer
 
 __all__ = [
+    "BEMA",
     "EMA",
     "SWA",
     "CheckpointSaver",
@@ -44,6 +45,7 @@ __all__ = [
 _LAZY: dict[str, str] = {
     "EMA": "emakit.averaging",
     "SWA": "emakit.averaging",
+    "BEMA": "emakit.averaging",
     "CheckpointSaver": "emakit.callbacks.checkpoint_saver",
     "Event": "emakit.core.event",
     "Time": "emakit.time",

@@ -1,7 +1,7 @@
 """Time units for training schedules.
 
 A :class:`Time` is a non-negative amount of training in one unit: batches (``"ba"``), epochs
-(``"ep"``), samples (``"sp"``) or a fraction of the run's ``max_duration`` (``"dur"``). Times are
+(``"ep"``), samples (``"sp"``), tokens (``"tok"``) or a fraction of the run's ``max_duration`` (``"dur"``). Times are
 written as short strings such as ``"50ba"`` or ``"0.5dur"`` so that schedules (EMA half-life,
 warm-up, evaluation interval, ...) can be given in whichever unit is natural and validated in one
 place. :class:`Timestamp` holds the run's progress counters, and :func:`progress` / :func:`reached`
@@ -10,8 +10,8 @@ compare that progress against a :class:`Time`.
 Time strings, as :meth:`Time.parse` and :meth:`Time.coerce` read them:
 
 - ``<number><unit>``: the number is ASCII digits with an optional fraction and exponent (``50``,
-  ``0.5``, ``.5``, ``1e3``, ``2.5E-1``); the unit is ``ba``, ``ep``, ``sp`` or ``dur`` in any case
-  (``"10BA"`` is ``"10ba"``). ``ba``, ``ep`` and ``sp`` take whole numbers (``"1e3ba"``, ``"2.0ep"``).
+  ``0.5``, ``.5``, ``1e3``, ``2.5E-1``); the unit is ``ba``, ``ep``, ``sp``, ``tok`` or ``dur`` in any case
+  (``"10BA"`` is ``"10ba"``). All but ``dur`` take whole numbers (``"1e3ba"``, ``"2.0ep"``, ``"2e9tok"``).
 - Whitespace around the number and the unit is ignored on purpose: ``" 10ba "``, ``"10 ba"`` and
   ``"10 BA\n"`` are all ``"10ba"`` (times are often pasted or read from config files); a space inside
   the number (``"1 0ba"``) is refused.
@@ -44,6 +44,7 @@ class TimeUnit(str, enum.Enum):
     BATCH = "ba"
     EPOCH = "ep"
     SAMPLE = "sp"
+    TOKEN = "tok"
     DURATION = "dur"
 
     def __str__(self) -> str:
@@ -62,6 +63,7 @@ _UNIT_MEANINGS: dict[TimeUnit, str] = {
     TimeUnit.BATCH: "batches",
     TimeUnit.EPOCH: "epochs",
     TimeUnit.SAMPLE: "samples",
+    TimeUnit.TOKEN: "tokens",
     TimeUnit.DURATION: "fraction of max_duration",
 }
 _ALL_UNITS: tuple[TimeUnit, ...] = tuple(TimeUnit)
@@ -74,7 +76,7 @@ def _units_help(units: tuple[TimeUnit, ...]) -> str:
 
 def _whole_help(units: tuple[TimeUnit, ...]) -> str:
     """``'ba', 'ep' and 'sp' take whole numbers``, naming only the accepted integer units."""
-    names = [f"'{u.value}'" for u in units if u.is_integer] or ["'ba'", "'ep'", "'sp'"]
+    names = [f"'{u.value}'" for u in units if u.is_integer] or ["'ba'", "'ep'", "'sp'", "'tok'"]
     if len(names) == 1:
         return f"{names[0]} takes whole numbers"
     return f"{', '.join(names[:-1])} and {names[-1]} take whole numbers"
@@ -344,7 +346,9 @@ class Time:
         return time
 
 
-_TIMESTAMP_FIELDS = ("epoch", "batch", "sample", "batch_in_epoch", "sample_in_epoch")
+_TIMESTAMP_FIELDS = ("epoch", "batch", "sample", "batch_in_epoch", "sample_in_epoch", "token", "token_in_epoch")
+#: Fields a state may lack: states written before tokens were counted resume with 0 tokens.
+_OPTIONAL_FIELDS = ("token", "token_in_epoch")
 
 
 def _check_count(name: str, value: object) -> int:
@@ -359,8 +363,8 @@ def _check_count(name: str, value: object) -> int:
 class Timestamp:
     """Mutable progress counters of a training run, saved with checkpoints for exact resumption.
 
-    ``epoch`` counts completed epochs; ``batch`` and ``sample`` count all batches and samples seen;
-    ``batch_in_epoch`` and ``sample_in_epoch`` count those of the current epoch.
+    ``epoch`` counts completed epochs; ``batch``, ``sample`` and ``token`` count all batches, samples and
+    tokens seen; ``batch_in_epoch``, ``sample_in_epoch`` and ``token_in_epoch`` count those of the current epoch.
     """
 
     epoch: int = 0
@@ -368,13 +372,15 @@ class Timestamp:
     sample: int = 0
     batch_in_epoch: int = 0
     sample_in_epoch: int = 0
+    token: int = 0
+    token_in_epoch: int = 0
 
     def __post_init__(self) -> None:
         for field in _TIMESTAMP_FIELDS:
             setattr(self, field, _check_count(field, getattr(self, field)))
 
     def get(self, unit: TimeUnit | str) -> int:
-        """The counter for ``ba``, ``ep`` or ``sp``; ``dur`` needs ``max_duration`` (see :func:`progress`)."""
+        """The counter for ``ba``, ``ep``, ``sp`` or ``tok``; ``dur`` needs ``max_duration`` (see :func:`progress`)."""
         unit = _to_unit(unit)
         if unit is TimeUnit.BATCH:
             return self.batch
@@ -382,30 +388,38 @@ class Timestamp:
             return self.epoch
         if unit is TimeUnit.SAMPLE:
             return self.sample
+        if unit is TimeUnit.TOKEN:
+            return self.token
         raise ValueError("a Timestamp cannot give 'dur' by itself: use progress() with a max_duration")
 
-    def advance_batch(self, num_samples: int) -> None:
-        """Record one completed batch of ``num_samples`` samples."""
+    def advance_batch(self, num_samples: int, num_tokens: int = 0) -> None:
+        """Record one completed batch of ``num_samples`` samples and ``num_tokens`` tokens."""
         num_samples = _check_count("num_samples", num_samples)
+        num_tokens = _check_count("num_tokens", num_tokens)
         self.batch += 1
         self.batch_in_epoch += 1
         self.sample += num_samples
         self.sample_in_epoch += num_samples
+        self.token += num_tokens
+        self.token_in_epoch += num_tokens
 
     def advance_epoch(self) -> None:
         """Record a completed epoch and reset the per-epoch counters."""
         self.epoch += 1
         self.batch_in_epoch = 0
         self.sample_in_epoch = 0
+        self.token_in_epoch = 0
 
     def state_dict(self) -> dict[str, int]:
         """The counters as a plain dict, for checkpoints."""
         return {field: getattr(self, field) for field in _TIMESTAMP_FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore counters from :meth:`state_dict`; all keys must be present and known."""
+        """Restore counters from :meth:`state_dict`; all keys must be known and present (the token counts may be
+        missing: states written before tokens were counted resume with 0 tokens)."""
         if not isinstance(state, dict):
             raise TypeError(f"Timestamp state must be a dict, got {type(state).__name__}")
+        state = {**dict.fromkeys(_OPTIONAL_FIELDS, 0), **state}
         missing = [f for f in _TIMESTAMP_FIELDS if f not in state]
         unknown = [repr(k) for k in state if k not in _TIMESTAMP_FIELDS]
         if missing:
@@ -430,7 +444,7 @@ def progress(timestamp: Timestamp, max_duration: Time, batches_per_epoch: int | 
     if not isinstance(max_duration, Time):
         raise TypeError(f"max_duration must be a Time, got {max_duration!r} ({type(max_duration).__name__})")
     if max_duration.unit is TimeUnit.DURATION:
-        raise ValueError(f"max_duration must be in 'ba', 'ep' or 'sp', got '{max_duration}'")
+        raise ValueError(f"max_duration must be in 'ba', 'ep', 'sp' or 'tok', got '{max_duration}'")
     if batches_per_epoch is not None:
         batches_per_epoch = _check_count("batches_per_epoch", batches_per_epoch)
     total = max_duration.value
@@ -444,7 +458,7 @@ def progress(timestamp: Timestamp, max_duration: Time, batches_per_epoch: int | 
 def reached(timestamp: Timestamp, target: Time, max_duration: Time | None, batches_per_epoch: int | None) -> bool:
     """Whether training has reached ``target``.
 
-    ``ba``/``ep``/``sp`` targets compare the matching counter; ``dur`` targets compare
+    ``ba``/``ep``/``sp``/``tok`` targets compare the matching counter; ``dur`` targets compare
     :func:`progress` (which needs ``max_duration``) with a ``1e-12`` tolerance for rounding.
     """
     if not isinstance(target, Time):

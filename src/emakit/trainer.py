@@ -24,7 +24,7 @@ from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
 from emakit.checkpoint import load_checkpoint, save_checkpoint
 from emakit.core.algorithm import Algorithm
-from emakit.core.batches import LossFn, batch_size, forward_and_loss, loss_of_first, to_device
+from emakit.core.batches import LossFn, batch_size, batch_tokens, forward_and_loss, loss_of_first, to_device
 from emakit.core.callback import Callback
 from emakit.core.engine import Engine
 from emakit.core.event import Event
@@ -427,7 +427,12 @@ class Trainer:
         for sch in state.schedulers:
             sch.step()
         state.outputs, state.loss = outputs, loss.detach()
-        state.timestamp.advance_batch(batch_size(batch) * state.world_size)  # samples over all ranks
+        tokens = batch_tokens(
+            batch
+        )  # summed over the ranks (their padding differs); every rank's batches have them or not
+        if tokens and state.world_size > 1:
+            tokens = int(all_reduce_sum([float(tokens)], state.device)[0])
+        state.timestamp.advance_batch(batch_size(batch) * state.world_size, tokens)  # samples over all ranks
         loss_value = float(state.loss)
         if not math.isfinite(loss_value):
             warnings.warn(f"training loss is {loss_value} at batch {state.timestamp.batch}", stacklevel=2)

@@ -125,15 +125,18 @@ def test_default_update_interval() -> None:
         (
             {"half_life": "10ba", "smoothing": 0.9},
             ValueError,
-            r"exactly one of half_life, smoothing and sigma_rel, got half_life='10ba', smoothing=0\.9",
+            r"exactly one of half_life, smoothing, sigma_rel and half_life_fraction, got half_life='10ba', smoothing=0\.9",
         ),
         ({"half_life": "-10ba"}, ValueError, r"half_life must be greater than 0, got '-10ba'"),
-        ({"half_life": None}, ValueError, r"exactly one of half_life, smoothing and sigma_rel, got none"),
-        ({"half_life": "10sp"}, ValueError, r"half_life: got '10sp'; accepted units: 'ba', 'ep'"),
-        ({"half_life": "0.5dur"}, ValueError, r"half_life: .*accepted units: 'ba', 'ep'"),
+        (
+            {"half_life": None},
+            ValueError,
+            r"exactly one of half_life, smoothing, sigma_rel and half_life_fraction, got none",
+        ),
+        ({"half_life": "0.5dur"}, ValueError, r"half_life: got '0.5dur'; accepted units: 'ba', 'ep', 'sp', 'tok'"),
         ({"half_life": "0ba"}, ValueError, r"half_life must be greater than 0, got '0ba'"),
         ({"half_life": "1.5ep"}, ValueError, r"half_life: '1.5ep'"),
-        ({"half_life": "ten"}, ValueError, r"half_life: 'ten' is not a time.*'ba' \(batches\), 'ep' \(epochs\)$"),
+        ({"half_life": "ten"}, ValueError, r"half_life: 'ten' is not a time.*'sp' \(samples\), 'tok' \(tokens\)$"),
         ({"half_life": 10}, TypeError, r"half_life"),
         (
             {"half_life": "10ba", "update_interval": "1ep"},

@@ -17,8 +17,16 @@ import pytest
 
 import emakit
 import emakit.averaging
-from emakit.averaging import EMA, SWA, Averager
-from emakit.averaging.schedules import Constant, EqualWeights, Power, Schedule
+from emakit.averaging import BEMA, EMA, SWA, Averager
+from emakit.averaging.schedules import (
+    BiasCorrected,
+    Constant,
+    EqualWeights,
+    GrowingHalfLife,
+    PerAmount,
+    Power,
+    Schedule,
+)
 
 PACKAGE = Path(emakit.__file__).parent
 #: Modules whose job is to be a namespace users import from (package faces define nothing by design).
@@ -32,14 +40,14 @@ def test_the_public_classes_are_the_averaging_packages() -> None:
         Averager()  # type: ignore[abstract]
 
 
-@pytest.mark.parametrize("cls", [EMA, SWA])
+@pytest.mark.parametrize("cls", [EMA, SWA, BEMA])
 def test_each_averager_only_configures_the_one_averager(cls: type) -> None:
     assert cls.__bases__ == (Averager,)
     assert set(cls.__dict__) - {"__module__", "__doc__", "__qualname__", "__final__", "__abstractmethods__",
                                 "_abc_impl", "__firstlineno__", "__static_attributes__"} == {"__init__", "__repr__"}  # fmt: skip
 
 
-@pytest.mark.parametrize("schedule", [Constant, Power, EqualWeights])
+@pytest.mark.parametrize("schedule", [Constant, Power, EqualWeights, GrowingHalfLife, BiasCorrected, PerAmount])
 def test_schedules_are_final_and_override_no_concrete_method(schedule: type) -> None:
     assert schedule.__bases__ == (Schedule,)
 

@@ -179,7 +179,11 @@ def test_fp16_snapshots_halve_the_disk(tmp_path: Path) -> None:
     ("kwargs", "error", "match"),
     [
         ({"sigma_rel": 0.3}, ValueError, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\) = 0.288675\], got 0.3"),
-        ({"sigma_rel": 0.1, "half_life": "10ba"}, ValueError, r"exactly one of half_life, smoothing and sigma_rel"),
+        (
+            {"sigma_rel": 0.1, "half_life": "10ba"},
+            ValueError,
+            r"exactly one of half_life, smoothing, sigma_rel and half_life_fraction",
+        ),
         ({"sigma_rel": []}, ValueError, r"sigma_rel must be a number or a non-empty list of numbers, got \[\]"),
         ({"half_life": ["2ba", "1ep"]}, ValueError, r"every half-life needs the same unit, got '2ba' and '1ep'"),
         ({"snapshot_interval": "10ba"}, ValueError, r"give snapshot_interval and snapshot_folder together"),

@@ -417,7 +417,11 @@ def test_mixin_composes_with_another_trainer_subclass(tmp_path: Path) -> None:
     [
         ({"half_life": "ten"}, ValueError, r"half_life: 'ten' is not a time"),
         ({"smoothing": 1.5}, ValueError, r"smoothing must be a real number in \[0, 1\], got 1\.5"),
-        ({"half_life": "3ba", "smoothing": 0.9}, ValueError, "exactly one of half_life, smoothing and sigma_rel"),
+        (
+            {"half_life": "3ba", "smoothing": 0.9},
+            ValueError,
+            "exactly one of half_life, smoothing, sigma_rel and half_life_fraction",
+        ),
         ({"ema_start": "100sp"}, ValueError, "ema_start='100sp'.*'ba'"),
         ({"save_ema_as_model": "yes"}, TypeError, "save_ema_as_model must be a bool, got 'yes'"),
         ({"eval_with_ema": 1}, TypeError, "eval_with_ema must be a bool, got 1"),

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from emakit.time import Time, Timestamp, TimeUnit, progress, reached
 
-INT_UNITS = ["ba", "ep", "sp"]
+INT_UNITS = ["ba", "ep", "sp", "tok"]
 ALL_UNITS = [*INT_UNITS, "dur"]
-UNITS_LISTED = re.escape("'ba' (batches), 'ep' (epochs), 'sp' (samples), 'dur' (fraction of max_duration)")
+UNITS_LISTED = re.escape(
+    "'ba' (batches), 'ep' (epochs), 'sp' (samples), 'tok' (tokens), 'dur' (fraction of max_duration)"
+)
 
 FAST = settings(max_examples=200, deadline=None)
 
@@ -26,7 +28,7 @@ FAST = settings(max_examples=200, deadline=None)
 
 
 def test_time_unit_values_and_str() -> None:
-    assert [u.value for u in TimeUnit] == ["ba", "ep", "sp", "dur"]
+    assert [u.value for u in TimeUnit] == ["ba", "ep", "sp", "tok", "dur"]
     assert TimeUnit.BATCH == "ba"
     assert str(TimeUnit.EPOCH) == "ep"
     assert f"{TimeUnit.SAMPLE}" == "sp"
@@ -91,7 +93,7 @@ def test_constructor_rejects_values_beyond_float_range() -> None:
 
 @pytest.mark.parametrize("unit", INT_UNITS)
 def test_constructor_rejects_fractional_integer_units(unit: str) -> None:
-    with pytest.raises(ValueError, match=r"1\.5 is not a whole number: 'ba', 'ep' and 'sp' take whole numbers"):
+    with pytest.raises(ValueError, match=r"1\.5 is not a whole number: 'ba', 'ep', 'sp' and 'tok' take whole numbers"):
         Time(1.5, unit)
 
 
@@ -202,7 +204,7 @@ def test_mul() -> None:
 
 
 def test_mul_errors() -> None:
-    with pytest.raises(ValueError, match="not a whole number: 'ba', 'ep' and 'sp' take whole numbers"):
+    with pytest.raises(ValueError, match="not a whole number: 'ba', 'ep', 'sp' and 'tok' take whole numbers"):
         _ = Time(5, "ba") * 0.5
     with pytest.raises(ValueError, match="not a whole number"):
         _ = Time(5, "ba") * Fraction(1, 3)  # type: ignore[operator]
@@ -292,7 +294,7 @@ def test_parse_error_message_exact() -> None:
         Time.parse("10xx")
     assert str(info.value) == (
         "'10xx' is not a time: expected <number><unit> with unit one of 'ba' (batches), 'ep' (epochs), "
-        "'sp' (samples), 'dur' (fraction of max_duration)"
+        "'sp' (samples), 'tok' (tokens), 'dur' (fraction of max_duration)"
     )
 
 
@@ -304,7 +306,7 @@ def test_parse_rejects_negative(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["1.5ep", "0.1ba", "2.5e-1sp", "1.0000000000000000001ep"])
 def test_parse_rejects_fractional_integer_units(text: str) -> None:
-    with pytest.raises(ValueError, match=f"^'{text}' is not a time: 'ba', 'ep' and 'sp' take whole numbers$"):
+    with pytest.raises(ValueError, match=f"^'{text}' is not a time: 'ba', 'ep', 'sp' and 'tok' take whole numbers$"):
         Time.parse(text)
 
 
@@ -331,7 +333,7 @@ def test_coerce_accepts_time_and_string() -> None:
 
 
 def test_coerce_prefixes_parse_errors() -> None:
-    with pytest.raises(ValueError, match=r"^half_life: '1\.5ep' is not a time: 'ba', 'ep' and 'sp' take whole"):
+    with pytest.raises(ValueError, match=r"^half_life: '1\.5ep' is not a time: 'ba', 'ep', 'sp' and 'tok' take whole"):
         Time.coerce("1.5ep", "half_life")
     with pytest.raises(ValueError, match=f"^half_life: '10xx' is not a time: .*{UNITS_LISTED}$"):
         Time.coerce("10xx", "half_life")
@@ -570,7 +572,7 @@ def test_property_every_spelling_of_a_time_parses_to_it(case: tuple[str, Time]) 
     assert Time.coerce(text, "arg", units=[expected.unit]) == expected
 
 
-_MEANING = {"ba": "batches", "ep": "epochs", "sp": "samples", "dur": "fraction of max_duration"}
+_MEANING = {"ba": "batches", "ep": "epochs", "sp": "samples", "tok": "tokens", "dur": "fraction of max_duration"}
 
 
 def _reference_read(text: str, units: list[str]) -> tuple[str, object]:
@@ -676,7 +678,9 @@ def test_property_integer_arithmetic_matches_ints(a: int, b: int, unit: str) -> 
 
 def test_timestamp_defaults_and_get() -> None:
     ts = Timestamp()
-    assert ts.state_dict() == {"epoch": 0, "batch": 0, "sample": 0, "batch_in_epoch": 0, "sample_in_epoch": 0}
+    assert ts.state_dict() == {
+        "epoch": 0, "batch": 0, "sample": 0, "batch_in_epoch": 0, "sample_in_epoch": 0, "token": 0, "token_in_epoch": 0
+    }  # fmt: skip
     ts = Timestamp(epoch=2, batch=30, sample=480, batch_in_epoch=5, sample_in_epoch=80)
     assert ts.get("ba") == 30
     assert ts.get(TimeUnit.EPOCH) == 2
@@ -821,7 +825,7 @@ def test_progress_tolerates_float_rounding() -> None:
 
 
 def test_progress_errors() -> None:
-    with pytest.raises(ValueError, match=r"max_duration must be in 'ba', 'ep' or 'sp', got '1\.0dur'"):
+    with pytest.raises(ValueError, match=r"max_duration must be in 'ba', 'ep', 'sp' or 'tok', got '1\.0dur'"):
         progress(Timestamp(), Time(1, "dur"), None)
     with pytest.raises(TypeError, match="max_duration must be a Time, got '10ba'"):
         progress(Timestamp(), "10ba", None)  # type: ignore[arg-type]

@@ -75,6 +75,11 @@ class Averaging(Algorithm):
         elif event in (Event.AFTER_LOAD, Event.FIT_START):
             averager.timestamp = state.timestamp.copy()
         elif event in (Event.BATCH_END, Event.EPOCH_END):
+            if averager.schedule.counts(TimeUnit.TOKEN) and not state.timestamp.token:
+                raise ValueError(
+                    f"{self.name}: {averager.schedule.describe()} counts tokens, and the Trainer counts them only in "
+                    "dict batches with 'attention_mask' or 'input_ids': give such batches, or a half-life in 'ba'/'sp'"
+                )
             averager.timestamp = state.timestamp.copy()
             skipped = averager.num_skipped_nonfinite
             averager.tick(averager.update_interval.unit)

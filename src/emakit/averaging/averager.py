@@ -1,9 +1,8 @@
 """The one averager: a moving average of a model's weights, driven by any training loop, whatever its rule.
 
-:class:`Averager` holds every verb (attach, step, epoch_end, average_parameters, ema_model, state_dict /
-load_state_dict, update_bn) and knows nothing of any trainer: emakit's Trainer, the Lightning and Transformers
-callbacks and Accelerate map their events onto these verbs. What varies between EMA, SWA and other rules is the
-:mod:`~emakit.averaging.schedules` object handed to it; :class:`~emakit.averaging.EMA` and
+:class:`Averager` holds every verb and knows nothing of any trainer: emakit's Trainer, the Lightning and
+Transformers callbacks and Accelerate map their events onto these verbs. What varies between EMA, SWA and other
+rules is the :mod:`~emakit.averaging.schedules` object handed to it; :class:`~emakit.averaging.EMA` and
 :class:`~emakit.averaging.SWA` only turn their arguments into one. Each verb delegates to the part that does
 that job: :mod:`.tracked` (which tensors, wherever they are), :mod:`.averages` (storages, update), :mod:`.guard`
 (NaN/Inf), :mod:`.snapshots`, :mod:`.swap` (eval swap, ``ema_model``), :mod:`.states` and :mod:`.batchnorm`.
@@ -26,6 +25,7 @@ from emakit.averaging import batchnorm, epochs, momentum, states
 from emakit.averaging.averages import Averages
 from emakit.averaging.config import Options, check_at_attach, check_eval_average
 from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.rulestate import RuleState
 from emakit.averaging.schedules import Schedule, check_batches_per_epoch, check_duration
 from emakit.averaging.selection import Selection
 from emakit.averaging.snapshots import SnapshotSeries
@@ -79,6 +79,7 @@ class Averager(ABC):
         self._averages = Averages(schedule.num_averages)
         self._swap = Swap(self._tracked)
         self._snapshots = SnapshotSeries()
+        self._rule = RuleState(schedule)  # what the schedule keeps beyond n: amounts seen, BEMA's theta_0
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
         #: The model's NaN/Inf values as attached (a -inf mask), by name: the guard's reference before the start.
@@ -135,8 +136,7 @@ class Averager(ABC):
 
     @property
     def storage(self) -> FlatStorage:
-        """Where the evaluated average lives: flat buffers per (device, dtype) and their update plan (``nbytes``,
-        ``tensors``, ``buffers``), for measuring memory and inspecting the fast path; once started."""
+        """The evaluated average's flat buffers (``nbytes``, ``tensors``, ``buffers``), once started."""
         return self._evaluated()
 
     def require_started(self) -> None:
@@ -150,7 +150,8 @@ class Averager(ABC):
         self.require_started()
         assert self._averages.storages is not None
         self.wait()
-        return self._averages.storages[self._eval_average]
+        storage = self._averages.storages[self._eval_average]
+        return self._rule.evaluated(storage, self._swap.training_tensors, self.n_averaged)
 
     def renewed(self) -> Averager:
         """A new averager of this kind and settings, for a new run (own snapshot run id); before any attach."""
@@ -207,15 +208,16 @@ class Averager(ABC):
         self._averages.wait()
 
     # ------------------------------------------------------------------ the clock
-    def step(self, num_samples: int = 0) -> bool:
-        """Count one optimizer step (of ``num_samples`` samples, for ``'sp'`` times); call it after each one.
-
-        With ``'ba'`` units the average starts (as a copy of the weights) once the schedule's start is reached
-        and then blends every ``update_interval``. Returns whether the average was started or blended.
+    def step(self, num_samples: int = 0, num_tokens: int = 0) -> bool:
+        """Count one optimizer step (of ``num_samples`` samples and ``num_tokens`` tokens, for ``'sp'`` / ``'tok'``
+        times); call it after each one. With ``'ba'`` units the average starts (as a copy of the weights) once the
+        schedule's start is reached and then blends every ``update_interval``. Returns whether it changed.
         """
         self._swap.refuse_step()
-        epochs.check_step(type(self).__name__, self.schedule, self.timestamp, self.batches_per_epoch, num_samples)
-        self.timestamp.advance_batch(num_samples)
+        epochs.check_step(
+            type(self).__name__, self.schedule, self.timestamp, self.batches_per_epoch, num_samples, num_tokens
+        )
+        self.timestamp.advance_batch(num_samples, num_tokens)
         return self.tick(TimeUnit.BATCH)
 
     def epoch_end(self) -> bool:
@@ -280,6 +282,7 @@ class Averager(ABC):
         sources = dict(zip(self._tracked.names, self._swap.training_tensors(), strict=True))
         if self._averages.start(sources, self.fp32_ema):
             self._swap.forget_ema_model()
+        self._rule.start(sources, self.timestamp)
         self.start_count = count
         self.n_averaged = 1
         self._version += 1
@@ -291,7 +294,7 @@ class Averager(ABC):
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._tracked.sharded or self._swap.swapped is not None:
             source = self._swap.training_tensors()  # a reusable plan only for plain models
-        self._averages.blend(source, self.schedule.weights(self.n_averaged + 1))
+        self._averages.blend(source, self._rule.weights(self.n_averaged + 1, self.timestamp))
         self._averages.copy_buffers(self._tracked.names, self._tracked.copied, self._swap.training_tensors)
         self.n_averaged += 1
         self.bn_updated = False  # the blend moved the BatchNorm buffers away from the recomputed statistics
@@ -300,6 +303,7 @@ class Averager(ABC):
     def _forget_made_for_set(self) -> None:
         """The tracked set changed: drop the storages, ``ema_model`` and overlap phases made for the former one."""
         self._averages.drop()
+        self._rule.drop()
         self._swap.forget_ema_model()
         self._setup_overlap()
 
@@ -309,11 +313,8 @@ class Averager(ABC):
             self._averages.setup_overlap(self._tracked.model, self._tracked.names, self._tracked.live())
 
     def write_snapshot(self) -> Path:
-        """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series.
-
-        :meth:`step` calls this every ``snapshot_interval``. Under FSDP every rank must call it (each writes
-        its shards); otherwise rank 0 writes one safetensors file.
-        """
+        """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series (:meth:`step`
+        calls this every ``snapshot_interval``). Under FSDP every rank writes its shards; otherwise rank 0 one file."""
         self.require_started()
         if self.snapshot_folder is None:
             raise RuntimeError(
@@ -342,9 +343,8 @@ class Averager(ABC):
 
     def get_training_model(self, model: nn.Module) -> nn.Module:
         """Put the training weights back into ``model`` and return it; a no-op if they are already there."""
-        if not self._swap.is_swapped_out(model):
-            return model
-        self.wait()
+        if self._swap.is_swapped_out(model):
+            self.wait()
         return self._swap.take_out(model)
 
     @contextlib.contextmanager
@@ -373,7 +373,7 @@ class Averager(ABC):
         moves the average's BatchNorm statistics. For an fp16/bf16 model with ``fp32_ema`` it is in the model's
         dtype, refreshed from the fp32 average each time this property is read. Frozen parameters are shared.
         """
-        return self._swap.ema_model(self._evaluated(), self._version)
+        return self._swap.ema_model(self._evaluated(), self._version + self._rule.refreshes)
 
     # ------------------------------------------------------------------ BatchNorm of the average
     def update_bn(
@@ -442,7 +442,7 @@ class Averager(ABC):
         As with torch's, the tensors are references to the live average: a state kept in memory (not saved)
         must be ``copy.deepcopy``-ed, or its tensors follow later updates while its counters do not."""
         self.wait()
-        return states.averager_state(
+        state = states.averager_state(
             started=self.started,
             start_count=self.start_count,
             n_averaged=self.n_averaged,
@@ -455,6 +455,7 @@ class Averager(ABC):
             window_closed=self.window_closed,
             bn_updated=self.bn_updated,
         )
+        return self._rule.save(state, self._tracked)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`attach`); everything is checked before anything changes."""
@@ -467,6 +468,7 @@ class Averager(ABC):
         former = self._tracked.select_saved(saved) if isinstance(saved, Mapping) else None
         try:
             restored = states.read_state(state, self._tracked, self.schedule, stacklevel=3)
+            kept = self._rule.read(state, self._tracked)
             if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
                 self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
         except BaseException:
@@ -477,6 +479,7 @@ class Averager(ABC):
             self._forget_made_for_set()
         if self._averages.restore(restored.averages, restored.live, self.fp32_ema):
             self._swap.forget_ema_model()
+        self._rule.restore(kept, self._tracked)
         self.start_count = restored.start_count
         self.n_averaged = restored.n_averaged
         self.num_skipped_nonfinite = restored.num_skipped_nonfinite

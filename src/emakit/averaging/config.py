@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from emakit.averaging.schedules import UPDATE_UNITS, Constant, Power, Schedule
+from emakit.averaging.schedules import AMOUNT_UNITS, UPDATE_UNITS, Constant, GrowingHalfLife, PerAmount, Power, Schedule
 from emakit.averaging.snapshots import check_snapshot_folder_writable
 from emakit.averaging.warmup import Warmup, check_warmup
 from emakit.engine.kernels import validate_smoothing
@@ -79,27 +79,24 @@ def ema_schedule(
     warmup: bool | Warmup | None,
     snapshot_folder: object = None,
     stacklevel: int = 2,
-) -> Constant | Power:
+    half_life_fraction: float | Sequence[float] | None = None,
+) -> Constant | Power | GrowingHalfLife | PerAmount:
     """The EMA's schedule from its timing arguments (same meaning as :class:`~emakit.averaging.EMA`'s).
 
     ``stacklevel`` is that of a warning about a long ``update_interval``, as :func:`warnings.warn` counts it
     from this function.
     """
     explicit_half_life = half_life is not None and not isinstance(half_life, _DefaultHalfLife)
-    given = [
-        name
-        for name, value in (("half_life", explicit_half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
-        if value is not None and value is not False
-    ]
+    named: tuple[tuple[str, Any], ...] = (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
+    named += (("half_life_fraction", half_life_fraction),)
+    given = [n for n, v in named if v is not None and (n != "half_life" or explicit_half_life)]
     if len(given) > 1:
-        shown = ", ".join(
-            f"{n}={v!r}"
-            for n, v in (("half_life", half_life), ("smoothing", smoothing), ("sigma_rel", sigma_rel))
-            if n in given
-        )
-        raise ValueError(f"give exactly one of half_life, smoothing and sigma_rel, got {shown}")
-    if smoothing is None and half_life is None and sigma_rel is None:
-        raise ValueError("give exactly one of half_life, smoothing and sigma_rel, got none")
+        shown = ", ".join(f"{n}={v!r}" for n, v in named if n in given)
+        raise ValueError(f"give exactly one of half_life, smoothing, sigma_rel and half_life_fraction, got {shown}")
+    if all(v is None for _, v in named):
+        raise ValueError("give exactly one of half_life, smoothing, sigma_rel and half_life_fraction, got none")
+    if half_life_fraction is not None:
+        return _growing(half_life_fraction, update_interval, ema_start, warmup)
     given_half_lives: list[Any] = [half_life]
     if isinstance(half_life, (list, tuple)):
         if not half_life:
@@ -108,7 +105,7 @@ def ema_schedule(
     half_lives: list[Time] = []
     if smoothing is None and sigma_rel is None and half_life is not None:
         for value in given_half_lives:
-            parsed = Time.coerce(value, "half_life", UPDATE_UNITS, positive=True)
+            parsed = Time.coerce(value, "half_life", UPDATE_UNITS + AMOUNT_UNITS, positive=True)
             if parsed.value <= 0:
                 raise ValueError(f"half_life must be greater than 0, got {str(parsed)!r}")
             if half_lives and parsed.unit != half_lives[0].unit:
@@ -117,6 +114,12 @@ def ema_schedule(
                 )
             half_lives.append(parsed)
     _check_distinct("half_life", [str(h) for h in half_lives], [h.value for h in half_lives])
+    if half_lives and half_lives[0].unit in AMOUNT_UNITS:
+        if warmup:
+            raise ValueError(f"warmup applies to half-lives in 'ba' or 'ep', got half_life='{half_lives[0]}'")
+        return PerAmount(
+            tuple(half_lives), _parse_update_interval(update_interval, None), check_start(ema_start, "ema_start")
+        )
     interval = _parse_update_interval(update_interval, half_lives[0] if half_lives else None)
     start = check_start(ema_start, "ema_start")
     checked_warmup = check_warmup(warmup, sigma_rel, snapshot_folder)
@@ -147,6 +150,25 @@ def ema_schedule(
                 stacklevel=stacklevel,
             )
     return Constant(tuple(smoothings), interval, start, half_lives=tuple(half_lives), warmup=checked_warmup)
+
+
+def _growing(
+    half_life_fraction: float | Sequence[float], update_interval: str | Time | None, start: str | Time, warmup: object
+) -> GrowingHalfLife:
+    """The schedule of ``half_life_fraction`` (one fraction or a list, each finite and above 0)."""
+    values: list[Any] = (
+        list(half_life_fraction) if isinstance(half_life_fraction, (list, tuple)) else [half_life_fraction]
+    )
+    if not values:
+        raise ValueError("half_life_fraction must be a number or a non-empty list of numbers, got []")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"half_life_fraction must be a finite number greater than 0, got {value!r}")
+    _check_distinct("half_life_fraction", values, [float(v) for v in values])
+    if warmup:
+        raise ValueError("warmup applies to half_life / smoothing averages; half_life_fraction has its own ramp")
+    interval = _parse_update_interval(update_interval, None)
+    return GrowingHalfLife(tuple(float(v) for v in values), interval, check_start(start, "ema_start"))
 
 
 def check_start(start: str | Time, name: str) -> Time:
@@ -186,6 +208,11 @@ def parse_options(
             f"overlap=True works with one average, got {schedule.num_averages} (half_life or sigma_rel list)"
         )
     interval = _parse_snapshots(snapshot_interval, snapshot_folder, snapshot_dtype, schedule.update_interval)
+    if snapshot_folder is not None and not schedule.profiles:
+        raise ValueError(
+            f"snapshot_folder: post-hoc reconstruction needs averages of a known profile (half_life in 'ba'/'ep', "
+            f"sigma_rel or SWA), got {schedule.describe()}: give snapshot_folder or this averaging, not both"
+        )
     return Options(
         fp32_ema=fp32_ema,
         skip_nonfinite=skip_nonfinite,

@@ -48,7 +48,10 @@ class EMA(Averager):
     Args:
         half_life: time for a contribution to halve, in ``'ba'`` (optimizer steps) or ``'ep'`` (default
             ``'1000ba'``). Give ``smoothing`` instead to set the coefficient directly. A list tracks one
-            average per half-life, all updated in one pass over the weights.
+            average per half-life, all updated in one pass over the weights. In ``'sp'`` or ``'tok'`` (data
+            seen), each update weighs the samples or tokens seen since the previous one,
+            ``smoothing = 2 ** (-seen / half_life)``: :meth:`step` must be told them (``num_samples``,
+            ``num_tokens``), and the average's time scale holds when the batch size ramps.
         sigma_rel: instead of half-lives, power-function profiles (EDM2's post-hoc EMA): each average's
             width is a fixed fraction ``sigma_rel`` of the training so far, in (0, 1/sqrt(12)). One value or
             a list (one average each). See :mod:`emakit.posthoc`.
@@ -84,12 +87,16 @@ class EMA(Averager):
             ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
             :mod:`emakit.averaging.selection`.
         warmup: ramp the smoothing up early as timm and diffusers do: True or ``Warmup(gamma, power)`` (:mod:`.warmup`).
+        half_life_fraction: instead of half-lives, a half-life that grows with training: the fraction ``f`` of the
+            updates since the start (torchtitan's name), ``smoothing_n = 2 ** (-1 / (f * n))`` at the update that
+            brings the average to ``n`` models. Close to the power profile ``gamma = ln 2 / f - 1`` (``sigma_rel``);
+            see docs/posthoc.md. One value or a list (one average each).
         schedule: instead of the timing arguments above, a schedule object, e.g. a teacher's momentum ramp
             (:class:`~emakit.averaging.momentum.CosineMomentum`, :class:`~emakit.averaging.momentum.MomentumFunction`);
-            it excludes ``half_life``, ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval`` and ``warmup``.
+            it excludes ``half_life``, ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval``, ``warmup`` and ``half_life_fraction``.
 
-    The arguments become a :mod:`~emakit.averaging.schedules` object (:attr:`schedule`: :class:`~.schedules.Constant`
-    or :class:`~.schedules.Power`) and the options every averager shares; all the verbs are
+    The arguments become a :mod:`~emakit.averaging.schedules` object (:attr:`schedule`: :class:`~.schedules.Constant`,
+    :class:`~.schedules.Power`, :class:`~.schedules.GrowingHalfLife` or :class:`~.schedules.PerAmount`) and the options every averager shares; all the verbs are
     :class:`~emakit.averaging.averager.Averager`'s.
     """
 
@@ -111,13 +118,27 @@ class EMA(Averager):
         params: ParamSelection = "trainable",
         buffers: BufferPolicy = "average",
         warmup: bool | Warmup = False,
+        half_life_fraction: float | Sequence[float] | None = None,
         schedule: Schedule | None = None,
     ) -> None:
         if schedule is None:
             schedule = ema_schedule(
-                half_life, smoothing, sigma_rel, ema_start, update_interval, warmup, snapshot_folder, stacklevel=3
+                half_life,
+                smoothing,
+                sigma_rel,
+                ema_start,
+                update_interval,
+                warmup,
+                snapshot_folder,
+                3,
+                half_life_fraction,
             )
         else:
+            if half_life_fraction is not None:
+                raise ValueError(
+                    f"give schedule or half_life_fraction, not both: got schedule={schedule!r} and "
+                    f"half_life_fraction={half_life_fraction!r}"
+                )
             schedule = check_schedule_argument(
                 schedule,
                 half_life=None if half_life is DEFAULT_HALF_LIFE else half_life,

@@ -9,6 +9,7 @@ epoch end is refused; otherwise the first verb that needs the average says that 
 
 from __future__ import annotations
 
+from emakit.averaging.rulestate import check_amounts
 from emakit.averaging.schedules import Schedule
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -26,14 +27,11 @@ def epoch_settings(schedule: Schedule) -> list[str]:
 
 
 def check_step(
-    name: str, schedule: Schedule, timestamp: Timestamp, batches_per_epoch: int | None, num_samples: int
+    name: str, schedule: Schedule, timestamp: Timestamp, batches_per_epoch: int | None, samples: int, tokens: int
 ) -> None:
-    """Before a step is counted: refuse one a ``'sp'`` time cannot use, or one past an epoch with no epoch end."""
-    if schedule.counts_samples() and not num_samples:
-        raise ValueError(
-            f"{name}: a start or end in samples ({schedule.describe()}) needs the samples of "
-            f"each step: call step(num_samples=...) (got num_samples={num_samples!r}), or give it in 'ba' or 'dur'"
-        )
+    """Before a step is counted: refuse one a ``'sp'``/``'tok'`` time cannot use (no amount given), or one past an
+    epoch with no epoch end under an ``'ep'`` schedule."""
+    check_amounts(schedule, name, num_samples=samples, num_tokens=tokens)
     settings = epoch_settings(schedule)
     if settings and batches_per_epoch and timestamp.batch_in_epoch >= batches_per_epoch:
         raise RuntimeError(

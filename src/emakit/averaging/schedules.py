@@ -17,6 +17,12 @@ state), asks its schedule, and runs the blend. EMA and SWA are averagers handed 
                        at once), optionally capped early by a :class:`~emakit.averaging.warmup.Warmup`
 :class:`Power`         EDM2's power-function profiles (``sigma_rel``): ``beta_n = (1 - 1/n) ** (gamma + 1)``
 :class:`EqualWeights`  SWA: the plain mean over a window, ``beta_n = 1 - 1/n``
+:class:`GrowingHalfLife` a half-life that is a fraction ``f`` of the updates so far (torchtitan's
+                       ``half_life_fraction``): ``beta_n = 2 ** (-1 / (f * n))``
+:class:`BiasCorrected` BEMA (Block & Zhang 2025): ``1 - beta_n = (rho + gamma * t) ** -kappa`` and the
+                       evaluated weights ``alpha_t (theta_t - theta_0) + EMA_t`` (:mod:`.correction`)
+:class:`PerAmount`     a half-life in samples or tokens: each update's weight follows the amount seen since
+                       the previous one, ``beta = 2 ** (-seen / half_life)`` (:mod:`.rulestate`)
 =====================  =================================================================================
 """
 
@@ -32,10 +38,14 @@ from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, powe
 from emakit.time import Time, Timestamp, TimeUnit, reached
 
 __all__ = [
+    "AMOUNT_UNITS",
     "DURATION_UNITS",
     "UPDATE_UNITS",
+    "BiasCorrected",
     "Constant",
     "EqualWeights",
+    "GrowingHalfLife",
+    "PerAmount",
     "Power",
     "Schedule",
     "check_batches_per_epoch",
@@ -45,7 +55,9 @@ __all__ = [
 #: Units of ``update_interval`` (and of a half-life): optimizer steps or epochs.
 UPDATE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH)
 #: Units a training length (``max_duration``) can be given in.
-DURATION_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.SAMPLE)
+DURATION_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.SAMPLE, TimeUnit.TOKEN)
+#: Units of a half-life measured in data seen rather than in updates (:class:`PerAmount`).
+AMOUNT_UNITS = (TimeUnit.SAMPLE, TimeUnit.TOKEN)
 
 
 class Schedule(ABC):
@@ -121,8 +133,14 @@ class Schedule(ABC):
         return reached(timestamp, self.end, max_duration, batches_per_epoch)
 
     def counts_samples(self) -> bool:
-        """Whether a start or end is in samples: :meth:`~emakit.averaging.averager.Averager.step` must be told them."""
-        return self.start.unit == TimeUnit.SAMPLE or (self.end is not None and self.end.unit == TimeUnit.SAMPLE)
+        """Whether a start, end or half-life is in samples: :meth:`~emakit.averaging.averager.Averager.step` must be
+        told them."""
+        return self.counts(TimeUnit.SAMPLE)
+
+    def counts(self, unit: TimeUnit) -> bool:
+        """Whether a start, end or half-life is in ``unit`` (``'sp'`` or ``'tok'``), which steps must then report."""
+        times = (self.start, self.end, *getattr(self, "half_lives", ()))
+        return any(t is not None and t.unit == unit for t in times)
 
     def not_started_message(self) -> str:
         """Why the average is not there yet, and when it will be."""
@@ -255,6 +273,147 @@ class EqualWeights(Schedule):
     def describe(self) -> str:
         end = "None" if self.end is None else f"'{self.end}'"
         return f"swa_start='{self.start}', swa_end={end}, update_interval='{self.update_interval}'"
+
+
+@final
+@dataclass(frozen=True)
+class GrowingHalfLife(Schedule):
+    """A half-life that is the fraction ``f`` of the updates since the start, one average per fraction:
+    ``beta_n = 2 ** (-1 / (f * n))`` at the update that brings the average to ``n`` models (torchtitan's
+    ``half_life_fraction``; ``n = 1`` is the start, a copy).
+
+    It is the power profile of exponent ``gamma = ln 2 / f - 1`` (:attr:`power_gammas`) where the two coincide:
+    both halve a weight over the next ``f * n`` updates to first order, and the weight each update ends with
+    differs by a factor ``1 + O(1/k)`` for update ``k``; the power profile's own smoothing is
+    ``(1 - 1/n) ** (gamma + 1)``.
+    """
+
+    fractions: tuple[float, ...]
+    update_interval: Time
+    start: Time
+    end: Time | None = None
+
+    @property
+    def num_averages(self) -> int:
+        return len(self.fractions)
+
+    def weights(self, n: int) -> list[float]:
+        return [-math.expm1(-math.log(2.0) / (f * n)) for f in self.fractions]
+
+    @property
+    def profiles(self) -> list[Profile]:
+        return []  # close to, not equal to, a power profile: post-hoc snapshots are refused for it
+
+    @property
+    def smoothing(self) -> float:
+        return math.nan
+
+    @property
+    def power_gammas(self) -> tuple[float, ...]:
+        """The exponent of the power profile each average approaches, ``ln 2 / f - 1`` (below 0 for ``f > ln 2``)."""
+        return tuple(math.log(2.0) / f - 1.0 for f in self.fractions)
+
+    def describe(self) -> str:
+        shown = self.fractions[0] if len(self.fractions) == 1 else list(self.fractions)
+        return f"half_life_fraction={shown}, update_interval='{self.update_interval}', ema_start='{self.start}'"
+
+
+@final
+@dataclass(frozen=True)
+class BiasCorrected(Schedule):
+    """BEMA (Block & Zhang, "EMA Without the Lag", 2025): an EMA whose weight of the training weights is
+    ``1 - beta_n = (rho + gamma * t) ** -kappa`` and whose evaluated weights are corrected for its lag,
+    ``alpha_t * (theta_t - theta_0) + EMA_t`` with ``alpha_t = (rho + gamma * t) ** -eta``.
+
+    ``t`` counts the update unit since the start (``t = (n - 1) * update_interval``); ``theta_0`` is the weights at
+    the start, kept by :class:`~emakit.averaging.correction.Correction`.
+    """
+
+    rho: float
+    gamma: float
+    kappa: float
+    eta: float
+    update_interval: Time
+    start: Time
+    end: Time | None = None
+    start_argument: ClassVar[str] = "bema_start"
+    averager_name: ClassVar[str] = "BEMA"
+
+    @property
+    def num_averages(self) -> int:
+        return 1
+
+    def elapsed(self, n: int) -> float:
+        """``rho + gamma * t`` at the update that brings the average to ``n`` models."""
+        return self.rho + self.gamma * (n - 1) * self.update_interval.value
+
+    def weights(self, n: int) -> list[float]:
+        return [self.elapsed(n) ** -self.kappa]
+
+    def correction(self, n: int) -> float:
+        """``alpha``, the weight of ``theta_t - theta_0`` in the evaluated weights after ``n`` models."""
+        return self.elapsed(n) ** -self.eta
+
+    @property
+    def profiles(self) -> list[Profile]:
+        return []
+
+    @property
+    def smoothing(self) -> float:
+        return math.nan
+
+    def describe(self) -> str:
+        return (
+            f"rho={self.rho}, gamma={self.gamma}, kappa={self.kappa}, eta={self.eta}, "
+            f"update_interval='{self.update_interval}', bema_start='{self.start}'"
+        )
+
+
+@final
+@dataclass(frozen=True)
+class PerAmount(Schedule):
+    """EMAs whose half-lives are amounts of data (``'sp'`` or ``'tok'``): each update's weight follows the amount
+    ``seen`` since the previous update (or the start), ``beta = 2 ** (-seen / half_life)``, so that the average's
+    time scale stays put when the batch grows (Busbridge et al., "How to Scale Your EMA", 2023).
+
+    :meth:`weights_after` is the rule; :meth:`weights` (by update count alone) cannot know the amount and refuses.
+    """
+
+    half_lives: tuple[Time, ...]
+    update_interval: Time
+    start: Time
+    end: Time | None = None
+
+    @property
+    def num_averages(self) -> int:
+        return len(self.half_lives)
+
+    @property
+    def unit(self) -> TimeUnit:
+        """What the half-lives count: ``TimeUnit.SAMPLE`` or ``TimeUnit.TOKEN``."""
+        return self.half_lives[0].unit
+
+    def weights(self, n: int) -> list[float]:
+        raise RuntimeError(
+            f"half_life in '{self.unit}' weighs each update by the {self.unit} seen since the previous one: "
+            "use weights_after(seen)"
+        )
+
+    def weights_after(self, seen: int) -> list[float]:
+        """Each average's weight ``1 - 2 ** (-seen / half_life)`` for ``seen`` samples or tokens since the last update."""
+        return [-math.expm1(-math.log(2.0) * seen / h.value) for h in self.half_lives]
+
+    @property
+    def profiles(self) -> list[Profile]:
+        return []
+
+    @property
+    def smoothing(self) -> float:
+        return math.nan
+
+    def describe(self) -> str:
+        shown = f"'{self.half_lives[0]}'" if len(self.half_lives) == 1 else [str(h) for h in self.half_lives]
+        return f"half_life={shown}, update_interval='{self.update_interval}', ema_start='{self.start}'"
 
 
 def check_duration(max_duration: str | Time, schedule: Schedule) -> Time:

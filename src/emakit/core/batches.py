@@ -2,7 +2,7 @@
 
 A batch is an ``(inputs, targets)`` pair, unless the model defines ``loss(outputs, batch)``: then the model
 gets the whole batch. Tensors may sit in lists, tuples and dicts; the first tensor's first dimension counts
-the samples.
+the samples, and a dict's ``attention_mask`` (else ``input_ids``) the tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from emakit.engine.naming import unwrap_model
 __all__ = [
     "LossFn",
     "batch_size",
+    "batch_tokens",
     "first_samples",
     "forward_and_loss",
     "loss_of_first",
@@ -48,6 +49,18 @@ def batch_size(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return batch_size(next(iter(batch.values())))
     return 1
+
+
+def batch_tokens(batch: Any) -> int:
+    """The tokens in ``batch``: the sum of its ``attention_mask`` (padding left out) or the size of its
+    ``input_ids``, for a dict batch (Hugging Face's); 0 when it has neither (then a count in tokens needs one)."""
+    if isinstance(batch, dict):
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum().item())
+        if isinstance(ids, torch.Tensor):
+            return ids.numel()
+    return 0
 
 
 def split_pair(batch: Any) -> tuple[Any, Any]:
