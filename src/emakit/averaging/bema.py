@@ -50,8 +50,11 @@ class BEMA(Averager):
         bema_start: ``tau``, when ``theta_0`` and the average are taken, in any unit (default ``'0ba'``, the first step).
         fp32_ema: keep the average of fp16/bf16 tensors in fp32 (default). ``theta_0`` is an exact copy of the
             weights and is kept in the model's dtype.
-        skip_nonfinite, flatten_model, params, buffers: as for :class:`~emakit.averaging.EMA` (``params`` picks
-            what is averaged and corrected: LoRA adapters keep ``theta_0`` of the adapters only).
+        skip_nonfinite: as for :class:`~emakit.averaging.EMA`.
+        flatten_model: as for :class:`~emakit.averaging.EMA`.
+        params: as for :class:`~emakit.averaging.EMA`: what is averaged and corrected (LoRA adapters keep
+            ``theta_0`` of the adapters only).
+        buffers: as for :class:`~emakit.averaging.EMA`.
     """
 
     def __init__(
