@@ -282,7 +282,7 @@ class Averager(ABC):
         sources = dict(zip(self._tracked.names, self._swap.training_tensors(), strict=True))
         if self._averages.start(sources, self.fp32_ema):
             self._swap.forget_ema_model()
-        self._rule.start(sources, self.timestamp)
+        self._rule.start(self.schedule, sources, self.timestamp)
         self.start_count = count
         self.n_averaged = 1
         self._version += 1
@@ -294,7 +294,7 @@ class Averager(ABC):
         source: Callable[[], list[torch.Tensor]] | list[torch.Tensor] | None = self._live_reader
         if source is None or self._tracked.sharded or self._swap.swapped is not None:
             source = self._swap.training_tensors()  # a reusable plan only for plain models
-        self._averages.blend(source, self._rule.weights(self.n_averaged + 1, self.timestamp))
+        self._averages.blend(source, self._rule.weights(self.schedule, self.n_averaged + 1, self.timestamp))
         self._averages.copy_buffers(self._tracked.names, self._tracked.copied, self._swap.training_tensors)
         self.n_averaged += 1
         self.bn_updated = False  # the blend moved the BatchNorm buffers away from the recomputed statistics
@@ -455,7 +455,7 @@ class Averager(ABC):
             window_closed=self.window_closed,
             bn_updated=self.bn_updated,
         )
-        return self._rule.save(state, self._tracked)
+        return self._rule.save(self.schedule, state, self._tracked)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (after :meth:`attach`); everything is checked before anything changes."""
@@ -468,7 +468,7 @@ class Averager(ABC):
         former = self._tracked.select_saved(saved) if isinstance(saved, Mapping) else None
         try:
             restored = states.read_state(state, self._tracked, self.schedule, stacklevel=3)
-            kept = self._rule.read(state, self._tracked)
+            kept = self._rule.read(self.schedule, state, self._tracked)
             if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
                 self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
         except BaseException:

@@ -29,25 +29,25 @@ class RuleState:
     """The schedule's kept facts: the amount counted at the last update, BEMA's ``theta_0``."""
 
     def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
+        # the schedule itself stays the averager's (it may learn the training length later): each call is given it
         self.correction = correction_for(schedule)
         #: The clock's samples or tokens at the last start or update (a :class:`PerAmount` schedule's reference).
         self.amount_at_update = 0
 
-    def start(self, sources: Mapping[str, torch.Tensor], timestamp: Timestamp) -> None:
+    def start(self, schedule: Schedule, sources: Mapping[str, torch.Tensor], timestamp: Timestamp) -> None:
         """The average starts now, as a copy of ``sources``."""
-        if isinstance(self.schedule, PerAmount):
-            self.amount_at_update = timestamp.get(self.schedule.unit)
+        if isinstance(schedule, PerAmount):
+            self.amount_at_update = timestamp.get(schedule.unit)
         if self.correction is not None:
             self.correction.start(sources)
 
-    def weights(self, n: int, timestamp: Timestamp) -> list[float]:
+    def weights(self, schedule: Schedule, n: int, timestamp: Timestamp) -> list[float]:
         """Each average's weight ``1 - beta`` at the update that brings it to ``n`` models, happening now."""
-        if not isinstance(self.schedule, PerAmount):
-            return self.schedule.weights(n)
-        now = timestamp.get(self.schedule.unit)
+        if not isinstance(schedule, PerAmount):
+            return schedule.weights(n)
+        now = timestamp.get(schedule.unit)
         seen, self.amount_at_update = now - self.amount_at_update, now
-        return self.schedule.weights_after(seen)
+        return schedule.weights_after(seen)
 
     @property
     def refreshes(self) -> int:
@@ -65,18 +65,20 @@ class RuleState:
         if self.correction is not None:
             self.correction.drop()
 
-    def save(self, state: dict[str, Any], tracked: TrackedModel) -> dict[str, Any]:
+    def save(self, schedule: Schedule, state: dict[str, Any], tracked: TrackedModel) -> dict[str, Any]:
         """``state`` (the averager's) with these facts added."""
-        if isinstance(self.schedule, PerAmount):
+        if isinstance(schedule, PerAmount):
             state["amount_at_update"] = self.amount_at_update
         if self.correction is not None:
             state["theta_0"] = self.correction.state(tracked)
         return state
 
-    def read(self, state: Mapping[str, Any], tracked: TrackedModel) -> tuple[int, dict[str, torch.Tensor] | None]:
+    def read(
+        self, schedule: Schedule, state: Mapping[str, Any], tracked: TrackedModel
+    ) -> tuple[int, dict[str, torch.Tensor] | None]:
         """The facts of a saved ``state``, checked (nothing changes yet): for :meth:`restore`."""
         amount = state.get("amount_at_update", 0)
-        if isinstance(self.schedule, PerAmount) and (isinstance(amount, bool) or not isinstance(amount, int)):
+        if isinstance(schedule, PerAmount) and (isinstance(amount, bool) or not isinstance(amount, int)):
             raise ValueError(f"EMA state: amount_at_update must be an int, got {amount!r}")
         theta_0 = None
         if self.correction is not None:

@@ -236,6 +236,11 @@ class AveragingCallback(Callback):
                     f"and max_epochs=-1): set max_steps or max_epochs, or give {name} in 'ba' or 'ep'"
                 )
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning may know the epoch's length only now (its loaders are set up after on_train_start)
+        if self.averager.batches_per_epoch is None and self._follows(pl_module):
+            self.averager.set_duration(None, self._training_length(trainer)[1])
+
     @staticmethod
     def _training_length(trainer: pl.Trainer) -> tuple[str | None, int | None]:
         """``max_steps`` as ``'Nba'`` if set, else ``max_epochs`` as ``'Nep'`` with optimizer steps per epoch."""
