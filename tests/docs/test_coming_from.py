@@ -251,6 +251,33 @@ def test_ema_pytorch_default_schedule_is_compute_ema_with_the_schedule() -> None
         assert_same_average(floating(ema_model.state_dict()), floating(theirs.ema_model.state_dict()), f"call {step}")
 
 
+@pytest.mark.parametrize(("update_after_step", "gamma", "power"), [(0, 1.0, 2 / 3), (3, 2.0, 0.75)])
+def test_ema_pytorch_warmup_is_emakits_warmup(update_after_step: int, gamma: float, power: float) -> None:
+    """EMA(model, beta=d, update_every=1, update_after_step=a, inv_gamma=g, power=p) ==
+    EMA(smoothing=d, ema_start='{a+1}ba', warmup=Warmup(gamma=g, power=p)), as ema-pytorch.md maps it."""
+    from emakit.averaging import Warmup
+
+    ema_pytorch = _ema_pytorch()
+    model = make_model()
+    theirs = ema_pytorch.EMA(
+        model, beta=0.999, update_every=1, update_after_step=update_after_step, inv_gamma=gamma, power=power,
+        include_online_model=False,
+    )  # fmt: skip
+    ema = EMA(smoothing=0.999, ema_start=f"{update_after_step + 1}ba", warmup=Warmup(gamma=gamma, power=power))
+    ema.attach(model)
+    for step in training(model):
+        theirs.update()
+        ema.step()
+        if ema.started:
+            assert_same_average(floating(emakit_average(ema)), floating(theirs.ema_model.state_dict()), f"step {step}")
+
+
+def test_no_page_says_emakit_has_no_warmup() -> None:
+    for page in sorted(PAGES.glob("*.md")):
+        text = " ".join(page.read_text().split())
+        assert "no warm-up" not in text and "no decay warm-up" not in text, page.name
+
+
 def test_ema_pytorch_post_hoc_ema_counts_its_first_update_twice(tmp_path: Path) -> None:
     """PostHocEMA(sigma_rels=...) tracks the same power averages as EMA(sigma_rel=...), with its time axis one
     update ahead: its first update copies and then blends the copy with itself. emakit fed the first weights

@@ -50,6 +50,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from emakit import EMA, Time, TimeUnit, export_ema_weights
 from emakit._compat import dtensor_class
+from emakit.atomic import atomic_file
 from emakit.averaging.selection import BufferPolicy, ParamSelection
 from emakit.averaging.warmup import Warmup
 from emakit.checkpoint import read_checkpoint_file
@@ -214,7 +215,7 @@ class EMACallback(TrainerCallback):
         if args.should_save and not folder.is_dir():
             raise RuntimeError(f"EMACallback cannot find the checkpoint folder the Trainer just wrote: {folder}")
         if self.ema.started:  # every rank calls it (it waits for all); rank 0 writes
-            export_ema_weights(self.ema, folder / EMA_WEIGHTS_NAME)
+            export_ema_weights(self.ema, folder / EMA_WEIGHTS_NAME, overwrite=True)
         if args.should_save:
             _save_atomically(self.ema.state_dict(), folder / EMA_STATE_NAME)
 
@@ -343,9 +344,8 @@ class EMATrainer(EMATrainerMixin, Trainer):
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
+        torch.save(obj, f)
 
 
 def _deepspeed_stage(args: TrainingArguments) -> int | None:
