@@ -259,7 +259,8 @@ def _groups(infos: dict[str, TensorInfo], chunk_bytes: int, *, split: bool = Tru
 
 
 def _average_group(readers: list[WeightReader], weights: list[float], group: list[Piece]) -> dict[Piece, torch.Tensor]:
-    """The group's pieces averaged (floating point) or taken from the last checkpoint (integer, bool)."""
+    """The group's pieces averaged (floating point) or taken from the last checkpoint with a non-zero weight
+    (integer, bool)."""
     infos = readers[0].tensors
     floating = [p for p in group if _is_averaged(infos[p.name].dtype)]
     sums: dict[Piece, torch.Tensor | None] = dict.fromkeys(floating)
