@@ -139,8 +139,8 @@ def test_a_crash_during_a_write_leaves_no_snapshot(tmp_path: Path, monkeypatch: 
 
 def test_partial_temporaries_are_ignored(tmp_path: Path) -> None:
     write_series(tmp_path, 2)
-    (tmp_path / ".snapshot-000002.safetensors.tmp").write_bytes(b"\x10\x00\x00 half a header")
-    (tmp_path / ".snapshot-000003.tmp").mkdir()
+    (tmp_path / ".snapshot-000002.safetensors.emakit-12-ab.tmp").write_bytes(b"\x10\x00\x00 half a header")
+    (tmp_path / ".snapshot-000003.emakit-shared.tmp").mkdir()
     (tmp_path / "notes.txt").write_text("not a snapshot")
     assert [s.index for s in read_snapshot_index(tmp_path)] == [0, 1]
     assert next_snapshot_index(tmp_path) == 2

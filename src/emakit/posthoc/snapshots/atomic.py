@@ -1,5 +1,5 @@
-"""Atomic files: a safetensors file written one tensor at a time, and small JSON files, each renamed into place
-only once complete and synced to disk.
+"""The snapshots' safetensors writer (one tensor at a time, views into one flat buffer included) and their small
+JSON files, both through :mod:`emakit.atomic` (renamed into place only once complete and synced to disk).
 """
 
 from __future__ import annotations
