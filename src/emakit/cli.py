@@ -29,7 +29,7 @@ from typing import Any
 
 from emakit._cli_args import Parser, checked
 from emakit._version import __version__
-from emakit.demo.config import DemoConfig, OptionError, check_time_option
+from emakit.demo.config import RUN_FILES, DemoConfig, OptionError, check_time_option
 from emakit.time import TimeUnit
 
 __all__ = ["build_parser", "main"]
@@ -246,8 +246,9 @@ def _run_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
             out = Path("runs") / f"{stamp}-{n}"
     if out.exists() and not out.is_dir():
         parser.error(f"{option}: {str(out)!r} exists and is not a folder")
-    if (out / "metrics.jsonl").exists():
-        parser.error(f"{option}: {str(out)!r} already holds a run (metrics.jsonl); choose another or delete it")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        parser.error(f"{option}: {str(out)!r} already holds a run ({', '.join(held)}); choose another or delete it")
     problem = _cannot_create(out)
     if problem is not None:
         parser.error(f"{option}: cannot create the folder {str(out)!r}: {problem}")

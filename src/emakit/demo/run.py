@@ -25,7 +25,7 @@ from emakit.atomic import write_bytes
 from emakit.callbacks import CheckpointSaver
 from emakit.callbacks.progress import show_progress_bar
 from emakit.core import Callback
-from emakit.demo.config import DemoConfig, OptionError, check_time_option
+from emakit.demo.config import RUN_FILES, DemoConfig, OptionError, check_time_option
 from emakit.demo.data import DemoData, load_data
 from emakit.demo.model import build_model
 from emakit.time import Time, TimeUnit
@@ -47,11 +47,7 @@ __all__ = [
     "summarize",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-EMA_WEIGHTS_FILE = "ema_weights.safetensors"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE, CURVES_FILE, EMA_WEIGHTS_FILE, SUMMARY_FILE, CHECKPOINT_DIR = RUN_FILES
 
 
 @dataclass
