@@ -96,7 +96,7 @@ def _worker(args: argparse.Namespace) -> None:
         model = MLP(sharded=name == "fsdp2")
         callback = EMACallback(half_life="10ba")
         times: list[float] = []
-        step = callback.ema.step
+        step = callback.averager.step
 
         def timed(*a: Any, step: Any = step, times: list[float] = times, **k: Any) -> bool:
             start = time.perf_counter()
@@ -104,7 +104,7 @@ def _worker(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
             return bool(done)
 
-        callback.ema.step = timed  # type: ignore[method-assign]
+        callback.averager.step = timed  # type: ignore[method-assign]
         strategy: Any = "ddp" if name == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -120,7 +120,7 @@ def _worker(args: argparse.Namespace) -> None:
         trainer.fit(model, DataLoader(data, batch_size=4))
         results[name] = {
             "update_ms": statistics.median(times[1:]) * 1e3,
-            "ema_kib": sum(t.numel() * t.element_size() for t in callback.ema.ema_tensors.values()) / 2**10,
+            "ema_kib": sum(t.numel() * t.element_size() for t in callback.averager.ema_tensors.values()) / 2**10,
         }
         if name == "fsdp2":
             model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ema_metrics": averaged,
         "weights": {n: t.detach().cpu().clone() for n, t in unwrapped.state_dict().items()},
         "ema": {n: t.detach().cpu().clone() for n, t in ema.ema_tensors.items()},
-        "num_updates": ema.num_updates,
+        "n_averaged": ema.n_averaged,
         "timestamp": ema.timestamp.state_dict(),
     }
 

@@ -1,7 +1,8 @@
 """emakit: exponential moving averages of PyTorch model weights.
 
-Two interfaces: the functional :func:`compute_ema` for any training loop, and the :class:`EMA` algorithm
-that :class:`Trainer` runs at the right moments (evaluating and checkpointing with the EMA weights).
+Two interfaces: the functional :func:`compute_ema` for any training loop, and the averagers :class:`EMA` and
+:class:`SWA`, which run in any loop and which :class:`Trainer` and the framework callbacks drive at the right
+moments (evaluating and checkpointing with the averaged weights).
 
 The names below are resolved on first use (PEP 562 ``__getattr__``): ``import emakit`` alone loads
 only :mod:`emakit._version`, not torch, so that ``emakit --help`` and ``emakit --version`` answer at once.
@@ -17,8 +18,7 @@ from emakit._lazy import lazy_names
 from emakit._version import __version__
 
 if TYPE_CHECKING:
-    from emakit.algorithms.ema import EMA
-    from emakit.algorithms.swa import SWA
+    from emakit.averaging import EMA, SWA
     from emakit.callbacks.checkpoint_saver import CheckpointSaver
     from emakit.core.event import Event
     from emakit.distributed import export_ema_weights
@@ -42,8 +42,8 @@ __all__ = [
 
 #: Where each public name lives; the one list to change when a module moves.
 _LAZY: dict[str, str] = {
-    "EMA": "emakit.algorithms.ema",
-    "SWA": "emakit.algorithms.swa",
+    "EMA": "emakit.averaging",
+    "SWA": "emakit.averaging",
     "CheckpointSaver": "emakit.callbacks.checkpoint_saver",
     "Event": "emakit.core.event",
     "Time": "emakit.time",

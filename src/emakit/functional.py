@@ -9,38 +9,17 @@ average of counters truncated back to an integer is meaningless. Tensors are pai
 wrapped model (DDP, ``torch.compile``, FSDP1) and a plain copy pair up.
 
 How an update runs lives in :mod:`emakit.engine`: the pairing (:mod:`~emakit.engine.pairing`), the
-prepared update (:mod:`~emakit.engine.plan`) and its kernels (:mod:`~emakit.engine.kernels`). The other
-names here are re-exported from there, so that code written against this module keeps working.
+prepared update (:mod:`~emakit.engine.plan`) and its kernels (:mod:`~emakit.engine.kernels`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from emakit.engine.kernels import copy_tensors_, lerp_flat_, lerp_tensors_, validate_smoothing
-from emakit.engine.naming import Slot, canonical_name, is_averaged, named_tensors, tensor_slots, unwrap_model
-from emakit.engine.pairing import kept_plan as _kept_plan
+from emakit.engine.kernels import validate_smoothing
 from emakit.engine.pairing import update_kept
-from emakit.engine.plan import UpdatePlan
-from emakit.engine.registry import registration_count
 
-__all__ = [
-    "UpdatePlan",
-    "canonical_name",
-    "compute_ema",
-    "copy_tensors_",
-    "is_averaged",
-    "lerp_flat_",
-    "lerp_tensors_",
-    "named_tensors",
-    "registration_count",
-    "tensor_slots",
-    "unwrap_model",
-    "validate_smoothing",
-]
-
-#: Importable from here as before the engine had its own modules (``_kept_plan`` for tests and benchmarks).
-_OLD_NAMES = (Slot, _kept_plan)
+__all__ = ["compute_ema"]
 
 
 def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99) -> None:
@@ -53,7 +32,7 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
 
     The pairing is made on the first call for two models and kept (weakly: it never keeps a model alive):
     later calls check, far more cheaply than pairing again, that neither model changed (a parameter
-    replaced or re-pointed, ``model.to(...)``, a module added or removed; see :class:`UpdatePlan`) and run
+    replaced or re-pointed, ``model.to(...)``, a module added or removed; see :class:`~emakit.engine.plan.UpdatePlan`) and run
     one multi-tensor kernel per (device, dtype) group. When both models are flattened
     (:func:`emakit.engine.flatten.flatten_model_`) with the same layout, each group is one kernel over one
     buffer. Wrapping a model later (DDP, ``torch.compile``) passes another object, which is paired afresh.

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from emakit.averaging.swa import SWA
+from emakit.algorithms.averaging import Averaging
+from emakit.averaging import Averager
 from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.callbacks.progress import ProgressBar
 from emakit.checkpoint import load_checkpoint, save_checkpoint
@@ -45,14 +46,19 @@ from emakit.time import Time, TimeUnit
 
 __all__ = ["Trainer", "evaluate"]
 
+#: What ``algorithms`` accepts: Trainer algorithms, and averagers (each run by an :class:`Averaging`).
+_ALGORITHM = (Algorithm, Averager)
 
-def _as_list(value: Any, name: str, kind: type) -> list[Any]:
+
+def _as_list(value: Any, name: str, kind: type | tuple[type, ...]) -> list[Any]:
     if value is None:
         return []
     items = [value] if isinstance(value, kind) else list(value)
     for item in items:
         if not isinstance(item, kind):
-            raise TypeError(f"{name} must hold {kind.__name__} instances, got {type(item).__name__}")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            accepted = " or ".join(k.__name__ for k in kinds)
+            raise TypeError(f"{name} must hold {accepted} instances, got {type(item).__name__}")
     return items
 
 
@@ -125,7 +131,8 @@ class Trainer:
             ``loss_fn(model(inputs), targets)``.
         train_dataloader: an iterable of batches (usually a DataLoader).
         max_duration: total training time, ``'Nep'``, ``'Nba'`` or ``'Nsp'``.
-        algorithms: e.g. ``[EMA(half_life='50ba')]``; run before callbacks at each event.
+        algorithms: e.g. ``[EMA(half_life='50ba')]``: averagers (EMA, SWA) and other algorithms, run before callbacks
+            at each event.
         callbacks: extra callbacks; a CheckpointSaver is added for ``save_folder`` and a ProgressBar for
             ``progress_bar=True``.
         optimizers: an optimizer or a list; default ``SGD(lr=0.1)`` over the trainable parameters.
@@ -159,7 +166,7 @@ class Trainer:
         model: nn.Module,
         train_dataloader: Iterable[Any],
         max_duration: str | Time,
-        algorithms: Sequence[Algorithm] | Algorithm = (),
+        algorithms: Sequence[Algorithm | Averager] | Algorithm | Averager = (),
         callbacks: Sequence[Callback] | Callback = (),
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         schedulers: Any = None,
@@ -222,21 +229,21 @@ class Trainer:
             torch.manual_seed(seed)
         self.seed = seed
 
-        algorithm_list = _as_list(algorithms, "algorithms", Algorithm)
-        averagers = [a for a in algorithm_list if a.averages_model]
-        if len(averagers) > 1 and any(isinstance(a, SWA) for a in averagers):
+        algorithm_list = [
+            Averaging(a) if isinstance(a, Averager) else a for a in _as_list(algorithms, "algorithms", _ALGORITHM)
+        ]
+        averagers = [a.name for a in algorithm_list if a.averages_model]
+        shown = " and ".join(averagers)
+        if len(set(averagers)) > 1:
             raise ValueError(
                 "EMA and SWA do not compose: each puts its own average into the model for evaluation, checkpoints "
-                "and exports, and model-averaging methods do not compose well; got algorithms "
-                + " and ".join(type(a).__name__ for a in averagers)
-                + ": give one of them (or train twice)"
+                f"and exports, and model-averaging methods do not compose well; got algorithms {shown}: give one of "
+                "them (or train twice)"
             )
         if len(averagers) > 1:
-            warnings.warn(
-                "more than one model-averaging algorithm given ("
-                + ", ".join(type(a).__name__ for a in algorithm_list if a.averages_model)
-                + "): model-averaging methods do not compose well; use one of EMA or SWA",
-                stacklevel=2,
+            raise ValueError(
+                f"one {averagers[0]} per Trainer: each would put its average into the model and save its state under "
+                f"the same name; got algorithms {shown} (several EMAs in one pass: EMA(half_life=[...]))"
             )
         callback_list = _as_list(callbacks, "callbacks", Callback)
         if save_folder is not None:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinyNet, make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
+from emakit.algorithms import Averaging
 from emakit.core import Callback, Event
 from emakit.time import Time
 from emakit.trainer import Trainer
@@ -109,7 +110,7 @@ def assert_ema_equals(ema: EMA, expected: dict[str, torch.Tensor]) -> None:
     ],
 )
 def test_smoothing_is_derived_once(kwargs: dict[str, Any], expected: float) -> None:
-    assert EMA(**kwargs).smoothing == pytest.approx(expected, rel=1e-15)
+    assert EMA(**kwargs).schedule.smoothing == pytest.approx(expected, rel=1e-15)
 
 
 def test_default_update_interval() -> None:
@@ -175,7 +176,7 @@ class Probe(Callback):
         self.log: list[tuple[int, bool, int]] = []
 
     def batch_end(self, state: Any, logger: Any) -> None:
-        self.log.append((state.timestamp.batch, self.ema.started, self.ema.num_updates))
+        self.log.append((state.timestamp.batch, self.ema.started, (self.ema.n_averaged - 1)))
 
 
 @pytest.mark.parametrize(
@@ -201,12 +202,12 @@ def test_start_point_matches_reference(
         batches_per_epoch=bpe,
         unit="ba",
         interval=1,
-        smoothing=ema.smoothing,
+        smoothing=ema.schedule.smoothing,
         starts=starts,
         max_batches=max_batches,
     )
     assert ema.start_count == ref_start == expected_start
-    assert ema.num_updates == ref_blends
+    assert (ema.n_averaged - 1) == ref_blends
     first_started = next(batch for batch, started, _ in probe.log if started)
     assert first_started == expected_start
     assert ref_ema is not None
@@ -233,8 +234,8 @@ def test_epoch_units_update_at_epoch_end() -> None:
     ema = EMA(half_life="1ep")
     probe = Probe(ema)
     run_trainer(ema, "3ep", 4, callbacks=[probe])
-    assert ema.smoothing == 0.5
-    assert ema.start_count == 1 and ema.num_updates == 2
+    assert ema.schedule.smoothing == 0.5
+    assert ema.start_count == 1 and (ema.n_averaged - 1) == 2
     # no change during an epoch's batches: only EPOCH_END moves it
     assert [started for _, started, _ in probe.log[:4]] == [False] * 4
     _, ref_ema, _, blends = reference_run(
@@ -248,7 +249,7 @@ def test_epoch_units_with_interval_and_dur_start() -> None:
     ema = EMA(half_life="2ep", update_interval="2ep", ema_start="0.25dur")
     run_trainer(ema, "8ep", 2, callbacks=[])
     # 0.25dur of 8 epochs: initialised at the end of epoch 2; blends at epochs 4, 6, 8
-    assert ema.start_count == 2 and ema.num_updates == 3
+    assert ema.start_count == 2 and (ema.n_averaged - 1) == 3
     _, ref_ema, _, _ = reference_run(
         epochs=8, batches_per_epoch=2, unit="ep", interval=2, smoothing=0.5, starts=lambda b, e: e >= 2
     )
@@ -282,8 +283,8 @@ def test_storage_holds_trainable_parameters_and_all_buffers_only() -> None:
 
 
 def storage_bytes(ema: EMA) -> int:
-    assert ema._storage is not None
-    return ema._storage.nbytes
+    assert ema.storage is not None
+    return ema.storage.nbytes
 
 
 def test_integer_buffers_equal_the_models() -> None:
@@ -318,8 +319,8 @@ def test_ema_model_is_a_module_over_the_storage() -> None:
     assert isinstance(ema_model, TinyNet)
     assert not ema_model.training
     assert set(ema_model.state_dict()) == set(trainer.state.model.state_dict())
-    assert ema._storage is not None
-    buffers = [b for b in ema._storage.buffers.values()]
+    assert ema.storage is not None
+    buffers = [b for b in ema.storage.buffers.values()]
     for name, tensor in ema_model.state_dict().items():
         owner = [b for b in buffers if b.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()]
         assert owner, f"{name} is a copy, not a view of the EMA storage"
@@ -392,19 +393,24 @@ def test_state_dict_round_trip() -> None:
     fresh = EMA(half_life="2ba")
     Trainer(make_model(3), make_loader(), "1ep", algorithms=[fresh], progress_bar=False)
     fresh.load_state_dict(state)
-    assert fresh.started and fresh.num_updates == ema.num_updates and fresh.start_count == ema.start_count
+    assert fresh.started and (fresh.n_averaged - 1) == (ema.n_averaged - 1) and fresh.start_count == ema.start_count
     for name, value in ema.ema_tensors.items():
         assert torch.equal(fresh.ema_tensors[name], value)
 
 
-def test_two_averaging_algorithms_warn() -> None:
-    with pytest.warns(UserWarning, match="use one of EMA or SWA"):
+def test_two_averagers_of_one_kind_are_refused_naming_the_one_that_tracks_several() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"one EMA per Trainer.*got algorithms EMA and EMA \(several EMAs in one pass: EMA\(half_life=\[\.\.\.\]\)\)",
+    ):
         Trainer(make_model(0), make_loader(), "1ba", algorithms=[EMA(), EMA()], progress_bar=False)
 
 
 def test_event_match_is_pure() -> None:
     ema = EMA(half_life="1ep")
     trainer = Trainer(make_model(0), make_loader(), "1ep", algorithms=[ema], progress_bar=False)
-    assert not ema.match(Event.BATCH_END, trainer.state)
-    assert ema.match(Event.EPOCH_END, trainer.state)
+    algorithm = trainer.state.algorithms[0]
+    assert isinstance(algorithm, Averaging) and algorithm.averager is ema
+    assert not algorithm.match(Event.BATCH_END, trainer.state)
+    assert algorithm.match(Event.EPOCH_END, trainer.state)
     assert not ema.started

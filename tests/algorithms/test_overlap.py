@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import TinyNet, make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.checkpoint import load_checkpoint_file
 from emakit.core import Callback
 from emakit.engine.overlap import Overlap, StreamOverlap, ThreadOverlap, make_overlap
@@ -90,7 +90,7 @@ def train(
         seed=0,
     )
     if deferred:
-        ema._overlap = DeferredOverlap()
+        ema._averages.overlap = DeferredOverlap()
     trainer.fit()
     return trainer, ema, snapshots
 
@@ -108,7 +108,7 @@ def assert_same_run(a: tuple[Trainer, EMA, Snapshots], b: tuple[Trainer, EMA, Sn
     evals_a = [h for h in ta.metrics.history if "eval/loss" in h]
     evals_b = [h for h in tb.metrics.history if "eval/loss" in h]
     assert evals_a == evals_b and len(evals_a) == 6
-    assert ea.num_updates == eb.num_updates > 0
+    assert (ea.n_averaged - 1) == (eb.n_averaged - 1) > 0
 
 
 def checkpoint_models(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -119,7 +119,7 @@ def checkpoint_models(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 def test_worker_thread_gives_the_synchronous_run(tmp_path: Path, flatten: bool) -> None:
     sync = train(tmp_path, overlap=False, flatten=flatten)
     overlapped = train(tmp_path, overlap=True, flatten=flatten)
-    assert isinstance(overlapped[1]._overlap, ThreadOverlap)
+    assert isinstance(overlapped[1]._averages.overlap, ThreadOverlap)
     assert_same_run(overlapped, sync)
     on, off = checkpoint_models(tmp_path / "on"), checkpoint_models(tmp_path / "off")
     assert list(on) == list(off) and len(on) >= 4
@@ -133,9 +133,9 @@ def test_every_reader_and_writer_waits(tmp_path: Path, flatten: bool, optimizer:
     """With the work deferred until someone waits, a missing wait is a wrong value, not a rare race."""
     sync = train(tmp_path, overlap=False, flatten=flatten, optimizer=optimizer)
     deferred = train(tmp_path, overlap=True, deferred=True, flatten=flatten, optimizer=optimizer)
-    overlap = deferred[1]._overlap
+    overlap = deferred[1]._averages.overlap
     assert isinstance(overlap, DeferredOverlap)
-    assert overlap.launched == deferred[1].num_updates == overlap.finished  # fit() ends with nothing pending
+    assert overlap.launched == (deferred[1].n_averaged - 1) == overlap.finished  # fit() ends with nothing pending
     assert_same_run(deferred, sync)
 
 
@@ -145,7 +145,7 @@ def started_with_deferred_overlap() -> tuple[TinyNet, EMA, DeferredOverlap]:
     ema = EMA(smoothing=0.5, overlap=True)
     ema.attach(model)
     deferred = DeferredOverlap()
-    ema._overlap = deferred
+    ema._averages.overlap = deferred
     ema._initialise(0)
     return model, ema, deferred
 
@@ -161,7 +161,7 @@ def test_buffers_are_blended_before_the_next_forward() -> None:
     expected_buffers = {n: b.clone() for n, b in model.named_buffers()}
     ema.update()
     model(torch.randn(8, 4))  # the next forward: new running statistics
-    stored = ema._storage.tensors  # type: ignore[union-attr]
+    stored = ema._averages.storages[0].tensors  # type: ignore[index]
     for name, value in expected_buffers.items():
         want = value if not value.is_floating_point() else before[name].lerp(value, 0.5)
         assert torch.equal(stored[name], want), name
@@ -181,7 +181,7 @@ def test_optimizer_step_waits_for_the_pending_update() -> None:
     torch.optim.Adam(model.parameters(), lr=1.0).step()  # any optimizer, built after the EMA
     assert not deferred.pending and deferred.finished == 1
     assert not torch.equal(model.fc2.bias.detach(), weights)
-    assert torch.equal(ema._storage.tensors["fc2.bias"], start.lerp(weights, 0.5))  # type: ignore[union-attr]
+    assert torch.equal(ema._averages.storages[0].tensors["fc2.bias"], start.lerp(weights, 0.5))  # type: ignore[union-attr]
 
 
 def test_the_worker_really_runs_alongside() -> None:
@@ -250,14 +250,14 @@ def test_the_launched_update_reads_the_memory_of_launch_time() -> None:
     ema.update()
     model.fc1.weight.data = torch.full_like(weights, 100.0)
     deferred.wait()
-    assert torch.equal(ema._storage.tensors["fc1.weight"], start.lerp(weights, 0.5))  # type: ignore[union-attr]
+    assert torch.equal(ema._averages.storages[0].tensors["fc1.weight"], start.lerp(weights, 0.5))  # type: ignore[union-attr]
 
 
 def test_attach_again_waits_for_the_pending_update() -> None:
     model, ema, deferred = started_with_deferred_overlap()
     ema.update()
     ema.attach(model)
-    assert deferred.finished == 1 and ema._overlap is deferred
+    assert deferred.finished == 1 and ema._averages.overlap is deferred
 
 
 class WithMaxNorm(nn.Module):
@@ -293,7 +293,7 @@ def test_weights_the_forward_renormalises_are_blended_at_once(make: Callable[[],
         ema = EMA(smoothing=0.5, overlap=overlap)
         ema.attach(model)
         if overlap:
-            ema._overlap = DeferredOverlap()
+            ema._averages.overlap = DeferredOverlap()
         ema._initialise(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(0)
@@ -326,7 +326,7 @@ def test_no_overlap_object_without_trainable_parameters() -> None:
     model.requires_grad_(False)
     ema = EMA(overlap=True)
     ema.attach(model)
-    assert ema._overlap is None
+    assert ema._averages.overlap is None
     ema._initialise(0)
     ema.update()
     ema.wait()
@@ -379,7 +379,7 @@ def test_side_stream_gives_the_synchronous_run(tmp_path: Path, flatten: bool) ->
             seed=0,
         ).fit()
         if overlap:
-            assert isinstance(ema._overlap, StreamOverlap)
+            assert isinstance(ema._averages.overlap, StreamOverlap)
         return model, {n: t.clone() for n, t in ema.ema_tensors.items()}
 
     (m1, e1), (m2, e2) = run(False), run(True)
@@ -396,7 +396,7 @@ def test_a_flattened_model_still_takes_one_kernel_per_phase() -> None:
     ema._initialise(0)
     ema.update()
     ema.update()
-    plan = ema._storage._plan  # type: ignore[union-attr]
+    plan = ema._averages.storages[0]._plan  # type: ignore[union-attr]
     assert plan is not None and not plan.loose and plan.is_current()
     # parameters | float buffers | the integer buffer: one span each
     assert sorted((g.phase, g.averaged, g.target.dtype) for g in plan.flat) == [

@@ -31,15 +31,14 @@ LAYERS: list[tuple[str, list[str]]] = [
             "emakit.rng",
             "emakit.posthoc",
             "emakit.posthoc.profiles",
+            "emakit.posthoc.targets",
         ],
     ),
     # how an update runs, and torch.distributed below the trainer
     ("engine", ["emakit.engine", "emakit.parallel"]),
-    # the engine's modules under their paths from before it was a package: re-exports only
-    ("engine's old paths", ["emakit.storage", "emakit.flatten", "emakit.overlap", "emakit.posthoc.kernels"]),
     (
         "functional API and post-hoc files",
-        ["emakit.functional", "emakit.posthoc.snapshots", "emakit.posthoc.reconstruction"],
+        ["emakit.functional", "emakit.posthoc.snapshots", "emakit.posthoc.reconstruction", "emakit.posthoc.sweep"],
     ),
     ("averaging", ["emakit.averaging"]),
     ("loop vocabulary", ["emakit.core"]),

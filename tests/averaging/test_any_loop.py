@@ -57,7 +57,7 @@ def test_the_loop_matches_a_reference_computed_from_the_recorded_weights() -> No
     records: list[dict[str, torch.Tensor]] = []
     train(model, ema, 12, record=records)
     expected = reference(records, 2 ** (-2 / 4), start=3, interval=2)
-    assert ema.started and ema.num_updates == 5  # steps 4, 6, 8, 10, 12
+    assert ema.started and (ema.n_averaged - 1) == 5  # steps 4, 6, 8, 10, 12
     assert ema.timestamp.batch == 12 and ema.timestamp.sample == 12 * 8
     for name, value in ema.ema_tensors.items():
         if value.is_floating_point():
@@ -79,10 +79,10 @@ def test_epoch_units_start_and_blend_at_epoch_end() -> None:
     ema.attach(model)
     train(model, ema, 3)
     assert not ema.started
-    assert ema.epoch_end() and ema.started and ema.num_updates == 0
+    assert ema.epoch_end() and ema.started and (ema.n_averaged - 1) == 0
     before = {k: v.clone() for k, v in ema.ema_tensors.items()}
     train(model, ema, 3)
-    assert ema.epoch_end() and ema.num_updates == 1
+    assert ema.epoch_end() and (ema.n_averaged - 1) == 1
     weights = model.state_dict()
     for name, value in ema.ema_tensors.items():
         if value.is_floating_point():
@@ -174,10 +174,10 @@ def test_state_dict_resumes_exactly(tmp_path: Path) -> None:
     second.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     ema2.load_state_dict(saved["ema"])
-    assert ema2.timestamp == ema1.timestamp and ema2.num_updates == ema1.num_updates
+    assert ema2.timestamp == ema1.timestamp and (ema2.n_averaged - 1) == (ema1.n_averaged - 1)
     run(second, opt2, ema2, range(5, 11), 0, None)
 
-    assert ema2.num_updates == ema.num_updates and ema2.timestamp == ema.timestamp
+    assert (ema2.n_averaged - 1) == (ema.n_averaged - 1) and ema2.timestamp == ema.timestamp
     for name, value in ema.ema_tensors.items():
         assert torch.equal(ema2.ema_tensors[name], value), name
     for name, value in model.state_dict().items():
@@ -220,7 +220,7 @@ def test_the_trainer_free_class_is_the_base_of_the_trainer_one() -> None:
 def test_an_update_interval_longer_than_the_half_life_warns() -> None:
     with pytest.warns(UserWarning, match=r"update_interval='10ba' is longer than half_life='2ba'.*barely smooths"):
         ema = EMA(half_life="2ba", update_interval="10ba")
-    assert math.isclose(ema.smoothing, 2**-5)
+    assert math.isclose(ema.schedule.smoothing, 2**-5)
 
 
 # ---------------------------------------------------------------- low-precision models

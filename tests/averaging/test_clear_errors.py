@@ -114,8 +114,8 @@ def test_duplicate_profiles_and_tensor_smoothings_are_named(kwargs: dict, match:
 
 
 def test_a_0d_tensor_smoothing_is_its_float() -> None:
-    assert EMA(smoothing=torch.tensor(0.9)).smoothing == pytest.approx(0.9)
-    assert isinstance(EMA(smoothing=torch.tensor(0.9, dtype=torch.float64)).smoothing, float)
+    assert EMA(smoothing=torch.tensor(0.9)).schedule.smoothing == pytest.approx(0.9)
+    assert isinstance(EMA(smoothing=torch.tensor(0.9, dtype=torch.float64)).schedule.smoothing, float)
 
 
 def test_smoothing_one_warns_that_the_average_never_moves() -> None:

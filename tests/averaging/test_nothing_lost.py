@@ -55,7 +55,7 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_snapshots(tmp_path: Pat
     with pytest.raises(ValueError, match=re.escape(f"snapshot_folder {str(tmp_path)!r} already holds 6 snapshot(s)")):
         train(model, fresh, range(20))
     assert files(tmp_path) == before  # refused before anything was written
-    assert fresh.num_updates == 0 and not fresh.started
+    assert fresh.n_averaged == 0 and not fresh.started
 
 
 def test_a_folder_mixing_two_runs_is_refused_by_reconstruct_and_the_cli(tmp_path: Path, capsys) -> None:
@@ -179,11 +179,11 @@ def test_ema_step_inside_average_parameters_is_refused() -> None:
     ema = EMA(half_life="4ba")
     ema.attach(model)
     train(model, ema, range(3))
-    updates = ema.num_updates
+    updates = ema.n_averaged - 1
     refused = pytest.raises(RuntimeError, match=r"ema.step\(\) inside `with ema.average_parameters\(\):`")
     with refused, ema.average_parameters():
         ema.step()
-    assert ema.num_updates == updates and ema.timestamp.batch == 3 and not ema.ema_weights_active
+    assert (ema.n_averaged - 1) == updates and ema.timestamp.batch == 3 and not ema.ema_weights_active
 
 
 @pytest.mark.parametrize("flatten", [False, True])

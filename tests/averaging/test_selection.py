@@ -96,7 +96,7 @@ def test_trainable_params_are_averaged_frozen_ones_are_neither_averaged_nor_copi
     # the EMA holds the selected tensors only: its bytes are theirs
     selected = [t for n, t in model.state_dict().items() if n in TRAINABLE | BUFFERS]
     assert nbytes(ema.state_dict()["ema"].values()) == nbytes(selected)
-    assert ema._storage is not None and ema._storage.nbytes < nbytes(selected) + 4 * 16 * len(selected)
+    assert ema.storage is not None and ema.storage.nbytes < nbytes(selected) + 4 * 16 * len(selected)
     # ema_model shares the frozen tensors; the swap leaves them in place; both equal the untouched originals
     ema_model = ema.ema_model
     for name in FROZEN:
@@ -344,4 +344,4 @@ def test_any_selection_keeps_exactly_what_it_names(patterns: list[str], policies
         if policy == "copy":
             copied.append(name)
     assert sorted(ema.ema_tensors) == sorted(params + kept_buffers)
-    assert sorted(ema._kept.copied) == sorted(copied)
+    assert sorted(ema._tracked.copied) == sorted(copied)

@@ -41,7 +41,7 @@ def test_a_list_of_half_lives_equals_separate_emas(dtype: torch.dtype, flatten: 
     for ema in (together, *apart):
         ema.attach(model)
     train(model, [together, *apart], 15)
-    assert together.num_averages == 2 and together.num_updates == apart[0].num_updates == 7
+    assert together.schedule.num_averages == 2 and (together.n_averaged - 1) == (apart[0].n_averaged - 1) == 7
     for j, single in enumerate(apart):
         together.eval_average = j
         for name, value in single.ema_tensors.items():
@@ -58,7 +58,7 @@ def test_a_sigma_rel_average_matches_the_closed_form_profile_weights() -> None:
     train(model, [ema], 40, record=records)
     # updates happen at steps 1 (the start), 2, 4, ..., 40: 21 in all, the profile runs over updates
     updated = [records[0], *records[1::2]]
-    assert ema.num_updates + 1 == len(updated) == 21
+    assert ema.n_averaged == len(updated) == 21
     weights = power_weights(len(updated), sigma_rel_to_gamma(0.1))
     assert np.isclose(weights.sum(), 1.0)
     for name, value in ema.ema_tensors.items():
@@ -234,10 +234,10 @@ def test_one_prepared_blend_is_kept_and_follows_repointed_and_replaced_parameter
     for ema in (together, *apart):
         ema.attach(model)
     train(model, [together, *apart], 6)
-    prepared = together._prepared
+    prepared = together._averages.prepared
     assert prepared is not None, "the several averages did not take the prepared path"
     train(model, [together, *apart], 4)
-    assert together._prepared is prepared, "the prepared blend was rebuilt although nothing moved"
+    assert together._averages.prepared is prepared, "the prepared blend was rebuilt although nothing moved"
     model.fc1.weight.data = model.fc1.weight.detach().clone() * 0.5
     train(model, [together, *apart], 5)
     model.fc1.bias = nn.Parameter(model.fc1.bias.detach() + 1.0)

@@ -59,7 +59,7 @@ def test_swa_is_the_mean_of_the_weights_at_each_update(start: str, end: str, int
         if changed:
             recorded.append({n: t.detach().clone() for n, t in model.state_dict().items()})
     assert swa.window_closed and len(recorded) >= 3
-    assert swa.num_updates + 1 == len(recorded)
+    assert swa.n_averaged == len(recorded)
     for name, average in swa.ema_tensors.items():
         if average.is_floating_point():
             expected = torch.stack([r[name].double() for r in recorded]).mean(0).float()
@@ -78,7 +78,7 @@ def test_swa_updates_only_inside_the_window() -> None:
             changed = swa.epoch_end()
             (opened if changed else closed).append(epoch)
     assert opened == [2, 3, 4] and closed == [1, 5, 6]
-    assert swa.num_updates == 2
+    assert (swa.n_averaged - 1) == 2
 
 
 def test_swa_and_update_bn_are_torchs_averaged_model_and_update_bn() -> None:
@@ -89,7 +89,7 @@ def test_swa_and_update_bn_are_torchs_averaged_model_and_update_bn() -> None:
     for _, i in train(model, optimizer_for(model), range(1, 11)):
         if i < 0 and swa.epoch_end():
             theirs.update_parameters(model)
-    assert swa.num_updates + 1 == int(theirs.n_averaged) == 7
+    assert swa.n_averaged == int(theirs.n_averaged) == 7
     update_bn(LOADER, theirs)
     training = {n: t.clone() for n, t in model.state_dict().items()}
     swa.update_bn(LOADER)
@@ -138,7 +138,7 @@ def test_swa_resumes_bitwise_inside_the_window(tmp_path: Any) -> None:
     cut, _ = run(stop=3)  # batch 24: inside [5, 40]
     assert cut.started and not cut.window_closed
     resumed, _ = run(None, resume=tmp_path / "ckpt.pt")
-    assert resumed.window_closed and resumed.num_updates == whole.num_updates == 35
+    assert resumed.window_closed and (resumed.n_averaged - 1) == (whole.n_averaged - 1) == 35
     for name, t in whole.ema_tensors.items():
         assert torch.equal(resumed.ema_tensors[name], t), name
 

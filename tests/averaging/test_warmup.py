@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from emakit.averaging import EMA, Warmup
-from emakit.averaging.clock import update_weights
 
 STEPS = 40
 
@@ -99,13 +98,14 @@ def test_warmup_is_diffusers_ema_model(gamma: float, power: float, after: int) -
 def test_warmup_true_is_the_default_ramp_and_caps_a_half_life() -> None:
     """warmup=True: gamma 1, power 2/3; each average of a half_life list is capped by its own smoothing."""
     ema = EMA(half_life=["2ba", "50ba"], warmup=True)
-    assert ema.warmup == Warmup(1.0, 2 / 3)
+    assert ema.schedule.warmup == Warmup(1.0, 2 / 3)
     for t in (2, 5, 50, 5000):
         ramp = 1 - (1 + (t - 1)) ** (-2 / 3)
-        expected = [1 - min(s, ramp) for s in ema.smoothings if s is not None]
-        assert update_weights(ema.smoothings, ema.profiles, t, ema.warmup) == pytest.approx(expected, rel=1e-12)
-    ramped = update_weights(ema.smoothings, ema.profiles, 10**7, ema.warmup)
-    assert ramped[1] == 1 - ema.smoothings[1]  # exactly the plain weight once ramped
+        smoothings = [2 ** (-1 / 2), 2 ** (-1 / 50)]
+        expected = [1 - min(s, ramp) for s in smoothings]
+        assert ema.schedule.weights(t) == pytest.approx(expected, rel=1e-12)
+    ramped = ema.schedule.weights(10**7)
+    assert ramped[1] == 1 - 2 ** (-1 / 50)  # exactly the plain weight once ramped
 
 
 def test_warmup_resumes_exactly() -> None:

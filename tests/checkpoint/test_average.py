@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.checkpoint import (
     AveragedCheckpoint,
     average_checkpoints,

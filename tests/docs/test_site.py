@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = [
     "emakit",
     "emakit.functional",
-    "emakit.flatten",
+    "emakit.engine.flatten",
     "emakit.algorithms",
     "emakit.averaging",
     "emakit.trainer",

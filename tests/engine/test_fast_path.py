@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import emakit.functional as ef
-from emakit.algorithms.ema import EMA
+from emakit import EMA
 from emakit.engine import kernels
 from emakit.engine.flatten import flatten_model_, is_flattened
 from emakit.engine.pairing import kept_plan
@@ -108,8 +108,8 @@ def started_ema(model: nn.Module, **kwargs: object) -> EMA:
 
 
 def plan_of(ema: EMA) -> UpdatePlan | None:
-    assert ema._storage is not None
-    return ema._storage._plan
+    assert ema.storage is not None
+    return ema.storage._plan
 
 
 # ------------------------------------------------------------------ flatten_model_

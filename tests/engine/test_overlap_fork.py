@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from conftest import make_data, make_model
 from emakit import EMA
-from emakit.algorithms import EMA as TrainerEMA
+from emakit import EMA as TrainerEMA
 from emakit.engine.overlap import ThreadOverlap
 from emakit.trainer import Trainer
 

@@ -14,6 +14,7 @@ from torch import nn
 import emakit
 import emakit.functional as ef
 from conftest import TinyNet, make_model
+from emakit.engine.naming import canonical_name
 
 
 def naive_ema(model: nn.Module, ema_model: nn.Module, smoothing: float) -> None:
@@ -199,10 +200,10 @@ def test_top_level_reexport() -> None:
 
 
 def test_canonical_name_strips_wrappers() -> None:
-    assert ef.canonical_name("module._orig_mod.fc.weight") == "fc.weight"
-    assert ef.canonical_name("_orig_mod.module.fc.weight") == "fc.weight"
-    assert ef.canonical_name("a._fsdp_wrapped_module.b._checkpoint_wrapped_module.w") == "a.b.w"
-    assert ef.canonical_name("encoder.module.weight") == "encoder.module.weight"
+    assert canonical_name("module._orig_mod.fc.weight") == "fc.weight"
+    assert canonical_name("_orig_mod.module.fc.weight") == "fc.weight"
+    assert canonical_name("a._fsdp_wrapped_module.b._checkpoint_wrapped_module.w") == "a.b.w"
+    assert canonical_name("encoder.module.weight") == "encoder.module.weight"
 
 
 @settings(max_examples=60, deadline=None)

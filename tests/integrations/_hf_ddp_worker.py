@@ -48,8 +48,8 @@ def main(out: Path) -> None:
         return trainer, callback
 
     def ema_params(callback: EMACallback) -> dict[str, torch.Tensor]:
-        names = set(weights(callback.ema.model))
-        return {n: t.detach().clone() for n, t in callback.ema.ema_tensors.items() if n in names}
+        names = set(weights(callback.averager.model))
+        return {n: t.detach().clone() for n, t in callback.averager.ema_tensors.items() if n in names}
 
     full, full_callback = run(out / "full")
     eval_loss = full.evaluate()["eval_loss"]

@@ -151,11 +151,11 @@ class EvalRecorder(Callback):
 
 
 class CollectiveCounter(Callback):
-    """Wraps ``callback.ema.step`` to count the collectives each update runs."""
+    """Wraps ``callback.averager.step`` to count the collectives each update runs."""
 
     def __init__(self, callback: EMACallback) -> None:
         self.per_step: list[int] = []
-        ema = callback.ema
+        ema = callback.averager
         step = ema.step
 
         def counted_step(*args: Any, **kwargs: Any) -> bool:
@@ -188,9 +188,9 @@ def fit_fsdp(out: Path) -> dict[str, Any]:
     return {
         "collectives_per_update": counter.per_step,
         "probe_collectives": len(probe),
-        "num_updates": callback.ema.num_updates,
-        "batch": callback.ema.timestamp.batch,
-        "local_ema": {n: t.clone() for n, t in callback.ema.ema_tensors.items()},
+        "num_updates": (callback.averager.n_averaged - 1),
+        "batch": callback.averager.timestamp.batch,
+        "local_ema": {n: t.clone() for n, t in callback.averager.ema_tensors.items()},
         "local_weights": local_weights(model),
         "full_weights": full_weights(model),
         "placements": {n: str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()},
@@ -214,9 +214,9 @@ def resumed_fsdp(out: Path) -> dict[str, Any]:
     trainer = pl.Trainer(callbacks=[callback], strategy=fsdp_strategy(), devices=2, **trainer_options())
     trainer.fit(model, DataLoader(train_data(), batch_size=4), ckpt_path=path)
     return {
-        "local_ema": {n: t.clone() for n, t in callback.ema.ema_tensors.items()},
+        "local_ema": {n: t.clone() for n, t in callback.averager.ema_tensors.items()},
         "local_weights": local_weights(model),
-        "num_updates": callback.ema.num_updates,
+        "num_updates": (callback.averager.n_averaged - 1),
         "checkpoint_files": sorted(p.name for p in path.iterdir()),
     }
 
@@ -226,7 +226,10 @@ def ema_after_fit() -> dict[str, Any]:
     callback = EMACallback(half_life=HALF_LIFE, weights_after_fit="ema")
     trainer = pl.Trainer(callbacks=[callback], strategy=fsdp_strategy(), devices=2, **trainer_options())
     trainer.fit(model, DataLoader(train_data(), batch_size=4))
-    return {"local_ema": {n: t.clone() for n, t in callback.ema.ema_tensors.items()}, "module": local_weights(model)}
+    return {
+        "local_ema": {n: t.clone() for n, t in callback.averager.ema_tensors.items()},
+        "module": local_weights(model),
+    }
 
 
 def fit_tp(out: Path) -> dict[str, Any]:

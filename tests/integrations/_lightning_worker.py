@@ -178,10 +178,10 @@ def main(out: Path) -> None:
     for name, kwargs in runs:
         callback, model = ddp_fit(2, **kwargs)
         results[name] = {
-            "ema": {n: t.detach().clone() for n, t in callback.ema.ema_tensors.items()},
+            "ema": {n: t.detach().clone() for n, t in callback.averager.ema_tensors.items()},
             "weights": weights(model),
-            "num_updates": callback.ema.num_updates,
-            "batch": callback.ema.timestamp.batch,
+            "num_updates": (callback.averager.n_averaged - 1),
+            "batch": callback.averager.timestamp.batch,
         }
     torch.save(results, out / f"rank{rank}.pt")
 

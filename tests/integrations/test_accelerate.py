@@ -74,14 +74,14 @@ def test_example_resumes_exactly(
     assert_same(resumed["weights"], uninterrupted["weights"])  # dropout, shuffling, schedule: all restored
     assert_same(resumed["ema"], uninterrupted["ema"])
     assert resumed["timestamp"] == uninterrupted["timestamp"]
-    assert resumed["num_updates"] == uninterrupted["num_updates"]
+    assert resumed["n_averaged"] == uninterrupted["n_averaged"]
 
 
 def test_example_updates_once_per_optimizer_step(uninterrupted: dict[str, Any]) -> None:
     # 10 optimizer steps of 2 micro-batches: started at step 1, blended at steps 2..10; epochs 1 and 2 done
     assert uninterrupted["timestamp"]["batch"] == 10
     assert uninterrupted["timestamp"]["epoch"] == 2
-    assert uninterrupted["num_updates"] == 9
+    assert uninterrupted["n_averaged"] == 10
 
 
 def test_example_checkpoints_hold_the_ema_and_the_export_loads(
@@ -126,14 +126,16 @@ def test_prepare_ema_attaches_and_registers_for_checkpointing(tmp_path: Path) ->
     restored = prepare_ema(other, fresh, EMA(smoothing=0.5))
     other.load_state(str(tmp_path))
     assert_same(restored.ema_tensors, ema.ema_tensors)
-    assert restored.num_updates == 1 and restored.timestamp.batch == 2
+    assert (restored.n_averaged - 1) == 1 and restored.timestamp.batch == 2
 
 
 def test_prepare_ema_twice_with_the_same_ema_is_refused_and_resume_still_works(tmp_path: Path) -> None:
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(nn.Linear(3, 2))
     ema = prepare_ema(accelerator, model, EMA(smoothing=0.5))
-    with pytest.raises(ValueError, match=r"prepare_ema was already called with this EMA: it is registered with the"):
+    with pytest.raises(
+        ValueError, match=r"prepare_ema was already called with this EMA \(or SWA\): it is registered with the"
+    ):
         prepare_ema(accelerator, model, ema)
     ema.step()
     accelerator.save_state(str(tmp_path))
@@ -148,7 +150,7 @@ def test_prepare_ema_twice_with_the_same_ema_is_refused_and_resume_still_works(t
 def test_prepare_ema_default_and_bad_arguments() -> None:
     accelerator = Accelerator(cpu=True)
     assert isinstance(prepare_ema(accelerator, nn.Linear(2, 2)), EMA)
-    with pytest.raises(TypeError, match=r"ema must be an emakit\.EMA, got dict"):
+    with pytest.raises(TypeError, match=r"ema must be an emakit averager \(emakit\.EMA or emakit\.SWA\), got dict"):
         prepare_ema(accelerator, nn.Linear(2, 2), {"half_life": "10ba"})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         prepare_ema(accelerator, "model")  # type: ignore[arg-type]

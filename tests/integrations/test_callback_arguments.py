@@ -51,8 +51,8 @@ def test_selection_and_several_averages_reach_the_ema(framework: str) -> None:
     callback = callback_class(framework)(
         sigma_rel=[0.05, 0.1], eval_average=1, params=["*.weight"], buffers={"*": "copy"}
     )
-    assert callback.ema.num_averages == 2 and callback.ema.eval_average == 1
-    assert callback.ema._kept.selection.params == ("*.weight",)
+    assert callback.averager.schedule.num_averages == 2 and callback.averager.eval_average == 1
+    assert callback.averager._tracked.selection.params == ("*.weight",)
 
 
 def snapshots(folder: Path) -> list[tuple[int, int, dict[str, torch.Tensor]]]:

@@ -40,7 +40,7 @@ from _lightning_worker import (
 )
 from safetensors.torch import load_file
 
-from emakit.flatten import is_flattened
+from emakit.engine.flatten import is_flattened
 from emakit.integrations.lightning import TRAINING_STATE_KEY, EMACallback
 from emakit.posthoc import read_snapshot_index
 
@@ -99,7 +99,7 @@ def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 
 def ema_weights(callback: EMACallback) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in callback.ema.ema_tensors.items()}
+    return {name: t.detach().clone() for name, t in callback.averager.ema_tensors.items()}
 
 
 def hand_loss(module: nn.Module, loader: Any) -> float:
@@ -125,13 +125,13 @@ def test_ema_after_fit_equals_closed_form_over_recorded_steps(accumulate: int, n
 
     steps_per_epoch = -(-(n // 8) // accumulate)
     assert trainer.global_step == 2 * steps_per_epoch == len(recorder.after_step)
-    assert callback.ema.timestamp.batch == trainer.global_step
-    assert callback.ema.num_updates == trainer.global_step - 1  # the first step starts the average as a copy
-    expected = reference_ema(recorder.after_step, callback.ema.smoothing)
+    assert callback.averager.timestamp.batch == trainer.global_step
+    assert (callback.averager.n_averaged - 1) == trainer.global_step - 1  # the first step starts the average as a copy
+    expected = reference_ema(recorder.after_step, callback.averager.schedule.smoothing)
     assert_matches(ema_weights(callback), expected)
     # Integer buffers are copied from the model, not averaged: BatchNorm counted every micro-batch.
-    assert callback.ema.ema_tensors["bn.num_batches_tracked"].item() == 2 * (n // 8)
-    assert torch.equal(callback.ema.ema_tensors["bn.num_batches_tracked"], model.bn.num_batches_tracked)
+    assert callback.averager.ema_tensors["bn.num_batches_tracked"].item() == 2 * (n // 8)
+    assert torch.equal(callback.averager.ema_tensors["bn.num_batches_tracked"], model.bn.num_batches_tracked)
 
 
 class TwoOptimizers(Net):
@@ -162,7 +162,7 @@ def test_manual_optimization_with_two_optimizers_is_one_update_per_batch() -> No
     torch.manual_seed(0)
     trainer.fit(TwoOptimizers(), make_loader())
     assert trainer.global_step == 12 and len(recorder.after_step) == 6
-    assert callback.ema.timestamp.batch == 6
+    assert callback.averager.timestamp.batch == 6
     assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7))
 
 
@@ -175,7 +175,7 @@ def test_manual_optimization_dur_is_a_fraction_of_the_batches_that_step(ema_star
     torch.manual_seed(0)
     trainer.fit(TwoOptimizers(), make_loader())
     assert trainer.global_step == 24 and len(recorder.after_step) == 12
-    assert callback.ema.start_count == start_batch
+    assert callback.averager.start_count == start_batch
     assert_matches(ema_weights(callback), reference_ema(recorder.after_step, 0.7, start=start_batch))
 
 
@@ -196,10 +196,10 @@ def test_ema_start_in_steps_epochs_samples_and_fractions_of_training(
     recorder = StepRecorder()
     callback = EMACallback(half_life="4ba", ema_start=ema_start)
     make_trainer([recorder, callback], **trainer_kwargs).fit(make_net(), make_loader())
-    told = str(callback.ema.max_duration)  # the training length the callback told the EMA
+    told = str(callback.averager.max_duration)  # the training length the callback told the EMA
     assert told == length
-    assert callback.ema.start_count == start_step
-    expected = reference_ema(recorder.after_step, callback.ema.smoothing, start=start_step)
+    assert callback.averager.start_count == start_step
+    expected = reference_ema(recorder.after_step, callback.averager.schedule.smoothing, start=start_step)
     assert_matches(ema_weights(callback), expected)
 
 
@@ -209,7 +209,7 @@ def test_flatten_model_and_overlap_pass_through_and_change_nothing() -> None:
     fast = EMACallback(half_life="3ba", flatten_model=True, overlap=True)
     model = make_net()
     make_trainer([fast]).fit(model, make_loader())
-    assert fast.ema.flatten_model and fast.ema.overlap and is_flattened(model)
+    assert fast.averager.flatten_model and fast.averager.overlap and is_flattened(model)
     assert_matches(ema_weights(fast), ema_weights(plain), exact=True)
 
 
@@ -231,11 +231,11 @@ def test_validation_runs_on_the_ema_and_puts_training_weights_back_bitwise() -> 
     assert not torch.equal(evals.during[0]["fc1.weight"], initial["fc1.weight"])
     # From then on, the average as of that step.
     for step, during in zip(evals.steps[1:], evals.during[1:], strict=True):
-        expected = reference_ema(recorder.after_step[:step], callback.ema.smoothing, start=4)
+        expected = reference_ema(recorder.after_step[:step], callback.averager.schedule.smoothing, start=4)
         assert_matches(during, expected)
     assert not torch.equal(evals.during[-1]["fc1.weight"], evals.before[-1]["fc1.weight"])
     # The logged metric is the EMA model's loss, evaluated here by hand.
-    assert evals.metrics[-1] == pytest.approx(hand_loss(callback.ema.ema_model, val), rel=1e-6)
+    assert evals.metrics[-1] == pytest.approx(hand_loss(callback.averager.ema_model, val), rel=1e-6)
     assert evals.metrics[-1] != pytest.approx(hand_loss(model, val), rel=1e-6)
 
 
@@ -248,10 +248,10 @@ def test_test_and_predict_run_on_the_ema_after_fit() -> None:
     data = make_loader(n=16, batch_size=16)
 
     (result,) = trainer.test(model, data, verbose=False)
-    assert result["test_loss"] == pytest.approx(hand_loss(callback.ema.ema_model, data), rel=1e-6)
+    assert result["test_loss"] == pytest.approx(hand_loss(callback.averager.ema_model, data), rel=1e-6)
     (predictions,) = trainer.predict(model, data)  # type: ignore[misc]
     with torch.no_grad():
-        torch.testing.assert_close(predictions, callback.ema.ema_model(next(iter(data))[0]), rtol=0, atol=0)
+        torch.testing.assert_close(predictions, callback.averager.ema_model(next(iter(data))[0]), rtol=0, atol=0)
     assert_matches(weights(model), trained, exact=True)
 
 
@@ -282,7 +282,7 @@ def test_checkpoint_holds_ema_as_state_dict_and_training_weights_beside_it(tmp_p
     last = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
     assert_matches(dict(last["state_dict"]), ema_weights(callback), exact=True)
     assert_matches(dict(last[TRAINING_STATE_KEY]), weights(model), exact=True)
-    assert last["callbacks"]["EMACallback"]["ema"]["num_updates"] == callback.ema.num_updates
+    assert last["callbacks"]["EMACallback"]["ema"]["num_updates"] == (callback.averager.n_averaged - 1)
 
     loaded = Net.load_from_checkpoint(tmp_path / "epoch=1.ckpt")
     assert_matches(weights(loaded), ema_weights(callback), exact=True)
@@ -327,8 +327,8 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted_fit_bitwise(tmp_path:
 
     assert_matches(weights(resumed), weights(whole), exact=True)
     assert_matches(ema_weights(resumed_cb), ema_weights(whole_cb), exact=True)
-    assert resumed_cb.ema.num_updates == whole_cb.ema.num_updates
-    assert resumed_cb.ema.timestamp == whole_cb.ema.timestamp
+    assert (resumed_cb.averager.n_averaged - 1) == (whole_cb.averager.n_averaged - 1)
+    assert resumed_cb.averager.timestamp == whole_cb.averager.timestamp
     final = {name: torch.load(tmp_path / name / "epoch=2.ckpt", weights_only=True) for name in ("whole", "resumed")}
     assert_matches(dict(final["resumed"]["state_dict"]), dict(final["whole"]["state_dict"]), exact=True)
 
@@ -363,7 +363,7 @@ def test_resume_with_dropout_and_shuffling_follows_the_resumed_runs_own_weights(
     make_trainer([resumed_cb, steps, epoch_checkpoints(tmp_path / "resumed")], **options).fit(
         resumed_model, loader(), ckpt_path=tmp_path / "epoch=0.ckpt"
     )
-    assert len(steps.after_step) == 6 and resumed_cb.ema.num_updates == whole_cb.ema.num_updates
+    assert len(steps.after_step) == 6 and (resumed_cb.averager.n_averaged - 1) == (whole_cb.averager.n_averaged - 1)
     for recorded in steps.after_step:
         for name, value in reference.items():
             w = recorded[name]
@@ -406,9 +406,9 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_counts_that_epoch(
     trainer.fit(resumed, make_loader(), ckpt_path=tmp_path / "whole" / "step=12.ckpt")
 
     assert_matches(weights(resumed), weights(whole), exact=True)
-    assert resumed_cb.ema.timestamp == whole_cb.ema.timestamp
-    assert resumed_cb.ema.num_updates == whole_cb.ema.num_updates
-    assert resumed_cb.ema.start_count == whole_cb.ema.start_count
+    assert resumed_cb.averager.timestamp == whole_cb.averager.timestamp
+    assert (resumed_cb.averager.n_averaged - 1) == (whole_cb.averager.n_averaged - 1)
+    assert resumed_cb.averager.start_count == whole_cb.averager.start_count
     assert_matches(ema_weights(resumed_cb), ema_weights(whole_cb), exact=True)
 
 
@@ -421,7 +421,7 @@ def test_evaluating_a_checkpoint_uses_its_weights_not_the_live_average(tmp_path:
     data = make_loader(n=16, batch_size=16)
     (result,) = trainer.test(model, data, ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
     assert result["test_loss"] == pytest.approx(hand_loss(Net.load_from_checkpoint(tmp_path / "epoch=0.ckpt"), data))
-    assert result["test_loss"] != pytest.approx(hand_loss(callback.ema.ema_model, data))
+    assert result["test_loss"] != pytest.approx(hand_loss(callback.averager.ema_model, data))
 
 
 # ------------------------------------------------------------------------------ against Lightning's own EMA
@@ -435,14 +435,14 @@ def test_same_floats_as_lightning_ema_weight_averaging_but_integer_buffers_copie
     assert theirs._average_model is not None
     their_state = theirs._average_model.module.state_dict()
 
-    for name, value in ours.ema.ema_tensors.items():
+    for name, value in ours.averager.ema_tensors.items():
         if value.is_floating_point():
             torch.testing.assert_close(value, their_state[name], rtol=0, atol=1e-6)
     # num_batches_tracked after 12 steps: ours is the model's count; theirs is an average truncated each step.
     truncated = torch.tensor(1)
     for count in range(2, 13):
         truncated = (smoothing * truncated + (1 - smoothing) * torch.tensor(count)).to(torch.int64)
-    assert ours.ema.ema_tensors["bn.num_batches_tracked"].item() == ours_model.bn.num_batches_tracked.item() == 12
+    assert ours.averager.ema_tensors["bn.num_batches_tracked"].item() == ours_model.bn.num_batches_tracked.item() == 12
     assert their_state["bn.num_batches_tracked"].item() == truncated.item() < 12
 
 
@@ -458,8 +458,8 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     single, single_model = ddp_fit(devices=1)
     for name in ("plain", "flat_overlap"):
         assert_matches(ranks[1][name]["ema"], ranks[0][name]["ema"], exact=True)
-        assert ranks[0][name]["batch"] == single.ema.timestamp.batch == 12
-        assert ranks[0][name]["num_updates"] == single.ema.num_updates
+        assert ranks[0][name]["batch"] == single.averager.timestamp.batch == 12
+        assert ranks[0][name]["num_updates"] == (single.averager.n_averaged - 1)
         # Gradients summed across ranks in another order than one batch of 8: equal to fp32 rounding.
         for got, expected in (
             (ranks[0][name]["ema"], ema_weights(single)),
@@ -558,7 +558,9 @@ def test_ddp_spawn_is_refused_in_the_main_process_before_any_child_starts() -> N
 
     tmp.start_processes = spy  # type: ignore[assignment]
     try:
-        with pytest.raises(ValueError, match=r"^EMACallback does not support DDPStrategy started by spawning"):
+        with pytest.raises(
+            ValueError, match=r"^emakit's averaging callbacks do not support DDPStrategy started by spawning"
+        ):
             trainer.fit(make_net(), make_loader())
     finally:
         tmp.start_processes = original
@@ -567,10 +569,10 @@ def test_ddp_spawn_is_refused_in_the_main_process_before_any_child_starts() -> N
 
 def test_model_parallel_strategy_is_accepted() -> None:
     """FSDP2 and tensor parallelism: the EMA keeps each rank's shards (2-rank runs: test_lightning_fsdp.py)."""
-    from emakit.integrations.lightning import _strategy_refusal
+    from emakit.integrations.lightning_strategies import strategy_refusal
 
-    assert _strategy_refusal(ModelParallelStrategy()) is None
-    assert _strategy_refusal(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)) is None
+    assert strategy_refusal(ModelParallelStrategy()) is None
+    assert strategy_refusal(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)) is None
 
 
 def test_fsdp1_refused_by_lightning_itself_on_cpu() -> None:
@@ -590,10 +592,10 @@ def test_refused_strategy_raises_before_training_starts() -> None:
 
 
 def test_deepspeed_is_refused() -> None:
-    from emakit.integrations.lightning import _strategy_refusal
+    from emakit.integrations.lightning_strategies import strategy_refusal
 
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # DeepSpeed itself is not installed here
-    assert "strategy DeepSpeedStrategy" in str(_strategy_refusal(strategy))
+    assert "strategy DeepSpeedStrategy" in str(strategy_refusal(strategy))
 
 
 def test_one_ema_callback_per_trainer_and_not_with_lightnings_own() -> None:
@@ -627,7 +629,7 @@ def test_readme_lightning_example_runs_as_written(tmp_path: Path, monkeypatch: p
     namespace: dict[str, Any] = {}
     exec(compile(readme_lightning_block(), "docs/guides/lightning.md", "exec"), namespace)
     callback = namespace["callback"]
-    assert isinstance(callback, EMACallback) and callback.ema.started
+    assert isinstance(callback, EMACallback) and callback.averager.started
     assert isinstance(namespace["averaged"], nn.Module)
 
 
@@ -650,5 +652,5 @@ def test_resuming_a_checkpoint_without_ema_state_warns_and_starts_afresh(tmp_pat
         make_trainer([recorder, callback], max_epochs=2).fit(
             make_net(seed=5), make_loader(), ckpt_path=tmp_path / "epoch=0.ckpt"
         )
-    assert callback.ema.timestamp.batch == 6 and callback.ema.start_count == 1
-    assert_matches(ema_weights(callback), reference_ema(recorder.after_step, callback.ema.smoothing))
+    assert callback.averager.timestamp.batch == 6 and callback.averager.start_count == 1
+    assert_matches(ema_weights(callback), reference_ema(recorder.after_step, callback.averager.schedule.smoothing))

@@ -112,15 +112,15 @@ def test_shards_are_uneven_and_one_is_empty(ranks: dict[str, Any]) -> None:
 def test_fsdp_ema_exported_whole_equals_single_process_ema(ranks: dict[str, Any]) -> None:
     fsdp = ranks["ranks"][0]["fsdp"]
     callback, model, _ = single_process()
-    assert fsdp["batch"] == callback.ema.timestamp.batch == 12
-    assert fsdp["num_updates"] == callback.ema.num_updates == 11
+    assert fsdp["batch"] == callback.averager.timestamp.batch == 12
+    assert fsdp["num_updates"] == (callback.averager.n_averaged - 1) == 11
     # Gradients are averaged across the ranks in another order than one batch of 8: equal to fp32 rounding.
-    assert_close(load_export(ranks["out"] / "fsdp_ema.safetensors").state_dict(), dict(callback.ema.ema_tensors))
+    assert_close(load_export(ranks["out"] / "fsdp_ema.safetensors").state_dict(), dict(callback.averager.ema_tensors))
     assert_close(fsdp["full_weights"], model.state_dict())
     # Each rank's average is its own shard of that EMA.
     for rank, r in enumerate(ranks["ranks"]):
         for name, shard in r["fsdp"]["local_ema"].items():
-            whole = callback.ema.ema_tensors[name]
+            whole = callback.averager.ema_tensors[name]
             rows = -(-whole.shape[0] // 2)
             torch.testing.assert_close(shard, whole[rank * rows : (rank + 1) * rows], **FP32)
 
@@ -194,7 +194,7 @@ def test_tensor_parallel_ema_equals_single_process_ema(ranks: dict[str, Any]) ->
     }
     callback, model, _ = single_process(hidden=TP_HIDDEN)
     exported = load_export(ranks["out"] / "tp_ema.safetensors", hidden=TP_HIDDEN)
-    assert_close(exported.state_dict(), dict(callback.ema.ema_tensors))
+    assert_close(exported.state_dict(), dict(callback.averager.ema_tensors))
     assert_close(tp["full_weights"], model.state_dict())
     assert tp["metrics"] == pytest.approx(hand_loss(exported), rel=1e-5)
 

@@ -18,8 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emakit.integrations.lightning import EMACallback
-from emakit.integrations.lightning_swa import SWACallback
+from emakit.integrations.lightning import EMACallback, SWACallback
 
 
 class Module(pl.LightningModule):
@@ -88,7 +87,7 @@ def test_validation_after_the_window_runs_on_the_averaged_batch_norm_recomputed_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer([swa, recorder], epochs=6).fit(module, loader(), loader())
-    assert swa.ema.window_closed and swa.ema.bn_updated and swa.ema.num_updates + 1 == 3
+    assert swa.averager.window_closed and swa.averager.bn_updated and (swa.averager.n_averaged - 1) + 1 == 3
     update_bn(loader(), recorder.averaged)
     theirs = recorder.averaged.module.state_dict()
     for epoch in (5, 6):  # validation after the window
@@ -107,7 +106,7 @@ def test_a_window_without_end_closes_with_fit() -> None:
         warnings.simplefilter("ignore")
         fitted = trainer([swa, recorder], epochs=4)
         fitted.fit(module, loader())
-        assert swa.ema.bn_updated
+        assert swa.averager.bn_updated
         update_bn(loader(), recorder.averaged)
         fitted.validate(module, loader(), verbose=False)
     (validated,) = recorder.validated.values()  # the one validation, after fit
@@ -117,5 +116,7 @@ def test_a_window_without_end_closes_with_fit() -> None:
 
 @pytest.mark.parametrize("other", [lambda: EMACallback(half_life="5ba")])
 def test_ema_and_swa_callbacks_are_refused_together(other: Any) -> None:
-    with pytest.raises(ValueError, match="EMA and SWA do not compose: SWACallback and EMACallback"):
+    with pytest.raises(
+        ValueError, match=r"EMA and SWA do not compose: (SWACallback and EMACallback|EMACallback and SWACallback)"
+    ):
         trainer([other(), SWACallback()], epochs=1).fit(Module(), loader())

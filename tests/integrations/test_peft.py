@@ -159,12 +159,12 @@ def test_ema_trainer_evaluates_and_saves_the_ema_adapter(tmp_path: Path) -> None
     trainer = run(tmp_path / "run", callback, recorder, max_steps=6)
     expected = naive(recorder.after_step, 0.7)
     for name, value in expected.items():
-        torch.testing.assert_close(callback.ema.ema_tensors[name].double(), value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(callback.averager.ema_tensors[name].double(), value, rtol=1e-5, atol=1e-6)
     got = trainer.evaluate()
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
     loaded = PeftModel.from_pretrained(tiny_model(0), tmp_path / "saved")
-    for name, value in callback.ema.ema_tensors.items():
+    for name, value in callback.averager.ema_tensors.items():
         assert torch.equal(dict(loaded.named_parameters())[name], value), name
     by_hand = Trainer(model=loaded, args=training_args(tmp_path / "hand"), eval_dataset=EVAL).evaluate()
     assert got["eval_loss"] == pytest.approx(by_hand["eval_loss"], rel=1e-6)
@@ -181,9 +181,9 @@ def test_ema_trainer_resumes_a_lora_run_exactly(tmp_path: Path) -> None:
     resumed = run(tmp_path / "cut", resumed_callback, resume=str(tmp_path / "cut" / "checkpoint-5"), **settings)
     for name, value in adapters(reference.model).items():
         assert torch.equal(adapters(resumed.model)[name], value), name
-    assert set(resumed_callback.ema.ema_tensors) == set(full.ema.ema_tensors)
-    for name, value in full.ema.ema_tensors.items():
-        assert torch.equal(resumed_callback.ema.ema_tensors[name], value), name
+    assert set(resumed_callback.averager.ema_tensors) == set(full.averager.ema_tensors)
+    for name, value in full.averager.ema_tensors.items():
+        assert torch.equal(resumed_callback.averager.ema_tensors[name], value), name
 
 
 def test_guide_lora_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

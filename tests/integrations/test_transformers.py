@@ -57,8 +57,8 @@ def one_thread() -> Iterator[None]:
 
 def ema_params(callback: EMACallback) -> dict[str, torch.Tensor]:
     """The EMA of the trainable parameters (the average also holds buffers), detached copies."""
-    names = set(weights(callback.ema.model))
-    return {n: t.detach().clone() for n, t in callback.ema.ema_tensors.items() if n in names}
+    names = set(weights(callback.averager.model))
+    return {n: t.detach().clone() for n, t in callback.averager.ema_tensors.items() if n in names}
 
 
 def assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], exact: bool = True) -> None:
@@ -115,9 +115,9 @@ def test_ema_after_train_is_the_average_of_the_weights_after_each_optimizer_step
     trainer = train(tmp_path, callback, recorder, gradient_accumulation_steps=accumulation, max_steps=8)
 
     assert len(recorder.after_step) == 8 == trainer.state.global_step  # one record per optimizer step
-    assert callback.ema.timestamp.batch == 8
-    assert callback.ema.start_count == start
-    assert callback.ema.num_updates == len([k for k in range(start + 1, 9) if k % interval == 0])
+    assert callback.averager.timestamp.batch == 8
+    assert callback.averager.start_count == start
+    assert (callback.averager.n_averaged - 1) == len([k for k in range(start + 1, 9) if k % interval == 0])
     expected = ema_reference(recorder.after_step, smoothing, start, interval)
     assert_same(ema_params(callback), expected, exact=False)
 
@@ -128,7 +128,7 @@ def test_epoch_units_blend_at_complete_epochs_only(tmp_path: Path) -> None:
     train(tmp_path, callback, recorder, gradient_accumulation_steps=2, max_steps=13)
 
     assert recorder.epochs == [1.0, 2.0, 2.6]
-    assert callback.ema.timestamp.epoch == 2  # the cut epoch is not an epoch end
+    assert callback.averager.timestamp.epoch == 2  # the cut epoch is not an epoch end
     expected = ema_reference(recorder.at_epoch_end[:2], 0.5)
     assert_same(ema_params(callback), expected, exact=False)
 
@@ -144,7 +144,7 @@ class EvalRecorder(TrainerCallback):  # type: ignore[misc]
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, model: Any = None, **kw: Any
     ) -> None:
-        started = self.callback.ema.started
+        started = self.callback.averager.started
         self.records.append((dict(metrics), weights(model), ema_params(self.callback) if started else None))
 
 
@@ -195,7 +195,7 @@ def test_evaluate_puts_the_training_weights_back_when_it_fails(tmp_path: Path) -
     with pytest.raises(RuntimeError, match="metric failed"):
         trainer.evaluate()
     assert_same(weights(trainer.model), before)
-    assert not callback.ema.ema_weights_active
+    assert not callback.averager.ema_weights_active
 
 
 def test_evaluate_with_several_datasets_uses_the_ema_for_each(tmp_path: Path) -> None:
@@ -273,8 +273,10 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path, resume: str | 
 
     assert_same(weights(resumed.model), weights(reference.model))
     assert_same(ema_params(resumed_callback), ema_params(full))
-    assert resumed_callback.ema.num_updates == full.ema.num_updates == 6  # started at step 2, then 3..8
-    assert resumed_callback.ema.timestamp.batch == 8
+    assert (
+        (resumed_callback.averager.n_averaged - 1) == (full.averager.n_averaged - 1) == 6
+    )  # started at step 2, then 3..8
+    assert resumed_callback.averager.timestamp.batch == 8
 
 
 @pytest.mark.parametrize(("half_life", "ema_start"), [("1ep", "0.0dur"), ("2ba", "2ep")])
@@ -293,9 +295,9 @@ def test_resume_from_a_checkpoint_at_an_epoch_end_counts_that_epoch(
     resumed = train(tmp_path / "full", resumed_callback, resume=str(tmp_path / "full" / "checkpoint-10"), **run)
 
     assert_same(weights(resumed.model), weights(reference.model))
-    assert resumed_callback.ema.timestamp == full.ema.timestamp
-    assert resumed_callback.ema.start_count == full.ema.start_count
-    assert resumed_callback.ema.num_updates == full.ema.num_updates
+    assert resumed_callback.averager.timestamp == full.averager.timestamp
+    assert resumed_callback.averager.start_count == full.averager.start_count
+    assert (resumed_callback.averager.n_averaged - 1) == (full.averager.n_averaged - 1)
     assert_same(ema_params(resumed_callback), ema_params(full))
 
 
@@ -308,7 +310,7 @@ def test_resume_from_a_checkpoint_without_ema_warns_and_starts_a_fresh_average(t
         UserWarning, match=r"checkpoint-3, which holds no emakit_ema\.pt: the EMA starts a fresh average"
     ):
         train(tmp_path, callback, recorder, resume=True, **run)
-    assert callback.ema.start_count == 1 and callback.ema.num_updates == 2  # steps 4, 5, 6 of this run
+    assert callback.averager.start_count == 1 and (callback.averager.n_averaged - 1) == 2  # steps 4, 5, 6 of this run
     assert_same(ema_params(callback), ema_reference(recorder.after_step, 0.5), exact=False)
 
 
@@ -346,8 +348,8 @@ def test_load_best_model_at_end_keeps_the_best_checkpoints_ema(tmp_path: Path) -
     best = Path(trainer.state.best_model_checkpoint)
     assert best.name != "checkpoint-6"
     saved = torch.load(best / EMA_STATE_NAME, weights_only=True)
-    assert callback.ema.timestamp.batch == saved["timestamp"]["batch"]
-    assert_same({n: t for n, t in callback.ema.ema_tensors.items() if n in saved["ema"]}, saved["ema"])
+    assert callback.averager.timestamp.batch == saved["timestamp"]["batch"]
+    assert_same({n: t for n, t in callback.averager.ema_tensors.items() if n in saved["ema"]}, saved["ema"])
 
 
 # ------------------------------------------------------------------------------------- save_model
@@ -434,7 +436,7 @@ def test_ema_start_after_max_steps_is_refused_before_training(tmp_path: Path) ->
 
 
 def test_two_ema_callbacks_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at most one EMACallback, this one has 2"):
+    with pytest.raises(ValueError, match="at most one averaging callback, this one has 2"):
         train(tmp_path, EMACallback(), EMACallback())
 
 
@@ -443,7 +445,7 @@ def test_fsdp_arguments_are_refused_when_the_trainer_is_built(tmp_path: Path) ->
     # here the arguments get fsdp after construction and the callbacks' init event is replayed.
     trainer = EMATrainer(model=tiny_model(), args=training_args(tmp_path), callbacks=[EMACallback()])
     trainer.args.fsdp = True
-    with pytest.raises(ValueError, match=r"does not support FSDP \(TrainingArguments.fsdp=True\)"):
+    with pytest.raises(ValueError, match=r"do not support FSDP \(TrainingArguments.fsdp=True\)"):
         trainer.callback_handler.on_init_end(trainer.args, trainer.state, trainer.control)
 
 
@@ -469,7 +471,7 @@ def test_deepspeed_zero3_is_refused_before_training(tmp_path: Path, as_file: boo
         trainer.args.deepspeed = str(tmp_path / "ds.json") if as_file else config
         begin = trainer.callback_handler.on_train_begin
         if refused:
-            with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO stage 3"):
+            with pytest.raises(ValueError, match="do not support DeepSpeed ZeRO stage 3"):
                 begin(trainer.args, trainer.state, trainer.control)
         else:  # accepted; replayed outside EMATrainer.train, so the callback also warns that it is unserved
             with pytest.warns(UserWarning, match="without EMATrainerMixin"):
@@ -505,7 +507,9 @@ def test_two_rank_ddp_matches_one_process_and_resumes_exactly(tmp_path: Path) ->
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     for rank in ranks:  # a real FSDP Trainer is refused when it is built
-        assert rank["fsdp_error"].startswith("EMACallback does not support FSDP (TrainingArguments.fsdp=True)")
+        assert rank["fsdp_error"].startswith(
+            "emakit's averaging callbacks do not support FSDP (TrainingArguments.fsdp=True)"
+        )
 
     # the ranks agree to the bit, and resuming under DDP is exact
     for key in ("weights", "ema", "resumed_weights", "resumed_ema"):

@@ -17,8 +17,7 @@ from _hf_common import training_args
 from torch import nn
 from transformers import TrainerCallback
 
-from emakit.integrations.transformers import EMACallback, EMATrainer
-from emakit.integrations.transformers_swa import SWACallback
+from emakit.integrations.transformers import EMACallback, EMATrainer, SWACallback
 
 
 class BatchNormNet(nn.Module):
@@ -68,8 +67,8 @@ def test_swa_callback_is_the_window_mean_with_batch_norm_recomputed(tmp_path: Pa
         trainer = EMATrainer(model=model, args=training_args(tmp_path, max_steps=12), train_dataset=data,
                              eval_dataset=data, callbacks=[swa, recorder])  # fmt: skip
         trainer.train()
-    assert swa.ema.window_closed and swa.ema.bn_updated and swa.ema.num_updates + 1 == 6
-    average = swa.ema.ema_model.state_dict()
+    assert swa.averager.window_closed and swa.averager.bn_updated and (swa.averager.n_averaged - 1) + 1 == 6
+    average = swa.averager.ema_model.state_dict()
     for name in ("first.weight", "first.bias", "norm.weight", "last.weight"):
         expected = torch.stack([recorder.after_step[s][name] for s in range(3, 9)]).double().mean(0).float()
         torch.testing.assert_close(average[name], expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -79,8 +78,8 @@ def test_swa_callback_is_the_window_mean_with_batch_norm_recomputed(tmp_path: Pa
     assert int(average["norm.num_batches_tracked"]) == len(data) // 4
     # evaluation runs on the averaged model
     with torch.no_grad():
-        swa.ema.ema_model.eval()
-        expected_loss = F.cross_entropy(swa.ema.ema_model(data.x)["logits"], data.y).item()
+        swa.averager.ema_model.eval()
+        expected_loss = F.cross_entropy(swa.averager.ema_model(data.x)["logits"], data.y).item()
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
@@ -91,6 +90,6 @@ def test_ema_and_swa_callbacks_are_refused_together(tmp_path: Path) -> None:
                              callbacks=[EMACallback(half_life="5ba"), SWACallback()])  # fmt: skip
     with pytest.raises(
         ValueError,
-        match=r"at most one EMACallback, this one has 2: EMACallback and SWACallback \(EMA and SWA do not compose\)",
+        match=r"at most one averaging callback, this one has 2: EMACallback and SWACallback \(EMA and SWA do not compose\)",
     ):
         trainer.train()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from emakit.posthoc.kernels import blend_averages_
+from emakit.engine.blend import blend_averages_
 from emakit.posthoc.profiles import PowerProfile
 from emakit.posthoc.snapshots import next_snapshot_index, write_snapshot
 
@@ -143,7 +143,7 @@ def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
         ema.step()
-    storage = ema._storage
+    storage = ema.storage
     assert storage is not None
     numel = sum(b.numel() for b in storage.buffers.values())  # this rank's part of one average
     torch.save({"sharded": ema._sharded, "storage_numel": numel}, out / f"ema_rank{torch.distributed.get_rank()}.pt")

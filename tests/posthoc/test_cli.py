@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from emakit.engine.blend import blend_averages_
 from emakit.posthoc.cli import main
-from emakit.posthoc.kernels import blend_averages_
 from emakit.posthoc.profiles import PowerProfile
 from emakit.posthoc.reconstruction import reconstruct
 from emakit.posthoc.snapshots import write_snapshot
@@ -112,7 +112,7 @@ OUT = "{out}"  # replaced by a file in the test's tmp_path
         (["--sigma-rel", "abc", "--out", OUT], r"--sigma-rel: must be a number in"),
         (["--half-life", "0", "--out", OUT], r"--half-life: must be a positive number of EMA updates, got '0'"),
         (["--sigma-rel", "0.07", "--half-life", "3", "--out", OUT], r"not allowed with argument"),
-        (["--out", OUT], r"give the target: --sigma-rel S or --half-life N"),
+        (["--out", OUT], r"give the target: --sigma-rel S, --half-life N, --window W or --kernel NAME:VALUE"),
         (["--sigma-rel", "0.07"], r"--out FILE is needed"),
         (["--sigma-rel", "0.07", "--at", "0", "--out", OUT], r"--at: must be an integer >= 1 \(EMA updates\), got '0'"),
         (["--sigma-rel", "0.07", "--at", "201", "--out", OUT], r"t=201 is after the last snapshot, .*snapshot-000009"),
@@ -184,3 +184,107 @@ def test_reconstruct_warns_about_a_poor_fit_like_the_cli(folder: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reconstruct(folder, sigma_rel=0.07)
+
+
+# ---------------------------------------------------------------------------------------------- kernels, refusals
+def test_the_kernel_option_writes_what_reconstruct_returns(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "merged.safetensors"
+    assert main([str(folder), "--kernel", "cosine:0.3", "--out", str(out)]) == 0
+    expected = reconstruct(folder, kernel="cosine:0.3")
+    got = load_file(out)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert re.search(r"reconstructed cosine:0.3 at t=200 .* profile fit error [\d.]+%", capsys.readouterr().out)
+
+
+def test_list_kernels_names_each_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    from emakit.posthoc.targets import KERNELS
+
+    assert main(["--list-kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{name}:{param}" in printed for name, (param, _) in KERNELS.items())
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_out_inside_the_snapshot_folder_is_refused(
+    folder: Path, force: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    snapshot = folder / "snapshot-000001.safetensors"
+    before = snapshot.read_bytes()
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(snapshot), *force]) == 2
+    assert "--out: " in (err := capsys.readouterr().err) and "is inside the snapshot folder" in err
+    assert snapshot.read_bytes() == before
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(folder / "new.safetensors"), *force]) == 2
+    assert not (folder / "new.safetensors").exists()
+    assert main([str(folder), "--list"]) == 0
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_an_existing_out_is_replaced_only_with_force(
+    folder: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / f"mine{suffix}"
+    out.write_bytes(b"a user's file")
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(out)]) == 2
+    assert f"--out: {str(out)!r} exists; pass --force to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"a user's file"
+    assert main([str(folder), "--sigma-rel", "0.07", "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != b"a user's file"
+
+
+def test_reconstruct_refuses_to_replace_a_file_unless_told(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine.safetensors"
+    out.write_bytes(b"a user's file")
+    with pytest.raises(FileExistsError, match=r"out='.*mine.safetensors' exists: pass overwrite=True"):
+        reconstruct(folder, sigma_rel=0.07, out=out)
+    assert out.read_bytes() == b"a user's file"
+    assert torch.equal(reconstruct(folder, sigma_rel=0.07, out=out, overwrite=True)["w"], load_file(out)["w"])
+    with pytest.raises(ValueError, match=r"is inside the snapshot folder"):
+        reconstruct(folder, sigma_rel=0.07, out=folder / "snapshot-000001.safetensors", overwrite=True)
+
+
+@pytest.mark.parametrize("window", [["--window", "0.05", "--at", "190"], ["--window", "185:195"]])
+def test_a_window_no_snapshot_covers_is_refused(
+    folder: Path, tmp_path: Path, window: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "swa.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's RuntimeWarning must not escape
+        assert main([str(folder), *window, "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert re.search(
+        r"cannot represent window\(last 10 updates\) at t=\d+: the latest one at or before t \(t=180\)", printed.err
+    )
+    assert "nan" not in (printed.out + printed.err).lower()
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"cannot represent window\(last 10 updates\) at t=190"):
+        reconstruct(folder, window=0.05, t=190)
+
+
+def test_a_window_starting_with_a_dash_is_reported_by_its_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["s", "--window", "-10:20", "--out", "x.safetensors"]) == 2
+    assert "--window: must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got '-10:20'" in capsys.readouterr().err
+    assert main(["s", "--at", "-5", "--sigma-rel", "0.1", "--out", "x.safetensors"]) == 2
+    assert "--at: must be an integer >= 1 (EMA updates), got '-5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "target"),
+    [
+        ({"window": (75, 95)}, r"window\(last 20 updates\) at t=95"),
+        ({"half_life": 1, "t": 199}, r"half_life\(1 updates\) at t=199"),
+    ],
+)
+def test_a_target_fitted_no_better_than_nothing_is_refused(
+    folder: Path, kwargs: dict[str, object], target: str
+) -> None:
+    # Only a sliver of each target lies in the snapshots at or before its t: rescaled to sum to 1, the best
+    # combination is further from the target than the zero profile.
+    from emakit.posthoc.reconstruction import plan_reconstruction
+
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot represent {target}: the best combination of those at or before it has a profile fit error of \d+%, no closer than nothing",
+    ):
+        plan_reconstruction(folder, **kwargs)  # type: ignore[arg-type]

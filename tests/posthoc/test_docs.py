@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,3 +27,33 @@ def test_block_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         model, ema = namespace["model"], namespace["ema_007"]
         assert isinstance(model, torch.nn.Module) and isinstance(ema, dict)
         assert all(torch.equal(t, ema[n]) for n, t in model.state_dict().items())
+
+
+FIGURE_NUMBERS = DOC.parent / "posthoc_sweep.json"
+
+
+def quoted(summary: dict[str, object]) -> list[str]:
+    """The numbers of docs/posthoc_sweep.json the page quotes, formatted as it writes them."""
+    rows = {r["sigma_rel"]: r for r in summary["sweep"]}  # type: ignore[attr-defined]
+    best, raw = summary["best"], summary["raw_final"]
+    accuracies = [r["accuracy"] for r in rows.values()]
+    tracked = {r["sigma_rel"]: r for r in summary["tracked"]}  # type: ignore[attr-defined]
+    seconds, wall = summary["seconds"], summary["wall_seconds"]
+    return [
+        f"from {rows[0.02]['loss']:.3f} at sigma_rel 0.02",
+        f"through {rows[0.05]['loss']:.3f} and {rows[0.1]['loss']:.3f} at the tracked 0.05 and 0.10",
+        f"to {best['loss']:.3f} at {best['sigma_rel']:g}, the best ({100 * best['accuracy']:.2f}% accuracy)",  # type: ignore[index]
+        f"({100 / summary['validation_samples']:.2f} points) between {100 * min(accuracies):.2f}% and {100 * max(accuracies):.2f}%",  # type: ignore[operator]
+        f"against {100 * raw['accuracy']:.2f}% for the raw weights",  # type: ignore[index]
+        f"off by {100 * tracked[0.05]['holdout_error']:.2g}% (0.05) and {100 * tracked[0.1]['holdout_error']:.2g}% (0.10)",
+        f"Rebuilding and evaluating the {len(rows)} averages took {seconds['sweep']:.1f} s",  # type: ignore[index]
+        f"({wall['posthoc_demo']:.1f} s against {wall['demo']:.1f} s wall",  # type: ignore[index]
+    ]
+
+
+def test_the_page_quotes_the_figures_numbers() -> None:
+    """docs/posthoc_sweep.png and .json come from docs/_figures/posthoc_sweep.py; the text must match them."""
+    text = " ".join(DOC.read_text().split())
+    summary = json.loads(FIGURE_NUMBERS.read_text())
+    missing = [q for q in quoted(summary) if q not in text]
+    assert not missing, f"docs/posthoc.md does not quote docs/posthoc_sweep.json: {missing}"

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from emakit.posthoc.kernels import blend_averages_
+from emakit.engine.blend import blend_averages_
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, solve_coefficients
 from emakit.posthoc.reconstruction import RECONSTRUCTION_METADATA_KEY, plan_reconstruction, reconstruct
 from emakit.posthoc.snapshots import next_snapshot_index, read_snapshot_index, write_snapshot
@@ -159,8 +159,8 @@ def test_a_target_before_the_first_snapshot_names_it(run: dict[str, Any]) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, r"give exactly one of sigma_rel and half_life .* got sigma_rel=None, half_life=None"),
-        ({"sigma_rel": 0.07, "half_life": 10}, r"give exactly one of sigma_rel and half_life"),
+        ({}, r"give exactly one of sigma_rel, half_life, window and kernel .* got sigma_rel=None, half_life=None"),
+        ({"sigma_rel": 0.07, "half_life": 10}, r"give exactly one of sigma_rel, half_life, window and kernel"),
         ({"sigma_rel": 0.29}, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\) = 0.288675\], got 0.29"),
         ({"sigma_rel": 0.0}, r"sigma_rel must be a real number in \(0, 1/sqrt\(12\)"),
         ({"half_life": -1}, r"half_life must be a finite real number greater than 0, got -1"),

@@ -151,7 +151,10 @@ def test_a_window_as_a_fraction_is_the_last_updates(tmp_path: Path) -> None:
         ({"window": (50, 20)}, r"window \(t0, t1\) needs 0 <= t0 < t1 \(EMA updates\), got \(50, 20\)"),
         ({"window": (10, 20), "t": 30}, r"window=\(10, 20\) ends at t=20; t=30 must be left out or equal it"),
         ({"window": (10, 20.5)}, r"window must be a fraction in \(0, 1\] or a \(t0, t1\) pair"),
-        ({"window": 0.2, "sigma_rel": 0.1}, r"give exactly one of sigma_rel and half_life \(the target average\)"),
+        (
+            {"window": 0.2, "sigma_rel": 0.1},
+            r"give exactly one of sigma_rel, half_life, window and kernel \(the target average\)",
+        ),
         ({"window": (10, 500)}, r"t=500 is after the last snapshot"),
     ],
 )
@@ -174,7 +177,7 @@ def test_the_cli_reconstructs_a_window(tmp_path: Path, capsys: pytest.CaptureFix
     assert main([str(tmp_path / "with"), "--window", "160:200", "--out", str(out)]) == 0
     assert "reconstructed window(last 40 updates) at t=200" in capsys.readouterr().out
     assert distance(load_file(out), run["direct"][0]) / run["ema_gap"] <= 0.01
-    assert main([str(tmp_path / "without"), "--window", "0.2", "--out", str(out)]) == 0
+    assert main([str(tmp_path / "without"), "--window", "0.2", "--out", str(tmp_path / "swa2.safetensors")]) == 0
     assert "warning: the snapshots represent this target poorly" in capsys.readouterr().err
     assert main([str(tmp_path / "with"), "--window", "20:10", "--out", str(out)]) == 2
     assert "--window: must be a fraction in (0, 1] or T0:T1 with 0 <= T0 < T1, got '20:10'" in capsys.readouterr().err

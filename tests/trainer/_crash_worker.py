@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import emakit.checkpoint as ckpt
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.core import Callback
 from emakit.trainer import Trainer
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import emakit.functional as ef
 from conftest import make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.callbacks import CheckpointSaver
 from emakit.time import Time
 from emakit.trainer import Trainer

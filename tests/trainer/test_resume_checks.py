@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.checkpoint import load_checkpoint_file
 from emakit.trainer import Trainer
 
@@ -158,4 +158,4 @@ def test_a_step_at_the_end_of_the_last_epoch_is_saved_once(tmp_path: Path, sized
         "ep4-ba20.pt",
     ]
     # the final file holds the state after the last epoch's end: the EMA's epoch update included
-    assert final["state"]["algorithms"]["EMA"]["num_updates"] == trainer.state.algorithms[0].num_updates
+    assert final["state"]["algorithms"]["EMA"]["num_updates"] == (trainer.state.algorithms[0].averager.n_averaged - 1)

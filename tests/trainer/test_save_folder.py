@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_loader, make_model
-from emakit.algorithms import EMA
+from emakit import EMA
 from emakit.checkpoint import list_checkpoints
 from emakit.trainer import Trainer
 

@@ -1,6 +1,8 @@
-"""Algorithms the Trainer runs at events."""
+"""What emakit's Trainer runs at events: :class:`~emakit.algorithms.averaging.Averaging`, which holds an averager.
 
-from emakit.algorithms.ema import EMA
-from emakit.algorithms.swa import SWA
+The EMA's method card (hyperparameters, memory, what checkpoints hold) is ``algorithms/ema/README.md``.
+"""
 
-__all__ = ["EMA", "SWA"]
+from emakit.algorithms.averaging import Averaging
+
+__all__ = ["Averaging"]

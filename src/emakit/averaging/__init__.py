@@ -1,7 +1,13 @@
-"""The averaging itself, usable in any training loop: :class:`EMA` and :class:`SWA` (no trainer, no events)."""
+"""Weight averaging in any training loop: one :class:`Averager` and the schedules handed to it.
 
+:class:`EMA` and :class:`SWA` are the averager with an exponential or an equal-weight schedule
+(:mod:`emakit.averaging.schedules`); no trainer, no events.
+"""
+
+from emakit.averaging.averager import Averager
 from emakit.averaging.ema import EMA
+from emakit.averaging.schedules import Constant, EqualWeights, Power, Schedule
 from emakit.averaging.swa import SWA
 from emakit.averaging.warmup import Warmup
 
-__all__ = ["EMA", "SWA", "Warmup"]
+__all__ = ["EMA", "SWA", "Averager", "Constant", "EqualWeights", "Power", "Schedule", "Warmup"]

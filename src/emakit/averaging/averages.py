@@ -1,4 +1,4 @@
-"""The averages themselves: one :class:`~emakit.storage.FlatStorage` per tracked average, and their update.
+"""The averages themselves: one :class:`~emakit.engine.storage.FlatStorage` per tracked average, and their update.
 
 :class:`Averages` starts them as copies of the weights and blends the weights into them: one average
 directly, one average overlapped with the next training step (``overlap=True``), or several averages from
@@ -15,7 +15,7 @@ from torch import nn
 
 from emakit.engine.blend import PreparedBlend, blend_averages_
 from emakit.engine.kernels import Held, hold_equal, nonfinite_positions, restore_equal
-from emakit.engine.naming import is_averaged
+from emakit.engine.naming import is_averaged, named_tensors
 from emakit.engine.overlap import Overlap, make_overlap
 from emakit.engine.plan import UpdatePlan
 from emakit.engine.storage import FlatStorage
@@ -62,10 +62,9 @@ class Averages:
         if self.overlap is not None:
             self.overlap.wait()
 
-    def setup_overlap(
-        self, model: nn.Module, params: Mapping[str, torch.Tensor], names: Sequence[str], tensors: list[torch.Tensor]
-    ) -> None:
+    def setup_overlap(self, model: nn.Module, names: Sequence[str], tensors: list[torch.Tensor]) -> None:
         """Decide each tracked tensor's phase and make the overlap for the device of the parameters."""
+        params = named_tensors(model, include_buffers=False)
         written = _written_in_forward(model)
         self._phases = tuple(
             ALONGSIDE if name in params and id(params[name]) not in written and is_averaged(t) else NOW
@@ -131,6 +130,21 @@ class Averages:
             plan = self.storages[0].prepare(source, self._phases)
             plan.run(weights[0], NOW)
             self.overlap.launch(plan.bound(weights[0], ALONGSIDE))
+
+    @torch.no_grad()
+    def copy_buffers(
+        self, names: Sequence[str], copied: Sequence[str], sources: Callable[[], list[torch.Tensor]]
+    ) -> None:
+        """After a blend, set the buffers of policy ``'copy'`` (``copied``) of every average to the model's values
+        (``sources()``, one per tracked name of ``names``): the blend treats all floating tensors alike."""
+        if not copied or self.storages is None:
+            return
+        index = {name: i for i, name in enumerate(names)}
+        tensors = sources()
+        for storage in self.storages:
+            for name in copied:
+                if name in index and name in storage.tensors:  # a state saved with another selection may keep fewer
+                    storage.tensors[name].copy_(tensors[index[name]])
 
     def _blend_all(self, source: Source, weights: list[float]) -> None:
         """Every average from one read of the training weights.

@@ -1,8 +1,9 @@
-"""The EMA's constructor arguments, checked and normalised into :class:`Settings`.
+"""The averagers' constructor arguments, checked and normalised: the EMA's into a schedule and :class:`Options`.
 
 Everything here happens once, before any model is seen: which of ``half_life`` / ``smoothing`` /
-``sigma_rel`` was given, the per-average coefficients and profiles, the update and snapshot intervals,
-``ema_start`` and the flags. A bad argument fails here with its name, its value and what is accepted.
+``sigma_rel`` was given and the :mod:`~emakit.averaging.schedules` object it makes, the update and snapshot
+intervals, the start, and the flags every averager shares. A bad argument fails here with its name, its value
+and what is accepted.
 """
 
 from __future__ import annotations
@@ -17,22 +18,23 @@ from typing import Any
 
 import torch
 
+from emakit.averaging.schedules import UPDATE_UNITS, Constant, Power, Schedule
 from emakit.averaging.snapshots import check_snapshot_folder_writable
+from emakit.averaging.warmup import Warmup, check_warmup
 from emakit.engine.kernels import validate_smoothing
-from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile
+from emakit.posthoc.profiles import PowerProfile
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES
 from emakit.time import Time, TimeUnit
 
 __all__ = [
     "DEFAULT_HALF_LIFE",
-    "UPDATE_UNITS",
-    "Settings",
+    "Options",
     "check_at_attach",
     "check_eval_average",
-    "describe",
+    "check_start",
+    "ema_schedule",
     "low_precision_message",
-    "not_started_message",
-    "parse_settings",
+    "parse_options",
 ]
 
 
@@ -41,31 +43,20 @@ class _DefaultHalfLife(str):
 
 
 DEFAULT_HALF_LIFE = _DefaultHalfLife("1000ba")
-UPDATE_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH)
 
 
-@dataclass
-class Settings:
-    """The EMA's hyperparameters after checking (the attributes of the same names on :class:`EMA`)."""
+@dataclass(frozen=True)
+class Options:
+    """What every averager takes besides its schedule, after checking (see :class:`~emakit.averaging.EMA`)."""
 
-    half_life: Time | None
-    half_lives: list[Time]
-    update_interval: Time
-    #: One profile per tracked average; ``smoothings[j]`` is its constant coefficient (None for power profiles).
-    profiles: list[Profile]
-    smoothings: list[float | None]
-    #: The first average's constant coefficient (NaN for a power profile, whose coefficient changes).
-    smoothing: float
-    num_averages: int
-    eval_average: int
-    ema_start: Time
-    snapshot_interval: Time | None
-    snapshot_folder: Path | None
-    snapshot_dtype: torch.dtype
-    fp32_ema: bool
-    skip_nonfinite: bool
-    flatten_model: bool
-    overlap: bool
+    fp32_ema: bool = True
+    skip_nonfinite: bool = False
+    flatten_model: bool = False
+    overlap: bool = False
+    snapshot_interval: Time | None = None
+    snapshot_folder: Path | None = None
+    snapshot_dtype: torch.dtype = torch.float32
+    eval_average: int = 0
 
 
 def check_eval_average(index: Any, num_averages: int) -> int:
@@ -75,23 +66,17 @@ def check_eval_average(index: Any, num_averages: int) -> int:
     return index
 
 
-def parse_settings(
-    half_life: str | Time | None,
+def ema_schedule(
+    half_life: str | Time | Sequence[str | Time] | None,
     smoothing: float | None,
+    sigma_rel: float | Sequence[float] | None,
     ema_start: str | Time,
     update_interval: str | Time | None,
-    fp32_ema: bool,
-    skip_nonfinite: bool,
-    flatten_model: bool,
-    overlap: bool,
-    sigma_rel: float | Sequence[float] | None,
-    snapshot_interval: str | Time | None,
-    snapshot_folder: str | os.PathLike[str] | None,
-    snapshot_dtype: torch.dtype,
-    eval_average: int,
+    warmup: bool | Warmup | None,
+    snapshot_folder: object = None,
     stacklevel: int = 2,
-) -> Settings:
-    """Check :class:`EMA`'s arguments (same meaning) and derive the per-average coefficients and profiles.
+) -> Constant | Power:
+    """The EMA's schedule from its timing arguments (same meaning as :class:`~emakit.averaging.EMA`'s).
 
     ``stacklevel`` is that of a warning about a long ``update_interval``, as :func:`warnings.warn` counts it
     from this function.
@@ -116,19 +101,8 @@ def parse_settings(
         if not half_life:
             raise ValueError("half_life must be a time or a non-empty list of times, got []")
         given_half_lives = list(half_life)
-    if sigma_rel is not None:
-        half_life = None
-    for name, flag in (
-        ("fp32_ema", fp32_ema),
-        ("skip_nonfinite", skip_nonfinite),
-        ("flatten_model", flatten_model),
-        ("overlap", overlap),
-    ):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
-
     half_lives: list[Time] = []
-    if smoothing is None and half_life is not None:
+    if smoothing is None and sigma_rel is None and half_life is not None:
         for value in given_half_lives:
             parsed = Time.coerce(value, "half_life", UPDATE_UNITS, positive=True)
             if parsed.value <= 0:
@@ -139,36 +113,84 @@ def parse_settings(
                 )
             half_lives.append(parsed)
     _check_distinct("half_life", [str(h) for h in half_lives], [h.value for h in half_lives])
-    first_half_life = half_lives[0] if half_lives else None
-    interval = _parse_update_interval(update_interval, first_half_life)
-    profiles, smoothings = _coefficients(smoothing, sigma_rel, half_lives, interval, stacklevel + 1)
-    num_averages = len(smoothings)
-    check_eval_average(eval_average, num_averages)
-    if overlap and num_averages > 1:
-        raise ValueError(f"overlap=True works with one average, got {num_averages} (half_life or sigma_rel list)")
-    parsed_snapshot_interval = _parse_snapshots(snapshot_interval, snapshot_folder, snapshot_dtype, interval)
-    start = Time.coerce(ema_start, "ema_start")
-    if start.unit == TimeUnit.DURATION and start.value > 1:
-        raise ValueError(f"ema_start in 'dur' must be in [0, 1], got {str(start)!r}")
-    if start.value < 0:
-        raise ValueError(f"ema_start must be 0 or more, got {str(start)!r}")
-    return Settings(
-        half_life=first_half_life,
-        half_lives=half_lives,
-        update_interval=interval,
-        profiles=profiles,
-        smoothings=smoothings,
-        smoothing=smoothings[0] if smoothings[0] is not None else math.nan,
-        num_averages=num_averages,
-        eval_average=eval_average,
-        ema_start=start,
-        snapshot_interval=parsed_snapshot_interval,
-        snapshot_folder=Path(snapshot_folder) if snapshot_folder is not None else None,
-        snapshot_dtype=snapshot_dtype,
+    interval = _parse_update_interval(update_interval, half_lives[0] if half_lives else None)
+    start = check_start(ema_start, "ema_start")
+    checked_warmup = check_warmup(warmup, sigma_rel, snapshot_folder)
+    if smoothing is not None:
+        coefficient = validate_smoothing(_plain_smoothing(smoothing))
+        if coefficient == 1.0:
+            warnings.warn(
+                "smoothing=1.0 keeps the average at its first value forever: it never moves toward the training "
+                "weights. Use a value below 1 (0.999 halves a weight's contribution every 693 updates)",
+                stacklevel=stacklevel,
+            )
+        return Constant((coefficient,), interval, start, warmup=checked_warmup)
+    if sigma_rel is not None:
+        values: list[float] = list(sigma_rel) if isinstance(sigma_rel, (list, tuple)) else [sigma_rel]  # type: ignore[list-item]
+        if not values:
+            raise ValueError("sigma_rel must be a number or a non-empty list of numbers, got []")
+        powers = [PowerProfile.from_sigma_rel(v) for v in values]
+        _check_distinct("sigma_rel", values, [p.gamma for p in powers])
+        return Power(tuple(p.gamma for p in powers), interval, start)
+    smoothings = []
+    for h in half_lives:
+        smoothings.append(2.0 ** (-interval.value / h.value))
+        if interval.value > h.value:
+            warnings.warn(
+                f"update_interval='{interval}' is longer than half_life='{h}': each "
+                f"update keeps only {smoothings[-1]:.3g} of the average, so it barely smooths; use an "
+                "update_interval well below the half-life",
+                stacklevel=stacklevel,
+            )
+    return Constant(tuple(smoothings), interval, start, half_lives=tuple(half_lives), warmup=checked_warmup)
+
+
+def check_start(start: str | Time, name: str) -> Time:
+    """A start time (``ema_start``, ``swa_start``): any unit, not negative, a ``'dur'`` fraction in [0, 1]."""
+    parsed = Time.coerce(start, name)
+    if parsed.unit == TimeUnit.DURATION and parsed.value > 1:
+        raise ValueError(f"{name} in 'dur' must be in [0, 1], got {str(parsed)!r}")
+    if parsed.value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {str(parsed)!r}")
+    return parsed
+
+
+def parse_options(
+    schedule: Schedule,
+    *,
+    fp32_ema: bool = True,
+    skip_nonfinite: bool = False,
+    flatten_model: bool = False,
+    overlap: bool = False,
+    snapshot_interval: str | Time | None = None,
+    snapshot_folder: str | os.PathLike[str] | None = None,
+    snapshot_dtype: torch.dtype = torch.float32,
+    eval_average: int = 0,
+) -> Options:
+    """Check the arguments every averager shares (same meaning as :class:`~emakit.averaging.EMA`'s)."""
+    for name, flag in (
+        ("fp32_ema", fp32_ema),
+        ("skip_nonfinite", skip_nonfinite),
+        ("flatten_model", flatten_model),
+        ("overlap", overlap),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    check_eval_average(eval_average, schedule.num_averages)
+    if overlap and schedule.num_averages > 1:
+        raise ValueError(
+            f"overlap=True works with one average, got {schedule.num_averages} (half_life or sigma_rel list)"
+        )
+    interval = _parse_snapshots(snapshot_interval, snapshot_folder, snapshot_dtype, schedule.update_interval)
+    return Options(
         fp32_ema=fp32_ema,
         skip_nonfinite=skip_nonfinite,
         flatten_model=flatten_model,
         overlap=overlap,
+        snapshot_interval=interval,
+        snapshot_folder=Path(snapshot_folder) if snapshot_folder is not None else None,
+        snapshot_dtype=snapshot_dtype,
+        eval_average=eval_average,
     )
 
 
@@ -187,45 +209,6 @@ def _parse_update_interval(update_interval: str | Time | None, half_life: Time |
             f"got update_interval={str(interval)!r} and half_life={str(half_life)!r}"
         )
     return interval
-
-
-def _coefficients(
-    smoothing: float | None,
-    sigma_rel: float | Sequence[float] | None,
-    half_lives: list[Time],
-    interval: Time,
-    stacklevel: int,
-) -> tuple[list[Profile], list[float | None]]:
-    """One profile and one constant coefficient (None for a power profile) per tracked average."""
-    if smoothing is not None:
-        coefficient = validate_smoothing(_plain_smoothing(smoothing))
-        if coefficient == 1.0:
-            warnings.warn(
-                "smoothing=1.0 keeps the average at its first value forever: it never moves toward the training "
-                "weights. Use a value below 1 (0.999 halves a weight's contribution every 693 updates)",
-                stacklevel=stacklevel,
-            )
-        return ([HalfLifeProfile(-1.0 / math.log2(coefficient))] if 0 < coefficient < 1 else []), [coefficient]
-    if sigma_rel is not None:
-        values: list[float] = list(sigma_rel) if isinstance(sigma_rel, (list, tuple)) else [sigma_rel]  # type: ignore[list-item]
-        if not values:
-            raise ValueError("sigma_rel must be a number or a non-empty list of numbers, got []")
-        powers = [PowerProfile.from_sigma_rel(v) for v in values]
-        _check_distinct("sigma_rel", values, [p.gamma for p in powers])
-        return list(powers), [None] * len(values)
-    profiles: list[Profile] = []
-    smoothings: list[float | None] = []
-    for h in half_lives:
-        smoothings.append(2.0 ** (-interval.value / h.value))
-        profiles.append(HalfLifeProfile(h.value / interval.value))
-        if interval.value > h.value:
-            warnings.warn(
-                f"update_interval='{interval}' is longer than half_life='{h}': each "
-                f"update keeps only {smoothings[-1]:.3g} of the average, so it barely smooths; use an "
-                "update_interval well below the half-life",
-                stacklevel=stacklevel,
-            )
-    return profiles, smoothings
 
 
 def _parse_snapshots(
@@ -278,9 +261,7 @@ def _check_distinct(name: str, shown: Sequence[Any], values: Sequence[float]) ->
                 )
 
 
-def low_precision_message(
-    dtypes: Sequence[torch.dtype], fp32_ema: bool, smoothings: Sequence[float | None]
-) -> str | None:
+def low_precision_message(dtypes: Sequence[torch.dtype], fp32_ema: bool, schedule: Schedule) -> str | None:
     """A warning if a 16-bit average (``fp32_ema=False``) would round its updates away; None otherwise.
 
     An update adds ``(1 - smoothing) * (weights - average)``; once ``1 - smoothing`` is below the dtype's
@@ -291,10 +272,13 @@ def low_precision_message(
     if fp32_ema or not low:
         return None
     eps = max(torch.finfo(getattr(torch, d.removeprefix("torch."))).eps for d in low)
-    if any(s is None for s in smoothings):
+    smoothings = schedule.smoothings if isinstance(schedule, Constant) else ()
+    if isinstance(schedule, Power):
         why = "a sigma_rel average's coefficient 1 - beta_t shrinks as training goes on and falls below it"
-    elif any(s is not None and 0 < 1 - s < eps for s in smoothings):
-        shown = min(s for s in smoothings if s is not None and 1 - s > 0)
+    elif not isinstance(schedule, Constant):
+        why = "the weight of each new model, 1/n, shrinks as the window goes on and falls below it"
+    elif any(0 < 1 - s < eps for s in smoothings):
+        shown = min(s for s in smoothings if 1 - s > 0)
         why = f"1 - smoothing = {1 - shown:.3g} is below it"
     else:
         return None
@@ -304,46 +288,12 @@ def low_precision_message(
     )
 
 
-def describe(
-    half_lives: Sequence[Time],
-    half_life: Time | None,
-    profiles: Sequence[Profile],
-    smoothing: float,
-    update_interval: Time,
-    ema_start: Time,
-) -> str:
-    """The EMA's ``repr``: its timing as the user gave it, then the interval, the start and the coefficient."""
-    if len(half_lives) > 1:
-        timing = f"half_life={[str(h) for h in half_lives]}"
-    elif half_life is not None:
-        timing = f"half_life='{half_life}'"
-    elif isinstance(profiles[0] if profiles else None, PowerProfile):
-        timing = f"sigma_rel={[round(p.sigma_rel, 6) for p in profiles if isinstance(p, PowerProfile)]}"
-    else:
-        timing = f"smoothing={smoothing}"
-    shown = f", smoothing={smoothing:.6g}" if not math.isnan(smoothing) else ""
-    return f"EMA({timing}, update_interval='{update_interval}', ema_start='{ema_start}'{shown})"
-
-
 def check_at_attach(
-    snapshot_folder: Path | None,
-    live: Sequence[torch.Tensor],
-    fp32_ema: bool,
-    smoothings: Sequence[float | None],
-    stacklevel: int,
+    snapshot_folder: Path | None, fp32_ema: bool, live: Sequence[torch.Tensor], schedule: Schedule, stacklevel: int
 ) -> None:
     """What only the model can tell: a snapshot folder that cannot be written is refused now, not hours in; a
     16-bit average whose updates would round away warns."""
     if snapshot_folder is not None:
         check_snapshot_folder_writable(snapshot_folder)
-    if message := low_precision_message([t.dtype for t in live], fp32_ema, list(smoothings)):
+    if message := low_precision_message([t.dtype for t in live], fp32_ema, schedule):
         warnings.warn(message, stacklevel=stacklevel + 1)
-
-
-def not_started_message(update_interval: Time, ema_start: Time) -> str:
-    """Why the average is not there yet, and when it will be."""
-    unit = "batch end (optimizer step)" if update_interval.unit == TimeUnit.BATCH else "epoch end"
-    return (
-        f"the EMA has not started yet: it starts as a copy of the weights at the first {unit} where "
-        f"training progress reaches ema_start='{ema_start}'"
-    )

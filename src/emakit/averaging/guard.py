@@ -5,7 +5,9 @@ finite, so that one diverged step does not poison the average. Under FSDP all ra
 
 A non-finite value that the average already holds at the same place (a causal mask of ``-inf`` registered as
 a buffer) is not a diverged weight: the update leaves it as it is, so the guard ignores it. Before the start,
-when there is no average yet, the reference is the model as attached (:func:`nonfinite_baseline`).
+when there is no average yet, the reference is the model as attached
+(:meth:`~emakit.averaging.tracked.TrackedModel.nonfinite_baseline`). References are keyed by canonical name, so
+that a tracked set chosen later (at the start, or from a resumed state) still finds its own values.
 """
 
 from __future__ import annotations
@@ -19,34 +21,27 @@ from emakit.engine.storage import FlatStorage
 from emakit.parallel.ranks import all_reduce_sum
 from emakit.time import TimeUnit
 
-__all__ = ["nonfinite_baseline", "skipped_message", "training_weights_finite"]
-
-#: Reference values per tracked tensor position: the average's views, or the attach-time baseline.
-Reference = Sequence[torch.Tensor] | Mapping[int, torch.Tensor]
-
-
-def nonfinite_baseline(tensors: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Copies of the tensors holding NaN or Inf, by position: the guard's reference before the average exists."""
-    return {i: tensors[i].detach().clone() for i in nonfinite_positions(tensors)}
+__all__ = ["skipped_message", "training_weights_finite"]
 
 
 def training_weights_finite(
+    names: Sequence[str],
     training_tensors: Callable[[], list[torch.Tensor]],
     storage: FlatStorage | None,
     sharded: bool,
-    reference: Reference | None = None,
+    reference: Mapping[str, torch.Tensor],
 ) -> bool:
     """Whether every floating training weight is finite, on every rank for a ``sharded`` model.
 
     When the ``storage`` pairs a flattened model's buffers (training weights in the model, not sharded),
-    those few buffers are checked, one pass each; otherwise the ``training_tensors()`` one by one. Only when
-    a NaN or Inf is found are the tensors compared with ``reference`` (per tracked tensor, in the same
-    order): non-finite values equal to the reference's at the same place do not count.
+    those few buffers are checked, one pass each; otherwise the ``training_tensors()`` one by one (one per
+    name of ``names``). Only when a NaN or Inf is found are the tensors compared with ``reference`` (by name):
+    non-finite values equal to the reference's at the same place do not count.
     """
     flat_spans = storage.current_flat_sources() if storage is not None else None
     finite = _finite(training_tensors, flat_spans)
-    if not finite and reference is not None:
-        finite = _only_kept(training_tensors(), reference)
+    if not finite:
+        finite = _only_kept(names, training_tensors(), reference)
     if sharded:  # each rank sees its shards only; all must skip together or the shards drift apart
         device = next((t.device for t in training_tensors()), torch.device("cpu"))
         finite = all_reduce_sum([0.0 if finite else 1.0], device)[0] == 0.0
@@ -70,10 +65,10 @@ def _finite(training_tensors: Callable[[], list[torch.Tensor]], flat_spans: list
 
 
 @torch.no_grad()
-def _only_kept(tensors: Sequence[torch.Tensor], reference: Reference) -> bool:
+def _only_kept(names: Sequence[str], tensors: Sequence[torch.Tensor], reference: Mapping[str, torch.Tensor]) -> bool:
     """Whether every NaN or Inf of ``tensors`` is also in ``reference`` at the same place (NaN matching NaN)."""
     for i in nonfinite_positions(tensors):
-        ref = reference.get(i) if isinstance(reference, Mapping) else reference[i]
+        ref = reference.get(names[i])
         if ref is None or ref.shape != tensors[i].shape:
             return False
         t = tensors[i].detach()

@@ -1,8 +1,9 @@
 """Which tensors the EMA keeps: the parameter selection (``params``) and the buffer policy (``buffers``).
 
-Both are checked once, in the EMA's constructor (:func:`parse_selection`), and applied to a model by
-:func:`decide`: at :meth:`~emakit.averaging.EMA.attach`, to refuse a choice that names nothing in the model,
-and again when the average starts, which fixes the set for the rest of the run (and for every resume of it).
+Both are checked once, in the averager's constructor (:func:`parse_selection`), and applied to a model by
+:func:`decide`, which the tracked set (:class:`~emakit.averaging.tracked.TrackedModel`) calls at attach, to
+refuse a choice that names nothing in the model, and when the average starts, which fixes the set for the rest
+of the run (and for every resume of it).
 
 - ``params``: ``"trainable"`` (default) selects the parameters that require grad *when the average
   starts*; ``"all"`` every parameter, frozen ones included; a list of glob patterns (:mod:`fnmatch`, on the
@@ -21,18 +22,14 @@ with the training model, and checkpoints and exports hold the training model's v
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
-from emakit.averaging.averages import Averages
-from emakit.averaging.swap import Swap
-from emakit.averaging.tracked import TrackedModel
 from emakit.engine.naming import is_averaged, named_tensors
 
 __all__ = [
@@ -40,7 +37,6 @@ __all__ = [
     "PARAM_CHOICES",
     "BufferPolicy",
     "Decision",
-    "Kept",
     "ParamSelection",
     "Selection",
     "decide",
@@ -164,99 +160,3 @@ def decide(selection: Selection, model: nn.Module, *, at_start: bool) -> Decisio
         if policy == "copy":
             copied.append(name)
     return Decision([n for n in tensors if n in kept], copied)
-
-
-class Kept:
-    """The EMA's part that applies its selection to the followed model: at attach (refusing a choice that
-    names nothing), at the start (fixing the set), from a saved state (the set fixed at its start), and after
-    each blend (the ``'copy'`` buffers). When the set changes, the storages, ``ema_model`` and the overlap
-    phases made for the former set go."""
-
-    def __init__(self, selection: Selection, tracked: TrackedModel, averages: Averages, swap: Swap) -> None:
-        self.selection = selection
-        self._tracked = tracked
-        self._averages = averages
-        self._swap = swap
-        #: The model's floating buffers under the policy ``'copy'``, by canonical name.
-        self.copied: list[str] = []
-
-    def attach(self, overlap: bool) -> None:
-        """Check the selection against the model and track it for now (an average already started keeps its
-        set); with ``overlap``, decide the tensors' phases."""
-        tracked = self._tracked
-        assert tracked.model is not None
-        decision = decide(self.selection, tracked.model, at_start=False)
-        storages = self._averages.storages
-        tracked.select(decision.names if storages is None else storages[0].names)
-        self.copied = decision.copied
-        self.setup_overlap(overlap)
-
-    def start(self, overlap: bool) -> bool:
-        """Fix the set as the selection finds it now (the start of the average); returns True."""
-        assert self._tracked.model is not None
-        decision = decide(self.selection, self._tracked.model, at_start=True)
-        self.copied = decision.copied
-        if self._tracked.select(decision.names):
-            self.renew(overlap)
-        return True
-
-    def renew(self, overlap: bool) -> None:
-        """The set changed: drop what was made for the former one."""
-        self._averages.drop()
-        self._swap.forget_ema_model()
-        self.setup_overlap(overlap)
-
-    def setup_overlap(self, overlap: bool) -> None:
-        """With ``overlap``, which tracked tensors are blended alongside the next step."""
-        model = self._tracked.model
-        if overlap and model is not None:
-            params = named_tensors(model, include_buffers=False)
-            self._averages.setup_overlap(model, params, self._tracked.names, self._tracked.live())
-
-    @contextlib.contextmanager
-    def saved_set(self, state: Mapping[str, Any], overlap: bool) -> Iterator[None]:
-        """Within the block, track the tensors a started ``state`` holds (see :meth:`select_saved`); the
-        former set comes back if the block raises, and what was made for it goes if it does not."""
-        former = self.select_saved(state)
-        try:
-            yield
-        except BaseException:
-            if former is not None:
-                self._tracked.select(former)
-            raise
-        if former is not None:
-            self.renew(overlap)
-
-    def select_saved(self, state: Mapping[str, Any]) -> list[str] | None:
-        """Track the tensors a started ``state`` holds; returns the former set if that changed it.
-
-        A selection by ``requires_grad`` or by a callable was decided at the state's start, so its parameters
-        are the state's own; anything else must be as the selection says (the state reader then names a
-        missing or unknown tensor).
-        """
-        tracked = self._tracked
-        ema = state.get("ema") if state.get("started") else None
-        if tracked.model is None or not isinstance(ema, Mapping):
-            return None
-        decision = decide(self.selection, tracked.model, at_start=False)
-        params = named_tensors(tracked.model, include_buffers=False)
-        at_start = self.selection.params == "trainable" or callable(self.selection.params)
-        names = [
-            n for n in named_tensors(tracked.model) if (n in ema if at_start and n in params else n in decision.names)
-        ]
-        former = list(tracked.names)
-        return former if tracked.select(names) else None
-
-    @torch.no_grad()
-    def after_blend(self, sources: Callable[[], list[torch.Tensor]]) -> None:
-        """Overwrite the ``'copy'`` buffers of every average with the model's values (``sources()``, one per
-        tracked name): the blend treats all floating tensors alike."""
-        storages = self._averages.storages
-        if not self.copied or storages is None:
-            return
-        index = {name: i for i, name in enumerate(self._tracked.names)}
-        tensors = sources()
-        for storage in storages:
-            for name in self.copied:
-                if name in index:  # a state saved with another selection may keep fewer buffers
-                    storage.tensors[name].copy_(tensors[index[name]])

@@ -1,6 +1,6 @@
 """What the EMA saves and publishes: its own state for an exact resume, and model states for checkpoints.
 
-The format of :meth:`EMA.state_dict` is written and read here only (:func:`ema_state`, :func:`read_state`,
+The format of :meth:`Averager.state_dict` is written and read here only (:func:`averager_state`, :func:`read_state`,
 which checks everything before the EMA changes anything). :func:`training_model_state` and
 :func:`published_model_state` give a model state with the training weights, or with the average, for the
 tracked tensors under every name they are saved as (tied weights included).
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from emakit.averaging.schedules import Schedule
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
@@ -24,7 +25,7 @@ from emakit.time import Timestamp
 
 __all__ = [
     "Restored",
-    "ema_state",
+    "averager_state",
     "keys_of_tracked",
     "published_model_state",
     "read_state",
@@ -32,25 +33,29 @@ __all__ = [
 ]
 
 
-def ema_state(
+def averager_state(
     *,
     started: bool,
     start_count: int | None,
-    num_updates: int,
-    smoothing: float,
+    n_averaged: int,
+    schedule: Schedule,
     num_skipped_nonfinite: int,
     timestamp: Timestamp,
     averages: Sequence[dict[str, torch.Tensor]],
     snapshot_index: int,
-    snapshot_run: str | None = None,
-    profiles: Sequence[Profile] = (),
+    snapshot_run: str | None,
+    window_closed: bool,
+    bn_updated: bool,
 ) -> dict[str, Any]:
-    """The EMA's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start)."""
+    """The averager's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start).
+
+    ``num_updates`` counts the blends after the start (``n_averaged - 1``), the key's meaning since the first release.
+    """
     return {
         "started": started,
         "start_count": start_count,
-        "num_updates": num_updates,
-        "smoothing": smoothing,
+        "num_updates": max(n_averaged - 1, 0),
+        "smoothing": schedule.smoothing,
         "num_skipped_nonfinite": num_skipped_nonfinite,
         "timestamp": timestamp.state_dict(),
         "ema": averages[0] if averages else None,
@@ -59,39 +64,37 @@ def ema_state(
         "snapshot_index": snapshot_index,
         # the run id of the snapshot series (in every snapshot's metadata), and the averages' profiles
         "snapshot_run": snapshot_run,
-        "profiles": [p.to_dict() for p in profiles],
+        "profiles": [p.to_dict() for p in schedule.profiles],
+        "warmup": _warmup_of(schedule),
+        "window_closed": window_closed,
+        "bn_updated": bn_updated,
     }
 
 
 @dataclass
 class Restored:
-    """A checked EMA state, ready to apply: ``averages`` (this rank's tensors by name) is None before the start."""
+    """A checked averager state, ready to apply: ``averages`` (this rank's tensors by name) is None before the start."""
 
     averages: list[dict[str, torch.Tensor]] | None
     #: The tracked tensors by name, shaping new storages for ``averages``.
     live: dict[str, torch.Tensor]
     start_count: int | None
-    num_updates: int
+    n_averaged: int
     num_skipped_nonfinite: int
     timestamp: Timestamp | None
     snapshot_index: int
     #: The run id of the saved snapshot series (None for states from before run ids were kept).
-    snapshot_run: str | None = None
+    snapshot_run: str | None
+    window_closed: bool
+    bn_updated: bool
 
 
-def read_state(
-    state: Any,
-    tracked: TrackedModel,
-    num_averages: int,
-    smoothing: float,
-    stacklevel: int = 2,
-    profiles: Sequence[Profile] = (),
-) -> Restored:
-    """Check ``state`` (from :func:`ema_state`) against the followed model and the averages tracked.
+def read_state(state: Any, tracked: TrackedModel, schedule: Schedule, stacklevel: int = 2) -> Restored:
+    """Check ``state`` (from :func:`averager_state`) against the followed model and the averages tracked.
 
-    A different ``smoothing`` only warns (``stacklevel`` as :func:`warnings.warn` counts it from this function);
-    a state of power profiles (``sigma_rel``) for an EMA of constant smoothing, or the reverse, and anything
-    else that cannot be restored raises, naming what is wrong.
+    A different ``smoothing`` or warm-up only warns (``stacklevel`` as :func:`warnings.warn` counts it from this
+    function); a state of power profiles (``sigma_rel``) for an EMA of constant smoothing, or the reverse, and
+    anything else that cannot be restored raises, naming what is wrong.
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"EMA state must be a dict, got {type(state).__name__}")
@@ -111,19 +114,20 @@ def read_state(
         if not isinstance(ema, Mapping):
             raise ValueError("EMA state is marked started but holds no 'ema' tensors")
         saved = [ema, *(state.get("more_averages") or [])]
-        if len(saved) != num_averages:
+        if len(saved) != schedule.num_averages:
             raise ValueError(
-                f"EMA state holds {len(saved)} average(s), this EMA tracks {num_averages}: "
+                f"EMA state holds {len(saved)} average(s), this {schedule.averager_name} tracks {schedule.num_averages}: "
                 "resume with the same half_life / sigma_rel list"
             )
         live = dict(zip(tracked.names, tracked.model_tensors() if tracked.sharded else tracked.live(), strict=True))
         for average in saved:
-            check_state_matches(average, live, "EMA state")
+            check_state_matches(average, live, "EMA state", _selection_hint(average, live))
         if tracked.sharded:  # keep this rank's shards
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
             live = dict(zip(tracked.names, tracked.live(), strict=True))
         saved_smoothing = state.get("smoothing")
-        _check_same_kind(saved_smoothing, state.get("profiles"), smoothing, profiles)
+        smoothing = schedule.smoothing
+        _check_same_kind(saved_smoothing, state.get("profiles"), smoothing, schedule.profiles)
         if (
             isinstance(saved_smoothing, float)
             and not (math.isnan(saved_smoothing) and math.isnan(smoothing))
@@ -133,16 +137,48 @@ def read_state(
                 f"resuming an EMA saved with smoothing={saved_smoothing:.6g} with smoothing={smoothing:.6g}",
                 stacklevel=stacklevel,
             )
+        _check_warmup(state, schedule, stacklevel + 1)
         averages = saved
     return Restored(
         averages=averages,
         live=live,
         start_count=int(state["start_count"]) if averages is not None else None,
-        num_updates=int(state["num_updates"]),
+        n_averaged=int(state["num_updates"]) + 1 if averages is not None else 0,
         num_skipped_nonfinite=int(state.get("num_skipped_nonfinite", 0)),
         timestamp=timestamp,
         snapshot_index=int(state.get("snapshot_index", 0)),
         snapshot_run=state.get("snapshot_run"),
+        # states of the first SWA kept these under the names below
+        window_closed=bool(state.get("window_closed", state.get("swa_window_closed", False))),
+        bn_updated=bool(state.get("bn_updated", state.get("swa_bn_updated", False))),
+    )
+
+
+def _warmup_of(schedule: Schedule) -> dict[str, float] | None:
+    warmup = getattr(schedule, "warmup", None)
+    return None if warmup is None else {"gamma": warmup.gamma, "power": warmup.power}
+
+
+def _check_warmup(state: Mapping[str, Any], schedule: Schedule, stacklevel: int) -> None:
+    """Warn if the state was saved with another warm-up (on, off or other parameters): the ramp then changes."""
+    if "warmup" not in state:  # states from before warm-up was saved
+        return
+    saved, now = state["warmup"], _warmup_of(schedule)
+    if saved != now:
+        warnings.warn(
+            f"resuming an EMA saved with warmup={saved} with warmup={now}: the smoothing of the coming updates "
+            "follows the new setting",
+            stacklevel=stacklevel,
+        )
+
+
+def _selection_hint(saved: Mapping[str, Any], live: Mapping[str, Any]) -> str:
+    """Why a state's tensors may differ from the tracked ones: the ``params``/``buffers`` selection."""
+    if set(saved) == set(live):
+        return ""
+    return (
+        " (the averager tracks the tensors its params= and buffers= select; a state saved with another selection "
+        "resumes only with that selection)"
     )
 
 

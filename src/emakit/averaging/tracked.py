@@ -1,18 +1,24 @@
-"""Which tensors of the model the EMA follows, and reading them wherever they live now.
+"""The tracked set: which tensors of the model the average holds, and reading them wherever they live now.
 
-:class:`TrackedModel` pairs the selected tensors (:mod:`.selection`) by canonical name, and
-finds them again when a submodule or tensor is registered anew (re-pairing), so that every other part of
-the EMA reads "the tracked tensors" without knowing about wrappers, flattening or FSDP shards.
+:class:`TrackedModel` is the one owner of that fact. It applies the user's selection (``params`` and
+``buffers``, :mod:`.selection`) at three events only — :meth:`~TrackedModel.attach` (refusing a choice that names
+nothing), :meth:`~TrackedModel.start` (the set is fixed when the average starts) and
+:meth:`~TrackedModel.select_saved` (the set a resumed state was started with) — and pairs the chosen tensors by
+canonical name, finding them again when a submodule or tensor is registered anew. Every other part of the
+averager reads "the tracked tensors" from here, without knowing about wrappers, flattening or FSDP shards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from emakit.averaging.selection import Selection, decide
 from emakit.engine.flatten import flatten_model_
+from emakit.engine.kernels import nonfinite_positions
 from emakit.engine.naming import named_tensors, tensor_slots, unwrap_model
 from emakit.engine.registry import registration_count
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
@@ -21,42 +27,76 @@ __all__ = ["TrackedModel"]
 
 
 class TrackedModel:
-    """The followed model and the slots (module table, key) of its tracked tensors, by canonical name."""
+    """The followed model, the tracked tensors' canonical names and slots (module table, key), and the buffers
+    the selection copies rather than averages."""
 
-    def __init__(self) -> None:
+    def __init__(self, selection: Selection) -> None:
+        self.selection = selection
         self.model: nn.Module | None = None
         self.names: list[str] = []
+        #: The tracked floating buffers under the policy ``'copy'``: set to the model's value after each blend.
+        self.copied: list[str] = []
         self._slots: list[tuple[dict, str]] = []
         self._slots_count = -1
-        #: The tracked tensors' shapes at attach: a replaced submodule must keep them.
+        #: The tracked tensors' shapes when they were chosen: a replaced submodule must keep them.
         self._shapes: list[torch.Size] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self.sharded = False
 
-    def attach(self, model: nn.Module, flatten: bool) -> dict[str, torch.Tensor]:
-        """Follow ``model`` (flattened first if asked and not sharded); returns its parameters by name."""
+    # ------------------------------------------------------------------ the three events that choose the set
+    def attach(self, model: nn.Module, flatten: bool, started: Sequence[str] | None) -> bool:
+        """Follow ``model`` (flattened first if asked and not sharded) and track what the selection picks now,
+        or the names ``started`` (an average already started keeps its set). Returns whether the set changed."""
         self.model = model
-        params = named_tensors(model, include_buffers=False)
-        self.names = [n for n in named_tensors(model) if n not in params or params[n].requires_grad]
-        self._slots = tensor_slots(model, self.names)
-        self._slots_count = registration_count()
-        self._shapes = [table[key].shape for table, key in self._slots]
         self.sharded = is_sharded_model(model)
         if flatten and not self.sharded:
             flatten_model_(model)
-        return params
+        decision = decide(self.selection, model, at_start=False)  # a choice naming nothing fails here
+        self.copied = decision.copied
+        return self._select(decision.names if started is None else started, force=True)
 
-    def select(self, names: Sequence[str]) -> bool:
-        """Track ``names`` (canonical) from now on instead of the set chosen before; returns whether it changed."""
+    def start(self) -> bool:
+        """Fix the set as the selection finds it now, when the average starts; returns whether it changed."""
         assert self.model is not None
-        if list(names) == self.names:
+        decision = decide(self.selection, self.model, at_start=True)
+        self.copied = decision.copied
+        return self._select(decision.names)
+
+    def select_saved(self, saved: Mapping[str, Any]) -> list[str] | None:
+        """Track the tensors a started state's average ``saved`` holds; returns the former set if that changed it.
+
+        A selection by ``requires_grad`` or by a callable was decided at the state's start, so its parameters
+        are the state's own; anything else must be as the selection says (the state reader then names a
+        missing or unknown tensor).
+        """
+        assert self.model is not None
+        decision = decide(self.selection, self.model, at_start=False)
+        params = named_tensors(self.model, include_buffers=False)
+        by_start = self.selection.params == "trainable" or callable(self.selection.params)
+        names = [
+            n for n in named_tensors(self.model) if (n in saved if by_start and n in params else n in decision.names)
+        ]
+        self.copied = decision.copied
+        former = list(self.names)
+        return former if self._select(names) else None
+
+    def reselect(self, names: Sequence[str]) -> None:
+        """Track ``names`` again (a resumed state that failed its checks gives the former set back)."""
+        self._select(names)
+
+    def _select(self, names: Sequence[str], force: bool = False) -> bool:
+        """Track ``names``; returns whether the set changed (``force``: find the slots again even if not)."""
+        assert self.model is not None
+        changed = list(names) != self.names
+        if not (changed or force):
             return False
         self._slots = tensor_slots(self.model, names)
         self.names = list(names)
         self._slots_count = registration_count()
         self._shapes = [table[key].shape for table, key in self._slots]
-        return True
+        return changed
 
+    # ------------------------------------------------------------------ reading the tracked tensors
     def is_own(self, model: nn.Module) -> bool:
         """Whether ``model`` is the followed model (wrappers aside)."""
         return self.model is not None and unwrap_model(model) is unwrap_model(self.model)
@@ -92,8 +132,16 @@ class TrackedModel:
                     "follow. Replace submodules before ema.attach(model), or attach a new EMA to the changed model"
                 )
 
+    def nonfinite_baseline(self) -> dict[str, torch.Tensor]:
+        """Copies of the model's tensors holding NaN or Inf now (a ``-inf`` mask buffer), by canonical name, for
+        every tensor of the model whatever the selection: the guard's reference before the average exists."""
+        assert self.model is not None
+        named = {name: local_tensor(t).detach() for name, t in named_tensors(self.model).items()}
+        names, tensors = list(named), list(named.values())
+        return {names[i]: tensors[i].clone() for i in nonfinite_positions(tensors)}
+
     def device(self) -> torch.device:
-        """Where the tracked tensors are (the CPU if none is followed): for the EMA's collectives."""
+        """Where the tracked tensors are (the CPU if none is followed): for the averager's collectives."""
         live = self.live() if self.model is not None else []
         return live[0].device if live else torch.device("cpu")
 

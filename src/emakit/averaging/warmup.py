@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Warmup", "check_warmup", "warmed_weights"]
+__all__ = ["Warmup", "check_warmup"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,3 @@ def check_warmup(warmup: Any, sigma_rel: Any, snapshot_folder: Any) -> Warmup | 
             "give warmup or snapshot_folder, not both"
         )
     return warmup
-
-
-def warmed_weights(weights: list[float], warmup: Warmup | None, t: int) -> list[float]:
-    """``weights`` (each average's ``1 - smoothing`` for update ``t``, 1-based counting the start) with the
-    smoothing capped by the warm-up's at blend ``t - 1``."""
-    if warmup is None:
-        return weights
-    cap = warmup.smoothing(t - 1)
-    return [w if 1.0 - w <= cap else 1.0 - cap for w in weights]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.algorithms.ema import EMA
+from emakit.averaging import EMA
 from emakit.bench.peers import SMOOTHING, Peer
 from emakit.bench.report import Table
 from emakit.bench.shapes import averaged_elements, build_model, demo_cnn, describe, tracked

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from emakit.atomic import check_output_path
-from emakit.averaging import EMA
+from emakit.averaging import Averager
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.files import check_checkpoint_format, load_checkpoint_file, save_checkpoint_file
 from emakit.checkpoint.sharded import (
@@ -126,8 +126,9 @@ def export_ema_weights(
 ) -> Path | None:
     """Write the EMA weights as files that load into the plain, unsharded model.
 
-    ``source`` is an :class:`~emakit.EMA`, anything that runs exactly one (emakit's ``Trainer``, the
-    Lightning or Transformers callbacks: an object with an ``ema`` attribute or a ``state.algorithms`` list),
+    ``source`` is an averager (:class:`~emakit.EMA`, :class:`~emakit.SWA`), anything that runs exactly one
+    (emakit's ``Trainer``, the Lightning or Transformers callbacks: an object with an ``averager`` attribute or a
+    ``state.algorithms`` list),
     or the path of a checkpoint (a DCP folder, emakit's or Lightning ModelParallelStrategy's with the
     EMACallback, or a ``.pt`` file; read without a process group, from one process or all). Under FSDP or
     tensor parallelism every rank must call it with a live source: the shards are gathered, one tensor at a
@@ -232,19 +233,21 @@ def _check_target(source: Any, target: Path, max_shard_size: int | str | None, o
         check_layout_target(target.parent, overwrite=overwrite)
 
 
-def _find_ema(source: Any) -> EMA:
-    if isinstance(source, EMA):
+def _find_ema(source: Any) -> Averager:
+    """The started averager ``source`` is or holds (a callback's or :class:`Averaging`'s ``averager``)."""
+    if isinstance(source, Averager):
         found = source
-    elif isinstance(getattr(source, "ema", None), EMA):
-        found = source.ema
+    elif isinstance(getattr(source, "averager", None), Averager):
+        found = source.averager
     elif isinstance(getattr(getattr(source, "state", None), "algorithms", None), list):
-        emas = [a for a in source.state.algorithms if isinstance(a, EMA)]
-        if len(emas) != 1:
-            raise ValueError(f"source must run exactly one EMA algorithm, it has {len(emas)}")
-        found = emas[0]
+        held = [a.averager for a in source.state.algorithms if isinstance(getattr(a, "averager", None), Averager)]
+        if len(held) != 1:
+            raise ValueError(f"source must run exactly one averager (EMA or SWA), it has {len(held)}")
+        found = held[0]
     else:
         raise TypeError(
-            f"source must be a Trainer, an EMA or a checkpoint path (or a callback with an `ema`), got {source!r}"
+            "source must be a Trainer, an averager (EMA, SWA), a checkpoint path or a callback holding an "
+            f"averager, got {source!r}"
         )
     found.require_started()
     return found

@@ -1,5 +1,6 @@
-"""The post-hoc demo's run: train with a two-profile EMA writing snapshots, then rebuild every ``sigma_rel`` of
-the sweep from them, evaluate each, check the reconstruction and write ``posthoc.json`` (and the plot).
+"""The post-hoc demo's run: train with a two-profile EMA writing snapshots, then rebuild and evaluate every
+``sigma_rel`` of the sweep from them (with :func:`emakit.posthoc.sweep.sweep`), check the reconstruction and
+write ``posthoc.json`` (and the plot).
 
 Torch and the training code are imported when a run starts, not when this module is.
 """
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emakit.atomic import write_bytes
 from emakit.demo.posthoc_config import (
     CHECK_TOLERANCE,
     PLOT_FILE,
@@ -101,11 +103,12 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from emakit.algorithms import EMA
+    from emakit.averaging import EMA
     from emakit.demo.data import load_data
     from emakit.demo.model import build_model
     from emakit.demo.run import build_loaders
     from emakit.posthoc import execute_plan, plan_reconstruction, read_snapshot_index
+    from emakit.posthoc.sweep import sweep
     from emakit.trainer import Trainer, evaluate
 
     out = Path(config.out)
@@ -161,25 +164,23 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
     with torch.random.fork_rng():
         evaluated = build_model(data.input_shape, data.num_classes)
     sigmas = sorted({float(s) for s in config.sweep} | set(TRACKED_SIGMA_REL))
-    rows: list[dict[str, Any]] = []
-    rebuilt_tracked: dict[float, dict[str, torch.Tensor]] = {}
-    for sigma in sigmas:
-        plan = plan_reconstruction(index, sigma_rel=sigma)
-        weights = execute_plan(plan)  # what emakit.posthoc.reconstruct(folder, sigma_rel=sigma) returns
+
+    def evaluate_weights(weights: dict[str, torch.Tensor]) -> dict[str, float]:
         evaluated.load_state_dict(weights)
-        metrics = _metrics(evaluate(evaluated, val_loader, loss_fn))
-        tracked = sigma in TRACKED_SIGMA_REL
-        if tracked:
-            rebuilt_tracked[sigma] = weights
-        rows.append(
-            {
-                "sigma_rel": sigma,
-                **metrics,
-                "fit_error": float(plan.fit_error),
-                "snapshots_used": len({info.index for info, _, _ in plan.terms}),
-                "tracked": tracked,
-            }
-        )
+        return _metrics(evaluate(evaluated, val_loader, loss_fn))
+
+    table = sweep(index, evaluate_weights, [f"power:{s!r}" for s in sigmas], metric="loss", progress=False)
+    rows: list[dict[str, Any]] = [
+        {
+            "sigma_rel": sigma,
+            "accuracy": row["accuracy"],
+            "loss": row["loss"],
+            "fit_error": row["fit_error"],
+            "snapshots_used": row["snapshots_used"],
+            "tracked": sigma in TRACKED_SIGMA_REL,
+        }
+        for sigma, row in zip(sigmas, table.rows, strict=True)
+    ]
     sweep_s = time.perf_counter() - sweep_start
 
     # The check: the tracked profiles rebuilt at the last snapshot against the tracked averages' final values.
@@ -187,7 +188,8 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
     tracked_rows = []
     for j, sigma in enumerate(TRACKED_SIGMA_REL):
         row = next(r for r in rows if r["sigma_rel"] == sigma)
-        error = _floating_distance(rebuilt_tracked[sigma], finals[j]) / distance if distance > 0 else 0.0
+        rebuilt = execute_plan(plan_reconstruction(index, sigma_rel=sigma))
+        error = _floating_distance(rebuilt, finals[j]) / distance if distance > 0 else 0.0
         holdout = _holdout(index, j, finals[j], distance)
         tracked_rows.append(
             {
@@ -240,9 +242,7 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
         "total": round(time.perf_counter() - start, 2),
     }
     text = json.dumps(summary, indent=2) + "\n"
-    tmp = files["summary"].with_name(f".{SUMMARY_FILE}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(files["summary"])
+    write_bytes(files["summary"], text.encode(), overwrite=True)
     summary["files"] = {k: str(v) for k, v in files.items()}
     return summary
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emakit.algorithms import EMA
 from emakit.atomic import write_bytes
+from emakit.averaging import EMA, Constant
 from emakit.callbacks import CheckpointSaver
 from emakit.callbacks.progress import show_progress_bar
 from emakit.core import Callback
@@ -298,8 +298,8 @@ def _save_ema_weights(ema: EMA, data: DemoData, config: DemoConfig, path: Path) 
         "classes": json.dumps(data.classes),
         "input_mean": json.dumps(data.mean),
         "input_std": json.dumps(data.std),
-        "half_life": str(ema.half_life),
-        "num_updates": str(ema.num_updates),
+        "half_life": _half_life(ema),
+        "num_updates": str(max(ema.n_averaged - 1, 0)),
         "data": data.source,
         "seed": str(config.seed),
     }
@@ -375,5 +375,13 @@ def _train(config: DemoConfig, data: DemoData, ema: EMA) -> tuple[Trainer, list[
 def _title(config: DemoConfig, data: DemoData, ema: EMA) -> str:
     return (
         f"{data.source}: SGD lr={config.lr:g}, batch {config.batch_size}, {config.epochs} epochs; "
-        f"EMA half-life {ema.half_life}, seed {config.seed}"
+        f"EMA half-life {_half_life(ema)}, seed {config.seed}"
+    )
+
+
+def _half_life(ema: EMA) -> str:
+    """The EMA's half-life as given (its schedule's description for an EMA given another way)."""
+    schedule = ema.schedule
+    return (
+        str(schedule.half_lives[0]) if isinstance(schedule, Constant) and schedule.half_lives else schedule.describe()
     )

@@ -8,7 +8,7 @@ limit for any implementation. A 16-bit source of fp32 averages is cast once per 
 buffer and blended ``k`` times from there. Integer and bool tensors (step counters) are copied into every
 average. Small tensors are batched (up to one chunk of elements) into multi-tensor kernels.
 
-Run ``python -m emakit.engine.blend_timing`` (or ``python -m emakit.posthoc.kernels``) for the timing against one
+Run ``python -m emakit.bench.blend_timing`` for the timing against one
 flat ``lerp_``.
 """
 
@@ -26,7 +26,7 @@ from emakit.engine.plan import below_autograd
 __all__ = ["PreparedBlend", "blend_averages_", "chunk_elements"]
 
 # Elements per source chunk. The source chunk has to stay in cache while the k averages' chunks stream past
-# it; see emakit.engine.blend_timing for the measurement behind the CPU figure. On GPUs the L2 cache is tens of MiB.
+# it; see emakit.bench.blend_timing for the measurement behind the CPU figure. On GPUs the L2 cache is tens of MiB.
 _CPU_CHUNK = 1 << 17
 _GPU_CHUNK = 1 << 21
 

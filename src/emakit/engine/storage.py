@@ -31,20 +31,22 @@ def storage_dtype(dtype: torch.dtype, fp32_ema: bool) -> torch.dtype:
     return dtype
 
 
-def check_state_matches(state: Mapping[str, object], reference: Mapping[str, torch.Tensor], what: str) -> None:
+def check_state_matches(
+    state: Mapping[str, object], reference: Mapping[str, torch.Tensor], what: str, hint: str = ""
+) -> None:
     """Raise ValueError naming the first tensor of ``state`` whose name, shape or kind differs from ``reference``.
 
     Kinds are floating (averaged) and integer/bool (copied); a float32 state may load into a bfloat16
-    reference and the other way round.
+    reference and the other way round. ``hint`` ends the message of a missing or unknown tensor.
     """
     if not isinstance(state, Mapping):
         raise ValueError(f"{what} must be a dict of tensors, got {type(state).__name__}")
     for name in reference:
         if name not in state:
-            raise ValueError(f"{what} has no tensor {name!r}, which the model has")
+            raise ValueError(f"{what} has no tensor {name!r}, which the model has{hint}")
     for name, value in state.items():
         if name not in reference:
-            raise ValueError(f"{what} has a tensor {name!r} that the model does not have")
+            raise ValueError(f"{what} has a tensor {name!r} that the model does not have{hint}")
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{what}: {name!r} is a {type(value).__name__}, expected a tensor")
         mine = reference[name]

@@ -1,6 +1,7 @@
-"""Hugging Face Accelerate: an :class:`emakit.EMA` in a plain Accelerate loop, in ``save_state``/``load_state``.
+"""Hugging Face Accelerate: an averager (:class:`emakit.EMA`, :class:`emakit.SWA`) in a plain Accelerate loop, in
+``save_state``/``load_state``.
 
-The loop calls the EMA's verbs itself; :func:`prepare_ema` only connects the EMA to the Accelerator::
+The loop calls the averager's verbs itself; :func:`prepare_ema` only connects it to the Accelerator::
 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = prepare_ema(accelerator, model, EMA(half_life="500ba"), max_duration=f"{max_steps}ba")
@@ -31,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from emakit import EMA, Time
 from emakit._compat import dtensor_class
+from emakit.averaging import EMA, Averager
+from emakit.time import Time
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -43,12 +45,12 @@ __all__ = ["prepare_ema"]
 def prepare_ema(
     accelerator: Accelerator,
     model: nn.Module,
-    ema: EMA | None = None,
+    ema: Averager | None = None,
     *,
     max_duration: str | Time | None = None,
     batches_per_epoch: int | None = None,
-) -> EMA:
-    """Attach ``ema`` (default ``EMA()``) to ``model`` and register it for ``accelerator.save_state``/``load_state``.
+) -> Averager:
+    """Attach the averager ``ema`` (default ``EMA()``; an :class:`emakit.SWA` too) to ``model`` and register it for ``accelerator.save_state``/``load_state``.
 
     Call it after ``accelerator.prepare`` and before ``accelerator.load_state``. ``max_duration`` and
     ``batches_per_epoch`` go to :meth:`emakit.EMA.attach` (only ``'dur'`` times need them; count optimizer
@@ -58,15 +60,15 @@ def prepare_ema(
     """
     if ema is None:
         ema = EMA()
-    if not isinstance(ema, EMA):
-        raise TypeError(f"ema must be an emakit.EMA, got {type(ema).__name__}")
+    if not isinstance(ema, Averager):
+        raise TypeError(f"ema must be an emakit averager (emakit.EMA or emakit.SWA), got {type(ema).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(registered is ema for registered in getattr(accelerator, "_custom_objects", ())):
         raise ValueError(
-            "prepare_ema was already called with this EMA: it is registered with the Accelerator once, and a second "
+            "prepare_ema was already called with this EMA (or SWA): it is registered with the Accelerator once, and a second "
             "registration would save its state twice and make a resumed run's load_state fail. Call prepare_ema "
-            "once per EMA"
+            "once per averager"
         )
     _refuse_unsupported(accelerator, model)
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,6 +1,8 @@
-"""A Lightning callback that drives :class:`emakit.EMA`: ``Trainer(callbacks=[EMACallback(half_life="2000ba")])``.
+"""Lightning callbacks that drive an averager: ``Trainer(callbacks=[EMACallback(half_life="2000ba")])``.
 
-Lightning's events mapped onto the EMA's verbs, and nothing else:
+:class:`AveragingCallback` holds any averager (:class:`emakit.EMA`, :class:`emakit.SWA`) and maps Lightning's
+events onto its verbs, and nothing else; :class:`EMACallback` and :class:`SWACallback` only build the averager
+from their arguments (the averager's own, plus the callback's keyword-only ones):
 
 ==================================================  ==============================================================
 ``setup``                                           refuse strategies the EMA cannot follow (before training)
@@ -8,15 +10,17 @@ Lightning's events mapped onto the EMA's verbs, and nothing else:
                                                     the EMA state a resumed checkpoint carried
 ``on_train_start``                                  ``ema.set_duration(...)`` from ``max_steps`` or ``max_epochs``
                                                     (in batches that step: manual optimization may step twice)
-``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch
-``on_train_epoch_end``                              ``ema.epoch_end()``
+``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch,
+                                                    then ``finish_window`` (BatchNorm once a window closed)
+``on_train_epoch_end``                              ``ema.epoch_end()``, then ``finish_window``
 ``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
                                                     average has started; training weights back bit for bit)
 ``on_save_checkpoint``                              ``state_dict`` <- ``ema.published_model_state``, the training
                                                     weights beside it under ``"training_state_dict"`` (sharded:
                                                     inside ``state_dict``, see :data:`SHARDED_STATE_KEY`)
 ``on_load_checkpoint`` / ``load_state_dict``        training weights back into the model, ``ema.load_state_dict``
-``on_fit_end``                                      with ``weights_after_fit="ema"``: the average into the model
+``on_fit_end``                                      ``finish_window(end_of_training=True)``; with
+                                                    ``weights_after_fit="ema"``: the average into the model
 ==================================================  ==============================================================
 
 Importing this module imports Lightning (``lightning.pytorch``, else the standalone ``pytorch_lightning``);
@@ -26,57 +30,40 @@ Importing this module imports Lightning (``lightning.pytorch``, else the standal
 from __future__ import annotations
 
 import contextlib
-import inspect
 import multiprocessing.context
-import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, final
 
-import torch
-
-from emakit import EMA
-from emakit.averaging.selection import BufferPolicy, ParamSelection
-from emakit.averaging.warmup import Warmup
+from emakit.averaging import EMA, SWA, Averager
+from emakit.averaging.batchnorm import default_bn_forward
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
+from emakit.integrations.arguments import derived_signature, keyword
+from emakit.integrations.lightning_strategies import launcher_refusal, strategy_refusal
 from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        SingleDeviceStrategy,
-        Strategy,
-    )
-    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.utilities import move_data_to_device
     from lightning.pytorch.utilities.data import extract_batch_size
 except ImportError:  # pragma: no cover - the standalone package of the same code
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
         from pytorch_lightning.callbacks import Callback, ModelCheckpoint  # type: ignore[assignment]
-        from pytorch_lightning.strategies import (  # type: ignore[assignment]
-            DDPStrategy,
-            DeepSpeedStrategy,
-            FSDPStrategy,
-            ModelParallelStrategy,
-            SingleDeviceStrategy,
-            Strategy,
-        )
-        from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher  # type: ignore[assignment]
+        from pytorch_lightning.strategies import ModelParallelStrategy  # type: ignore[assignment]
+        from pytorch_lightning.utilities import move_data_to_device
         from pytorch_lightning.utilities.data import extract_batch_size
     except ImportError as error:
         raise ImportError(
             "emakit.integrations.lightning needs Lightning 2.x: pip install 'emakit[lightning]' (or lightning>=2.6)"
         ) from error
 
-__all__ = ["SHARDED_STATE_KEY", "TRAINING_STATE_KEY", "EMACallback"]
+__all__ = ["SHARDED_STATE_KEY", "TRAINING_STATE_KEY", "AveragingCallback", "EMACallback", "SWACallback"]
 
 #: Top-level checkpoint key holding the training weights (the model's own ``state_dict`` keys) once the
 #: average has started; ``checkpoint["state_dict"]`` then holds the EMA weights.
@@ -87,50 +74,9 @@ TRAINING_STATE_KEY = "training_state_dict"
 SHARDED_STATE_KEY = LIGHTNING_EMA_KEY
 _SHARDED_MARK = "tensors_in_state_dict"
 
-#: The EMA's own defaults (``half_life``'s marks "not given", so that ``smoothing=`` alone works).
-_EMA_DEFAULTS = {name: p.default for name, p in inspect.signature(EMA).parameters.items()}
 _WEIGHTS_AFTER_FIT = ("training", "ema")
-
-
-def _strategy_refusal(strategy: Strategy) -> str | None:
-    """Why the EMA cannot follow ``strategy`` faithfully, or None if it can."""
-    name = type(strategy).__name__
-    if isinstance(strategy, ModelParallelStrategy):
-        if not getattr(strategy, "_save_distributed_checkpoint", True):
-            return (
-                f"EMACallback does not support {name}(save_distributed_checkpoint=False): that gathers the whole "
-                "model into one file on rank 0, while the EMA stays sharded. Keep save_distributed_checkpoint=True "
-                "(the default; the EMA is stored beside the weights in the checkpoint folder) and write a whole "
-                "EMA file with emakit.export_ema_weights"
-            )
-        return None
-    if isinstance(strategy, FSDPStrategy):
-        return (
-            f"EMACallback does not support strategy {name} (FSDP1, FlatParameter sharding): use "
-            "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, under which "
-            "the EMA keeps each rank's shards with no communication; or strategy='ddp' (or one device)"
-        )
-    if isinstance(strategy, DeepSpeedStrategy):
-        return (
-            f"EMACallback does not support strategy {name}: DeepSpeed owns the optimizer step, gradient "
-            "accumulation and checkpoint format, and ZeRO-3 partitions the parameters, so the EMA could not see "
-            "whole, stepped weights. Use strategy='ddp' (or one device), or ModelParallelStrategy with "
-            "fully_shard (FSDP2) to shard the model"
-        )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        return f"EMACallback supports one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"
-    if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
-        return _launcher_refusal(name)
-    return None
-
-
-def _launcher_refusal(name: str) -> str:
-    return (
-        f"EMACallback does not support {name} started by spawning or forking (strategy='ddp_spawn', "
-        "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
-        "weights, so callback.ema in this process would never see the average. Use strategy='ddp' (Lightning "
-        "launches the script once per device) or launch with torchrun"
-    )
+#: Lightning's own weight averaging, which swaps weights and rewrites checkpoints as these callbacks do.
+_LIGHTNING_AVERAGING = ("WeightAveraging", "EMAWeightAveraging", "StochasticWeightAveraging")
 
 
 def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -142,114 +88,91 @@ def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mappin
     return out
 
 
-class EMACallback(Callback):
-    """Keep an :class:`emakit.EMA` of a LightningModule's weights, evaluate and checkpoint with it.
+class AveragingCallback(Callback):
+    """Keep an averager of a LightningModule's weights, evaluate and checkpoint with it.
 
-    Every argument but ``weights_after_fit`` is :class:`emakit.EMA`'s, under the same name, with its default
-    and its checks (the Transformers callback takes the same list): the averaging (``half_life``,
-    ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval``), what is averaged (``params``,
-    ``buffers``), post-hoc snapshots (``snapshot_interval``, ``snapshot_folder``, ``snapshot_dtype``, written
-    by rank 0 and continued without gap or duplicate on resume), ``eval_average`` and the speed flags. ``'ba'`` counts
-    optimizer steps (with ``accumulate_grad_batches=N``, one per N batches), ``'ep'`` epochs, and ``'dur'``
-    a fraction of ``max_steps`` (if set) or else ``max_epochs``. The EMA is :attr:`ema`.
+    ``AveragingCallback(EMA(half_life="2000ba"))`` or ``AveragingCallback(SWA(swa_start="3ep"))``; the
+    :class:`EMACallback` and :class:`SWACallback` subclasses only build the averager from their arguments. Its
+    times count Lightning's progress: ``'ba'`` counts optimizer steps (with ``accumulate_grad_batches=N``, one per
+    N batches), ``'ep'`` epochs, ``'sp'`` samples (of every data-parallel replica) and ``'dur'`` a fraction of
+    ``max_steps`` (if set) or else ``max_epochs``. The averager is :attr:`averager`.
 
     What it guarantees:
 
     - The average is blended after every optimizer step (``update_interval``); integer buffers are copied.
-    - Validation, test and predict loops run on the EMA weights once the average has started, on the
+    - Validation, test and predict loops run on the averaged weights once the average has started, on the
       training weights before (no untrained copy is ever swapped in). The training weights are put back
       bit for bit afterwards, also when the loop raises.
-    - Checkpoints hold the EMA weights as ``state_dict``, so ``MyModule.load_from_checkpoint(path)`` is
+    - Checkpoints hold the averaged weights as ``state_dict``, so ``MyModule.load_from_checkpoint(path)`` is
       the averaged model, and the training weights under ``checkpoint["training_state_dict"]`` and the
-      EMA's state under ``checkpoint["callbacks"]["EMACallback"]``, so ``trainer.fit(model, ckpt_path=path)``
-      resumes both exactly. Before the average starts ``state_dict`` holds the training weights.
+      averager's state under ``checkpoint["callbacks"]["EMACallback"]`` (``"SWACallback"`` for an SWA), so
+      ``trainer.fit(model, ckpt_path=path)`` resumes both exactly. Before the average starts ``state_dict``
+      holds the training weights.
     - ``trainer.validate/test/predict(ckpt_path=...)`` evaluate the checkpoint's ``state_dict`` as loaded.
+    - When the averager's window closes (an SWA's ``swa_end``, or the end of ``fit``), its BatchNorm statistics
+      are recomputed over the training data (``bn_forward(module, batch)`` runs one batch, already on the
+      module's device; default: the module on the batch's first element when it is a list or tuple, else on
+      the batch).
 
     Args:
+        averager: the :class:`emakit.EMA` or :class:`emakit.SWA` to drive.
         weights_after_fit: which weights the module holds when ``fit`` returns. ``"training"`` (default): the
             optimizer's, so a further ``fit`` continues training where it stopped, and ``trainer.validate``,
-            ``test``, ``predict`` and checkpoints still use the average; ``callback.ema.ema_model`` is the
+            ``test``, ``predict`` and checkpoints still use the average; ``callback.averager.ema_model`` is the
             averaged module. ``"ema"``: the average is copied into the module (as Lightning's
             ``EMAWeightAveraging`` does), for code that uses ``model`` right after ``fit``; the training
             weights are then only in the checkpoints.
+        bn_forward: runs one training batch for the BatchNorm pass (see above).
 
     Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication),
     and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and/or tensor parallelism in ``configure_model``):
     each rank averages its own shards of the DTensor parameters, whatever their placements, with no
-    communication per update; validation swaps shards in place; the checkpoint folder holds the EMA as
-    ``state_dict`` and, under ``state_dict["emakit:ema"]``, the training weights and the EMA's tensors, every
+    communication per update; validation swaps shards in place; the checkpoint folder holds the average as
+    ``state_dict`` and, under ``state_dict["emakit:ema"]``, the training weights and the averager's tensors, every
     rank writing its shards (:func:`emakit.export_ema_weights` writes the average whole). FSDPStrategy (FSDP1),
-    DeepSpeed and the spawn/fork launchers (which would leave :attr:`ema` untouched in the calling process) are
-    refused before training starts.
+    DeepSpeed and the spawn/fork launchers (which would leave :attr:`averager` untouched in the calling process)
+    are refused before training starts. One averaging callback per Trainer.
     """
 
     def __init__(
         self,
-        half_life: str | Time | None = _EMA_DEFAULTS["half_life"],
-        smoothing: float | None = None,
-        ema_start: str | Time = _EMA_DEFAULTS["ema_start"],
-        update_interval: str | Time | None = None,
-        fp32_ema: bool = _EMA_DEFAULTS["fp32_ema"],
-        skip_nonfinite: bool = _EMA_DEFAULTS["skip_nonfinite"],
-        flatten_model: bool = _EMA_DEFAULTS["flatten_model"],
-        overlap: bool = _EMA_DEFAULTS["overlap"],
+        averager: Averager,
         *,
-        sigma_rel: float | Sequence[float] | None = None,
-        snapshot_interval: str | Time | None = None,
-        snapshot_folder: str | os.PathLike[str] | None = None,
-        snapshot_dtype: torch.dtype = _EMA_DEFAULTS["snapshot_dtype"],
-        eval_average: int = 0,
-        params: ParamSelection = _EMA_DEFAULTS["params"],
-        buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
-        warmup: bool | Warmup = False,
         weights_after_fit: Literal["training", "ema"] = "training",
+        bn_forward: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         super().__init__()
-        #: The EMA this callback drives; its checks name the argument and value of any bad hyperparameter.
-        self.ema = EMA(
-            half_life=half_life,
-            smoothing=smoothing,
-            ema_start=ema_start,
-            update_interval=update_interval,
-            fp32_ema=fp32_ema,
-            skip_nonfinite=skip_nonfinite,
-            flatten_model=flatten_model,
-            overlap=overlap,
-            sigma_rel=sigma_rel,
-            snapshot_interval=snapshot_interval,
-            snapshot_folder=snapshot_folder,
-            snapshot_dtype=snapshot_dtype,
-            eval_average=eval_average,
-            params=params,
-            buffers=buffers,
-            warmup=warmup,
-        )
+        if not isinstance(averager, Averager):
+            raise TypeError(f"averager must be an emakit averager (EMA, SWA), got {type(averager).__name__}")
+        #: The averager this callback drives; its checks name the argument and value of any bad hyperparameter.
+        self.averager = averager
         if weights_after_fit not in _WEIGHTS_AFTER_FIT:
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
         self.weights_after_fit = weights_after_fit
+        self.bn_forward = bn_forward
         self._attached = False
         #: on_fit_start has run in this fit (ModelParallelStrategy restores checkpoints after it, DDP before).
         self._fit_started = False
         self._last_global_step = 0
         self._max_steps: int | None = None  # max_steps, when it sets the training length
         self._samples = 0
-        #: EMA state read from a checkpoint before the model is ready (Lightning restores callbacks before
+        #: State read from a checkpoint before the model is ready (Lightning restores callbacks before
         #: it moves the model to its device); loaded at on_fit_start, after attach.
         self._pending_state: Mapping[str, Any] | None = None
-        #: The stage a checkpoint is being restored for: "fit" loads the EMA, others evaluate the checkpoint.
+        #: The stage a checkpoint is being restored for: "fit" loads the averager, others evaluate the checkpoint.
         self._restoring_for_fit: bool | None = None
         #: validate/test/predict(ckpt_path=...): the module holds the checkpoint's weights; no swap.
         self._evaluating_checkpoint = False
         self._swap: contextlib.ExitStack | None = None
 
     def __repr__(self) -> str:
-        return f"EMACallback({self.ema!r}, weights_after_fit={self.weights_after_fit!r})"
+        return f"{type(self).__name__}({self.averager!r}, weights_after_fit={self.weights_after_fit!r})"
 
     @property
     def state_key(self) -> str:
-        """``"EMACallback"``: independent of the hyperparameters, so that a resume with a changed half-life finds
-        its state; Lightning then refuses a second EMACallback in one Trainer (both would rewrite ``state_dict``)."""
-        return "EMACallback"
+        """``"EMACallback"`` for an EMA, ``"SWACallback"`` for an SWA: independent of the hyperparameters, so that a
+        resume with a changed half-life finds its state."""
+        return f"{type(self.averager).__name__}Callback"
 
     def __getstate__(self) -> dict[str, Any]:
         """Refuse, in the calling process, to be sent to the children of a spawn launcher.
@@ -260,19 +183,27 @@ class EMACallback(Callback):
         their tracebacks). A forking launcher pickles nothing: there ``setup`` refuses, in the children.
         """
         if multiprocessing.context.get_spawning_popen() is not None:
-            raise ValueError(_launcher_refusal("DDPStrategy"))
+            raise ValueError(launcher_refusal("DDPStrategy"))
         return self.__dict__.copy()
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refusal = _strategy_refusal(trainer.strategy)
+        refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise ValueError(refusal)
+        mine = type(self).__name__
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if type(callback).__name__ in ("WeightAveraging", "EMAWeightAveraging", "StochasticWeightAveraging"):
+            name = type(callback).__name__
+            if name in _LIGHTNING_AVERAGING:
                 raise ValueError(
-                    f"EMACallback and Lightning's {type(callback).__name__} both swap weights at validation and "
-                    "rewrite checkpoints; use one of them"
+                    f"{mine} and Lightning's {name} both swap weights at validation and rewrite checkpoints; use one"
+                )
+            if callback is not self and isinstance(callback, AveragingCallback):
+                kinds = {type(self.averager).__name__, type(callback.averager).__name__}
+                why = "EMA and SWA do not compose" if len(kinds) > 1 else "one averaging callback per Trainer"
+                raise ValueError(
+                    f"{why}: {mine} and {name} would each put their own average into the module for validation and "
+                    "checkpoints; use one (several EMAs in one pass: EMACallback(half_life=[...]))"
                 )
             if stage == "fit" and isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
                 warnings.warn(
@@ -283,12 +214,12 @@ class EMACallback(Callback):
                 )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ema.attach(pl_module)
+        self.averager.attach(pl_module)
         self._attached = True
         self._fit_started = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
-            self.ema.load_state_dict(state)
+            self.averager.load_state_dict(state)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
@@ -296,12 +227,14 @@ class EMACallback(Callback):
         max_duration, batches_per_epoch = self._training_length(trainer)
         self._max_steps = trainer.max_steps if max_duration is not None and max_duration.endswith("ba") else None
         # after a resume, also counts the end of an epoch whose last batch the checkpoint was written at
-        self.ema.set_duration(max_duration, batches_per_epoch)
-        if max_duration is None and self.ema.ema_start.unit == TimeUnit.DURATION and self.ema.ema_start.value > 0:
-            raise ValueError(
-                f"ema_start='{self.ema.ema_start}' is a fraction of the training length, but this Trainer has "
-                "none (max_steps=-1 and max_epochs=-1): set max_steps or max_epochs, or give ema_start in 'ba' or 'ep'"
-            )
+        self.averager.set_duration(max_duration, batches_per_epoch)
+        schedule = self.averager.schedule
+        for name, time in ((schedule.start_argument, schedule.start), (schedule.end_argument, schedule.end)):
+            if max_duration is None and time is not None and time.unit == TimeUnit.DURATION and time.value > 0:
+                raise ValueError(
+                    f"{name}='{time}' is a fraction of the training length, but this Trainer has none (max_steps=-1 "
+                    f"and max_epochs=-1): set max_steps or max_epochs, or give {name} in 'ba' or 'ep'"
+                )
 
     @staticmethod
     def _training_length(trainer: pl.Trainer) -> tuple[str | None, int | None]:
@@ -320,7 +253,7 @@ class EMACallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.ema.ema_start.unit == TimeUnit.SAMPLE:
+        if self.averager.schedule.counts_samples():
             # data-parallel replicas only: tensor-parallel ranks share their batch
             replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
             self._samples += extract_batch_size(batch) * int(replicas.get("num_replicas", trainer.world_size))
@@ -333,17 +266,37 @@ class EMACallback(Callback):
             if steps > 1 and self._max_steps is not None:
                 # max_steps counts optimizer steps, the EMA's clock batches that stepped: the length in batches
                 left = -(-(self._max_steps - trainer.global_step) // steps)
-                length = Time(self.ema.timestamp.batch + 1 + max(left, 0), TimeUnit.BATCH)
-                if not (self.ema.ema_start.unit == TimeUnit.BATCH and self.ema.ema_start > length):
-                    self.ema.set_duration(length)
-            self.ema.step(samples)
+                length = Time(self.averager.timestamp.batch + 1 + max(left, 0), TimeUnit.BATCH)
+                start = self.averager.schedule.start
+                if not (start.unit == TimeUnit.BATCH and start > length):
+                    self.averager.set_duration(length)
+            self.averager.step(samples)
+            self._finish_window(trainer, pl_module, end_of_training=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ema.epoch_end()
+        self.averager.epoch_end()
+        self._finish_window(trainer, pl_module, end_of_training=False)
+
+    def _finish_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, end_of_training: bool) -> None:
+        """BatchNorm of the average over the training data, once its window has closed."""
+        if not self._follows(pl_module):
+            return
+        run = self.bn_forward
+
+        def forward(module: Any, batch: Any) -> None:
+            batch = move_data_to_device(batch, pl_module.device)
+            if run is None:
+                default_bn_forward(module, batch)
+            else:
+                run(module, batch)
+
+        loader = trainer.train_dataloader
+        self.averager.finish_window(loader, pl_module, forward, end_of_training=end_of_training)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.ema.wait()
-        if self.weights_after_fit == "ema" and self.ema.started and self._follows(pl_module):
+        self._finish_window(trainer, pl_module, end_of_training=True)
+        self.averager.wait()
+        if self.weights_after_fit == "ema" and self.averager.started and self._follows(pl_module):
             if isinstance(trainer.strategy, ModelParallelStrategy):  # its load_model_state_dict does nothing
                 reshard_model(pl_module)  # each rank copies its own shards of the average
                 pl_module.load_state_dict(self._published(pl_module.state_dict()), strict=True)
@@ -353,13 +306,13 @@ class EMACallback(Callback):
 
     # ------------------------------------------------------------------ evaluation on the EMA weights
     def _follows(self, pl_module: pl.LightningModule) -> bool:
-        return self._attached and unwrap_model(self.ema.model) is unwrap_model(pl_module)
+        return self._attached and unwrap_model(self.averager.model) is unwrap_model(pl_module)
 
     def _swap_in(self, pl_module: pl.LightningModule) -> None:
         if self._swap is not None or self._evaluating_checkpoint or not self._follows(pl_module):
             return
         stack = contextlib.ExitStack()
-        stack.enter_context(self.ema.average_parameters(pl_module))
+        stack.enter_context(self.averager.average_parameters(pl_module))
         self._swap = stack
 
     def _swap_back(self) -> None:
@@ -399,10 +352,10 @@ class EMACallback(Callback):
         """The module's ``state_dict`` with the average for the tracked tensors, under the module's keys."""
         keys = {key: canonical_name(key) for key in model_state}
         canonical = {keys[key]: value for key, value in model_state.items()}
-        return _keyed_like(self.ema.published_model_state(canonical), keys, model_state)
+        return _keyed_like(self.averager.published_model_state(canonical), keys, model_state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict()}
+        return {"ema": self.averager.state_dict()}
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -413,11 +366,11 @@ class EMACallback(Callback):
         keys = {key: canonical_name(key) for key in model_state}
         canonical = {keys[key]: value for key, value in model_state.items()}
         # The training weights even if a loop saves while the EMA weights are swapped in.
-        training = _keyed_like(self.ema.training_model_state(canonical), keys, model_state)
-        if not self.ema.started:
+        training = _keyed_like(self.averager.training_model_state(canonical), keys, model_state)
+        if not self.averager.started:
             checkpoint["state_dict"] = training
             return
-        published = _keyed_like(self.ema.published_model_state(canonical), keys, model_state)
+        published = _keyed_like(self.averager.published_model_state(canonical), keys, model_state)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             published[SHARDED_STATE_KEY] = self._sharded_tensors(checkpoint, training)
         else:
@@ -428,7 +381,9 @@ class EMACallback(Callback):
         """The training weights and the EMA's tensors (DTensors), moved out of the callback's state, which
         Lightning writes to the rank-0 metadata file; they go into the checkpoint folder with the weights."""
         if SHARDED_STATE_KEY in training:
-            raise ValueError(f"the module has a tensor named {SHARDED_STATE_KEY!r}, the key EMACallback saves under")
+            raise ValueError(
+                f"the module has a tensor named {SHARDED_STATE_KEY!r}, the key {self.state_key} saves under"
+            )
         callbacks = checkpoint.setdefault("callbacks", {})
         ema_state = dict(callbacks.get(self.state_key, self.state_dict())["ema"])
         tensors = {"training": dict(training), "ema": ema_state["ema"]}
@@ -453,8 +408,8 @@ class EMACallback(Callback):
             trainer.strategy.load_model_state_dict({"state_dict": training}, strict=pl_module.strict_loading)
         if state is None:
             warnings.warn(
-                "the checkpoint holds no EMACallback state: the EMA starts afresh from the resumed weights, its "
-                "clock (ema_start, 'dur') counting from this resume",
+                f"the checkpoint holds no {self.state_key} state: the average starts afresh from the resumed weights, "
+                f"its clock ({self.averager.schedule.start_argument}, 'dur') counting from this resume",
                 stacklevel=2,
             )
 
@@ -464,7 +419,8 @@ class EMACallback(Callback):
         path = trainer.ckpt_path
         if path is None or not is_sharded_checkpoint(path):
             raise ValueError(
-                f"the EMACallback state says its tensors are in a distributed checkpoint folder, but {path!r} is not one"
+                f"the {self.state_key} state says its tensors are in a distributed checkpoint folder, but {path!r} is "
+                "not one"
             )
         reshard_model(pl_module)
         found = read_sharded_checkpoint(
@@ -481,10 +437,49 @@ class EMACallback(Callback):
             return
         state = state_dict.get("ema")
         if not isinstance(state, Mapping):
-            raise ValueError(f"EMACallback state must hold the EMA's state under 'ema', got keys {sorted(state_dict)}")
+            raise ValueError(
+                f"{self.state_key} state must hold the averager's state under 'ema', got keys {sorted(state_dict)}"
+            )
         if self._restoring_for_fit and self._fit_started:
-            self.ema.load_state_dict(state)  # restored after setup: the module is sharded and attached
+            self.averager.load_state_dict(state)  # restored after setup: the module is sharded and attached
         elif self._restoring_for_fit or not self._attached:
             self._pending_state = state  # the module is not on its device yet; loaded at on_fit_start
         else:
-            self.ema.load_state_dict(state)
+            self.averager.load_state_dict(state)
+
+
+@final
+class EMACallback(AveragingCallback):
+    """An :class:`AveragingCallback` driving ``EMA(...)``: every argument but ``weights_after_fit`` is
+    :class:`emakit.EMA`'s, under the same name, with its default and its checks. Post-hoc snapshots are written
+    by rank 0 and continued without gap or duplicate on resume. The EMA is :attr:`averager`."""
+
+    @derived_signature(EMA, [keyword("weights_after_fit", "training", Literal["training", "ema"])])
+    def __init__(self, *args: Any, weights_after_fit: Literal["training", "ema"] = "training", **kwargs: Any) -> None:
+        super().__init__(EMA(*args, **kwargs), weights_after_fit=weights_after_fit)
+
+
+@final
+class SWACallback(AveragingCallback):
+    """An :class:`AveragingCallback` driving ``SWA(...)``: every argument but ``bn_forward`` and
+    ``weights_after_fit`` is :class:`emakit.SWA`'s. Lightning's own learning-rate schedulers stay in charge of
+    the rate: for torch's ``SWALR``, return it from ``configure_optimizers``. The SWA is :attr:`averager`."""
+
+    @derived_signature(
+        SWA,
+        [keyword("bn_forward", None), keyword("weights_after_fit", "training", Literal["training", "ema"])],
+    )
+    def __init__(
+        self,
+        *args: Any,
+        bn_forward: Callable[[Any, Any], Any] | None = None,
+        weights_after_fit: Literal["training", "ema"] = "training",
+        **kwargs: Any,
+    ) -> None:
+        swa = SWA(*args, **kwargs)
+        if swa.swa_lr is not None:
+            raise ValueError(
+                f"SWACallback(swa_lr={swa.swa_lr!r}): swa_lr is the learning rate emakit's Trainer sets; under "
+                "Lightning the schedulers you return from configure_optimizers set it (torch's SWALR for SWA's)"
+            )
+        super().__init__(swa, weights_after_fit=weights_after_fit, bn_forward=bn_forward)

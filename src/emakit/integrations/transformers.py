@@ -1,6 +1,7 @@
 """Hugging Face Transformers: :class:`emakit.EMA` driven by ``transformers.Trainer``.
 
-``EMACallback`` maps the Trainer's events onto the EMA's verbs; ``EMATrainerMixin`` adds the three things a
+``AveragingCallback`` holds an averager (:class:`emakit.EMA`, :class:`emakit.SWA`) and maps the Trainer's events
+onto its verbs (``EMACallback`` and ``SWACallback`` only build the averager); ``EMATrainerMixin`` adds the three things a
 ``TrainerCallback`` cannot do, because callbacks are never given the Trainer and there is no event before an
 evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write the EMA as the model in
 ``save_model()``, and tell the callback which checkpoint ``train(resume_from_checkpoint=...)`` resumes from.
@@ -33,14 +34,13 @@ Another Trainer subclass (TRL's, your own) gets the same with ``class MyTrainer(
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 import torch
 from torch import nn
@@ -48,14 +48,24 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from emakit import EMA, Time, TimeUnit, export_ema_weights
 from emakit._compat import dtensor_class
 from emakit.atomic import atomic_file
-from emakit.averaging.selection import BufferPolicy, ParamSelection
-from emakit.averaging.warmup import Warmup
+from emakit.averaging import EMA, SWA, Averager
+from emakit.averaging.batchnorm import default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
+from emakit.checkpoint.export import export_ema_weights
+from emakit.integrations.arguments import derived_signature, keyword
+from emakit.time import Time, TimeUnit
 
-__all__ = ["EMA_STATE_NAME", "EMA_WEIGHTS_NAME", "EMACallback", "EMATrainer", "EMATrainerMixin"]
+__all__ = [
+    "EMA_STATE_NAME",
+    "EMA_WEIGHTS_NAME",
+    "AveragingCallback",
+    "EMACallback",
+    "EMATrainer",
+    "EMATrainerMixin",
+    "SWACallback",
+]
 
 #: The EMA model in each checkpoint folder: the whole model ``state_dict`` with the average in place of the
 #: averaged tensors, in the model's dtypes, for ``model.load_state_dict(safetensors.torch.load_file(path))``.
@@ -63,7 +73,8 @@ EMA_WEIGHTS_NAME = "ema_weights.safetensors"
 #: ``ema.state_dict()`` in each checkpoint folder: what ``train(resume_from_checkpoint=...)`` restores.
 EMA_STATE_NAME = "emakit_ema.pt"
 
-_EMA_DEFAULTS = {name: p.default for name, p in inspect.signature(EMA.__init__).parameters.items()}
+#: The callbacks' own arguments, after the averager's.
+_OWN = [keyword("save_ema_as_model", False, bool), keyword("eval_with_ema", True, bool)]
 
 if TYPE_CHECKING:
     _TrainerBase = Trainer
@@ -71,90 +82,69 @@ else:
     _TrainerBase = object
 
 
-class EMACallback(TrainerCallback):
-    """Keep an :class:`emakit.EMA` of the model a ``transformers.Trainer`` trains, and checkpoint it.
+class AveragingCallback(TrainerCallback):
+    """Keep an averager of the model a ``transformers.Trainer`` trains, and checkpoint it.
 
-    Every argument but ``save_ema_as_model`` and ``eval_with_ema`` is :class:`emakit.EMA`'s, under the same
-    name, with its default and its checks (the Lightning callback takes the same list): the averaging,
-    what is averaged (``params``, ``buffers``), post-hoc snapshots (written by rank 0; resuming from a
-    checkpoint drops the snapshots written after it, so the series has no gap or duplicate) and
-    ``eval_average``; with the Trainer's units: ``'ba'`` counts optimizer
-    steps (one per ``gradient_accumulation_steps`` micro-batches, like ``state.global_step``), ``'ep'``
-    epochs, and ``'dur'`` is a fraction of ``max_steps``. The EMA itself is :attr:`ema`.
+    ``AveragingCallback(EMA(half_life="200ba"))`` or ``AveragingCallback(SWA(swa_start="2ep"))``; the
+    :class:`EMACallback` and :class:`SWACallback` subclasses only build the averager from their arguments. Times
+    count the Trainer's progress: ``'ba'`` counts optimizer steps (one per ``gradient_accumulation_steps``
+    micro-batches, like ``state.global_step``), ``'ep'`` epochs, and ``'dur'`` is a fraction of ``max_steps``
+    (the Trainer reports no sample counts, so ``'sp'`` times are refused). Post-hoc snapshots are written by
+    rank 0; resuming from a checkpoint drops the snapshots written after it, so the series has no gap or
+    duplicate. The averager is :attr:`averager`.
 
     Args:
-        save_ema_as_model: ``trainer.save_model()`` (and ``push_to_hub``) write the EMA weights as the
-            model, so ``from_pretrained`` on the output loads the EMA model. Needs :class:`EMATrainerMixin`.
-            Off by default: ``save_model`` writes the training weights; every checkpoint folder holds the EMA
+        averager: the :class:`emakit.EMA` or :class:`emakit.SWA` to drive.
+        save_ema_as_model: ``trainer.save_model()`` (and ``push_to_hub``) write the averaged weights as the
+            model, so ``from_pretrained`` on the output loads the averaged model. Needs :class:`EMATrainerMixin`.
+            Off by default: ``save_model`` writes the training weights; every checkpoint folder holds the averaged
             model as ``ema_weights.safetensors``, and ``emakit.export_ema_weights(callback, path)`` writes it
             anywhere (call it on every rank).
-        eval_with_ema: ``evaluate()`` and ``predict()`` run on the EMA weights once the average has started
+        eval_with_ema: ``evaluate()`` and ``predict()`` run on the averaged weights once the average has started
             (needs :class:`EMATrainerMixin`). Set ``callback.eval_with_ema = False`` to evaluate the training
             weights.
+        bn_forward: ``bn_forward(model, batch)`` runs one batch for the BatchNorm pass when the averager's window
+            closes (default: ``model(**batch)`` for the Trainer's dict batches, else torch's ``update_bn`` rule).
+            The batch is on the model's device.
 
     Every ``checkpoint-N/`` the Trainer writes also holds ``ema_weights.safetensors`` and ``emakit_ema.pt``;
-    ``train(resume_from_checkpoint=...)`` restores the EMA from them, so the run continues exactly. Each
+    ``train(resume_from_checkpoint=...)`` restores the averager from them, so the run continues exactly. Each
     ``train()`` call that does not resume starts a new average (as the Trainer starts a new ``TrainerState``).
     """
 
     def __init__(
         self,
-        half_life: str | Time | None = _EMA_DEFAULTS["half_life"],
-        smoothing: float | None = None,
-        ema_start: str | Time = "0.0dur",
-        update_interval: str | Time | None = None,
-        fp32_ema: bool = True,
-        skip_nonfinite: bool = False,
-        flatten_model: bool = False,
-        overlap: bool = False,
+        averager: Averager,
         *,
-        sigma_rel: float | Sequence[float] | None = None,
-        snapshot_interval: str | Time | None = None,
-        snapshot_folder: str | os.PathLike[str] | None = None,
-        snapshot_dtype: torch.dtype = _EMA_DEFAULTS["snapshot_dtype"],
-        eval_average: int = 0,
-        params: ParamSelection = _EMA_DEFAULTS["params"],
-        buffers: BufferPolicy = _EMA_DEFAULTS["buffers"],
-        warmup: bool | Warmup = False,
         save_ema_as_model: bool = False,
         eval_with_ema: bool = True,
+        bn_forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
-        self._hyperparameters: dict[str, Any] = {
-            "half_life": half_life,
-            "smoothing": smoothing,
-            "ema_start": ema_start,
-            "update_interval": update_interval,
-            "fp32_ema": fp32_ema,
-            "skip_nonfinite": skip_nonfinite,
-            "flatten_model": flatten_model,
-            "overlap": overlap,
-            "sigma_rel": sigma_rel,
-            "snapshot_interval": snapshot_interval,
-            "snapshot_folder": snapshot_folder,
-            "snapshot_dtype": snapshot_dtype,
-            "eval_average": eval_average,
-            "params": params,
-            "buffers": buffers,
-            "warmup": warmup,
-        }
-        self.ema = EMA(**self._hyperparameters)
-        if self.ema.ema_start.unit == TimeUnit.SAMPLE:
-            raise ValueError(
-                f"ema_start='{self.ema.ema_start}': the Trainer does not report how many samples each optimizer "
-                "step saw; give ema_start in 'ba' (optimizer steps), 'ep' or 'dur' (a fraction of max_steps)"
-            )
+        if not isinstance(averager, Averager):
+            raise TypeError(f"averager must be an emakit averager (EMA, SWA), got {type(averager).__name__}")
+        schedule = averager.schedule
+        for name, time in ((schedule.start_argument, schedule.start), (schedule.end_argument, schedule.end)):
+            if time is not None and time.unit == TimeUnit.SAMPLE:
+                raise ValueError(
+                    f"{name}='{time}': the Trainer does not report how many samples each optimizer step saw; give "
+                    f"{name} in 'ba' (optimizer steps), 'ep' or 'dur' (a fraction of max_steps)"
+                )
         for name, flag in (("save_ema_as_model", save_ema_as_model), ("eval_with_ema", eval_with_ema)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        #: The averager this callback drives (a fresh copy of the one given at each train() that does not resume).
+        self.averager = averager
+        self._unattached = averager.renewed()
         self.save_ema_as_model = save_ema_as_model
         self.eval_with_ema = eval_with_ema
+        self.bn_forward = bn_forward
         #: Set by EMATrainerMixin.train: whether the Trainer runs the mixin, and the resolved resume folder.
         self._served_by_mixin = False
         self._resume_from: str | None = None
         self._attached = False
 
     def __repr__(self) -> str:
-        return f"EMACallback({self.ema!r}, save_ema_as_model={self.save_ema_as_model})"
+        return f"{type(self).__name__}({self.averager!r}, save_ema_as_model={self.save_ema_as_model})"
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -165,30 +155,32 @@ class EMACallback(TrainerCallback):
     ) -> None:
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"EMACallback needs the Trainer's model at on_train_begin, got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs the Trainer's model at on_train_begin, got {type(model).__name__}"
+            )
         _refuse_unsupported(args, model)
         if state.is_hyper_param_search:
             raise ValueError(
-                "EMACallback does not support hyperparameter search: its checkpoints go to per-trial folders "
+                f"{type(self).__name__} does not support hyperparameter search: its checkpoints go to per-trial folders "
                 "that callbacks are not told about"
             )
         served, resume_from = self._served_by_mixin, self._resume_from
         self._served_by_mixin, self._resume_from = False, None
         if self.save_ema_as_model and not served:
             raise ValueError(
-                "EMACallback(save_ema_as_model=True) needs a Trainer with EMATrainerMixin "
+                f"{type(self).__name__}(save_ema_as_model=True) needs a Trainer with EMATrainerMixin "
                 "(e.g. emakit.integrations.transformers.EMATrainer): a callback cannot change what save_model writes"
             )
         if not served:
             warnings.warn(
-                "EMACallback runs in a Trainer without EMATrainerMixin: the EMA is updated and checkpointed, but "
+                f"{type(self).__name__} runs in a Trainer without EMATrainerMixin: the average is updated and checkpointed, but "
                 "evaluate() and predict() use the training weights; use emakit.integrations.transformers.EMATrainer "
                 "or `class MyTrainer(EMATrainerMixin, Trainer)` to evaluate the EMA",
                 stacklevel=2,
             )
         if self._attached:  # a new train() call: a new average, like the Trainer's new TrainerState
-            self.ema = EMA(**self._hyperparameters)
-        self.ema.attach(model, max_duration=Time(state.max_steps, TimeUnit.BATCH) if state.max_steps > 0 else None)
+            self.averager = self._unattached.renewed()
+        self.averager.attach(model, max_duration=Time(state.max_steps, TimeUnit.BATCH) if state.max_steps > 0 else None)
         self._attached = True
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -198,30 +190,36 @@ class EMACallback(TrainerCallback):
         loader = kwargs.get("train_dataloader")
         if loader is not None and has_length(loader) and len(loader) > 0:
             accumulation = max(1, int(args.gradient_accumulation_steps))
-            self.ema.set_duration(None, -(-len(loader) // accumulation))
+            self.averager.set_duration(None, -(-len(loader) // accumulation))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.ema.step()
+        self.averager.step()
+        self._finish_window(kwargs, end_of_training=False)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # The Trainer also calls on_epoch_end when max_steps cuts an epoch short; that is not an epoch's end.
         if state.epoch is not None and float(state.epoch).is_integer():
-            self.ema.epoch_end()
+            self.averager.epoch_end()
+            self._finish_window(kwargs, end_of_training=False)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         folder = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if args.should_save and not folder.is_dir():
-            raise RuntimeError(f"EMACallback cannot find the checkpoint folder the Trainer just wrote: {folder}")
-        if self.ema.started:  # every rank calls it (it waits for all); rank 0 writes
-            export_ema_weights(self.ema, folder / EMA_WEIGHTS_NAME, overwrite=True)
+            raise RuntimeError(
+                f"{type(self).__name__} cannot find the checkpoint folder the Trainer just wrote: {folder}"
+            )
+        if self.averager.started:  # every rank calls it (it waits for all); rank 0 writes
+            export_ema_weights(self.averager, folder / EMA_WEIGHTS_NAME, overwrite=True)
         if args.should_save:
-            _save_atomically(self.ema.state_dict(), folder / EMA_STATE_NAME)
+            _save_atomically(self.averager.state_dict(), folder / EMA_STATE_NAME)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self._attached:
+            self._finish_window(kwargs, end_of_training=True)
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best is not None and os.path.isdir(best):
             # The Trainer has just loaded the best checkpoint's training weights; keep its EMA with them.
@@ -235,6 +233,26 @@ class EMACallback(TrainerCallback):
                 )
 
     # ------------------------------------------------------------------ helpers for the events
+    def _finish_window(self, kwargs: dict[str, Any], end_of_training: bool) -> None:
+        """BatchNorm of the average over the Trainer's training data, once the averager's window has closed."""
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            return
+        run = self.bn_forward
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+        def forward(module: nn.Module, batch: Any) -> None:
+            batch = _to(batch, device)
+            if run is not None:
+                run(module, batch)
+            elif isinstance(batch, dict):
+                module(**batch)
+            else:
+                default_bn_forward(module, batch)
+
+        loader = kwargs.get("train_dataloader")
+        self.averager.finish_window(loader, model, forward, end_of_training=end_of_training)
+
     def _resume(self, folder: Path, global_step: int) -> None:
         path = folder / EMA_STATE_NAME
         if not path.is_file():
@@ -245,21 +263,21 @@ class EMACallback(TrainerCallback):
             )
             return
         self._load(path)
-        if self.ema.timestamp.batch != global_step:
+        if self.averager.timestamp.batch != global_step:
             raise ValueError(
-                f"{path} was saved at optimizer step {self.ema.timestamp.batch}, but the Trainer resumes at step "
+                f"{path} was saved at optimizer step {self.averager.timestamp.batch}, but the Trainer resumes at step "
                 f"{global_step}; delete it to resume with a fresh average"
             )
 
     def _load(self, path: Path) -> None:
         # emakit's checkpoint reader: weights_only, and a damaged file is named as such
-        self.ema.load_state_dict(read_checkpoint_file(path))
+        self.averager.load_state_dict(read_checkpoint_file(path))
 
     def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
         """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""
-        if model is None or not ((self.eval_with_ema or always) and self._attached and self.ema.started):
+        if model is None or not ((self.eval_with_ema or always) and self._attached and self.averager.started):
             return nullcontext(model)
-        return self.ema.average_parameters(model)
+        return self.averager.average_parameters(model)
 
 
 class EMATrainerMixin(_TrainerBase):
@@ -280,13 +298,16 @@ class EMATrainerMixin(_TrainerBase):
     """
 
     @property
-    def ema_callback(self) -> EMACallback | None:
-        """The Trainer's :class:`EMACallback`, or None; more than one is an error (one EMA per model)."""
-        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, EMACallback)]
+    def ema_callback(self) -> AveragingCallback | None:
+        """The Trainer's :class:`AveragingCallback` (EMA or SWA), or None; more than one is an error."""
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, AveragingCallback)]
         if len(found) > 1:
             names = " and ".join(type(cb).__name__ for cb in found)
-            why = "EMA and SWA do not compose" if len({type(cb) for cb in found}) > 1 else "one average per model"
-            raise ValueError(f"a Trainer runs at most one EMACallback, this one has {len(found)}: {names} ({why})")
+            kinds = {type(cb.averager).__name__ for cb in found}
+            why = "EMA and SWA do not compose" if len(kinds) > 1 else "one average per model"
+            raise ValueError(
+                f"a Trainer runs at most one averaging callback, this one has {len(found)}: {names} ({why})"
+            )
         return found[0] if found else None
 
     def train(
@@ -325,9 +346,9 @@ class EMATrainerMixin(_TrainerBase):
         if callback is None or not callback.save_ema_as_model or (_internal_call and self.is_in_train):
             super().save_model(output_dir, _internal_call)
             return
-        if not (callback._attached and callback.ema.started):
+        if not (callback._attached and callback.averager.started):
             warnings.warn(
-                "save_ema_as_model: the EMA has not started yet, so save_model writes the training weights",
+                "save_ema_as_model: the average has not started yet, so save_model writes the training weights",
                 stacklevel=2,
             )
         with callback._weights_for_eval(self.model, always=True):
@@ -338,11 +359,55 @@ class EMATrainerMixin(_TrainerBase):
         return nullcontext() if callback is None else callback._weights_for_eval(self.model)
 
 
+@final
+class EMACallback(AveragingCallback):
+    """An :class:`AveragingCallback` driving ``EMA(...)``: every argument but ``save_ema_as_model`` and
+    ``eval_with_ema`` is :class:`emakit.EMA`'s, under the same name, with its default and its checks."""
+
+    @derived_signature(EMA, _OWN)
+    def __init__(self, *args: Any, save_ema_as_model: bool = False, eval_with_ema: bool = True, **kwargs: Any) -> None:
+        super().__init__(EMA(*args, **kwargs), save_ema_as_model=save_ema_as_model, eval_with_ema=eval_with_ema)
+
+
+@final
+class SWACallback(AveragingCallback):
+    """An :class:`AveragingCallback` driving ``SWA(...)``: every argument but ``bn_forward``, ``save_ema_as_model``
+    and ``eval_with_ema`` is :class:`emakit.SWA`'s. The Trainer's scheduler stays in charge of the learning rate
+    (``swa_lr`` is refused: it is what emakit's Trainer sets)."""
+
+    @derived_signature(SWA, [keyword("bn_forward", None), *_OWN])
+    def __init__(
+        self,
+        *args: Any,
+        bn_forward: Callable[[nn.Module, Any], Any] | None = None,
+        save_ema_as_model: bool = False,
+        eval_with_ema: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        swa = SWA(*args, **kwargs)
+        if swa.swa_lr is not None:
+            raise ValueError(
+                f"SWACallback(swa_lr={swa.swa_lr!r}): swa_lr is the learning rate emakit's Trainer sets; under the "
+                "Transformers Trainer its scheduler sets it (pass torch's SWALR through optimizers=(...))"
+            )
+        super().__init__(swa, save_ema_as_model=save_ema_as_model, eval_with_ema=eval_with_ema, bn_forward=bn_forward)
+
+
 class EMATrainer(EMATrainerMixin, Trainer):
     """``transformers.Trainer`` with :class:`EMATrainerMixin`: pass an :class:`EMACallback` in ``callbacks``."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict) or hasattr(batch, "items"):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
 def _save_atomically(obj: Any, path: Path) -> None:
     with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
         torch.save(obj, f)
@@ -368,7 +433,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
     """
     if args.fsdp:
         raise ValueError(
-            f"EMACallback does not support FSDP (TrainingArguments.fsdp={args.fsdp!r}), neither FSDP1 nor FSDP2 "
+            f"emakit's averaging callbacks do not support FSDP (TrainingArguments.fsdp={args.fsdp!r}), neither FSDP1 nor FSDP2 "
             "through Accelerate: each rank would hold only its shards of the average and "
             "the Trainer's checkpoints are written by one rank. Supported here: one device, DDP, DeepSpeed ZeRO "
             "0-2. For a sharded model, use Lightning's ModelParallelStrategy with emakit's Lightning "
@@ -377,7 +442,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
     stage = _deepspeed_stage(args)
     if stage is not None and stage >= 3:
         raise ValueError(
-            f"EMACallback does not support DeepSpeed ZeRO stage {stage} (TrainingArguments.deepspeed): ZeRO-3 "
+            f"emakit's averaging callbacks do not support DeepSpeed ZeRO stage {stage} (TrainingArguments.deepspeed): ZeRO-3 "
             "partitions the parameters, so no rank holds the weights to average. ZeRO stages 0-2 keep whole "
             "parameters on every rank and are accepted"
         )
@@ -385,14 +450,14 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
         return
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         raise ValueError(
-            "EMACallback does not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel. "
+            "emakit's averaging callbacks do not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel. "
             "For Transformers and Accelerate, supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: "
             "Lightning's ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
         )
     for name, param in model.named_parameters():
         if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
             raise ValueError(
-                "EMACallback does not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
+                "emakit's averaging callbacks do not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
                 f"DeepSpeed ZeRO-3): parameter {name!r} is a {type(param.data).__name__}"
                 + (" partitioned by ZeRO-3" if hasattr(param, "ds_status") else "")
                 + ". Supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: Lightning's "

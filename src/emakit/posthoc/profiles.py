@@ -20,6 +20,7 @@ exponential inner products are closed forms; power x exponential is integrated n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,8 @@ __all__ = [
     "profile_inner",
     "sigma_rel_to_gamma",
     "solve_coefficients",
+    "solve_normal_equations",
+    "usable_sources",
 ]
 
 #: The widest power profile, gamma = 0: the uniform average over [0, t], whose relative std is 1/sqrt(12).
@@ -367,33 +370,32 @@ def _sources(snapshots: Sequence[tuple[object, object]]) -> list[tuple[Profile, 
     return out
 
 
-def _normal_equations(
-    sources: Sequence[tuple[Profile, float]], target: Profile | UniformWindow, t: float
-) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=8)
+def _gram(sources: tuple[tuple[Profile, float], ...]) -> np.ndarray:
+    """``A_ij = <p_i, p_j>``, kept for the last few snapshot sets: a sweep fits many targets to the same ones."""
     n = len(sources)
     a = np.empty((n, n))
     for i, (pi, ti) in enumerate(sources):
         for j in range(i, n):
             pj, tj = sources[j]
             a[i, j] = a[j, i] = profile_inner(pi, ti, pj, tj)
+    a.flags.writeable = False
+    return a
+
+
+def _normal_equations(
+    sources: Sequence[tuple[Profile, float]], target: Profile | UniformWindow, t: float
+) -> tuple[np.ndarray, np.ndarray]:
     b = np.array([profile_inner(p, ti, target, t) for p, ti in sources])
-    return a, b
+    return _gram(tuple(sources)), b
 
 
-def solve_coefficients(snapshots: Sequence[tuple[object, object]], target: object, t: float) -> np.ndarray:
-    """Coefficients ``x`` (one per snapshot, summing to 1) with ``sum_i x_i p_i`` closest to ``target`` at ``t``.
-
-    ``snapshots`` are ``(profile, t_i)`` pairs (a float profile is a power profile's gamma); ``target`` is a
-    profile or a gamma. Only snapshots with ``t_i <= t`` are used (the others get 0): a later snapshot has
-    seen updates the target has not. The least-squares solve is scaled by the diagonal of ``A`` (the Gram
-    matrix is ill-conditioned when snapshots are close) and ``x`` is rescaled so that it sums to 1.
-
-    Raises:
-        ValueError: ``t`` is not > 0, no snapshot has ``t_i <= t``, ``t`` is after the last snapshot, or the fit
-            is degenerate (its coefficients sum to 0).
-    """
+def usable_sources(
+    snapshots: Sequence[tuple[object, object]], t: object
+) -> tuple[list[tuple[Profile, float]], list[int], float]:
+    """The checked ``(profile, t_i)`` pairs, the positions of those with ``t_i <= t`` (the ones a fit may use),
+    and ``t`` checked; see :func:`solve_coefficients` for what is refused."""
     sources = _sources(snapshots)
-    goal = _as_profile(target, "target")
     t_star = _check_positive(t, "t", "a finite time (EMA updates) greater than 0")
     if not sources:
         raise ValueError("snapshots is empty: at least one snapshot is needed to reconstruct an average")
@@ -401,17 +403,53 @@ def solve_coefficients(snapshots: Sequence[tuple[object, object]], target: objec
     if t_star > last:
         raise ValueError(f"t={t!r} is after the last snapshot (t={last:g}): a reconstruction cannot extrapolate")
     used = [i for i, (_, ti) in enumerate(sources) if ti <= t_star]
-    if not used:  # unreachable since t <= last, kept for clarity
-        raise ValueError(f"no snapshot has t <= {t!r}")
-    a, b = _normal_equations([sources[i] for i in used], goal, t_star)
+    if not used:
+        first = min(ti for _, ti in sources)
+        raise ValueError(f"t={t!r} is before the first snapshot (t={first:g}): no snapshot has t <= {t!r}")
+    return sources, used, t_star
+
+
+def solve_normal_equations(a: np.ndarray, b: np.ndarray, goal: object, t: float, latest: float) -> np.ndarray:
+    """The least-squares solution of ``a x = b`` rescaled to sum to 1 (``goal`` at ``t`` names the target in errors;
+    ``latest`` is the time of the latest snapshot used).
+
+    The solve is scaled by the diagonal of ``a`` (the Gram matrix is ill-conditioned when snapshots are close).
+
+    Raises:
+        ValueError: ``b`` is 0 (no snapshot used gives weight to any update the target weighs: a window or kernel
+            after the latest snapshot at or before ``t``), or the coefficients sum to 0 or to no finite number.
+    """
+    if not np.any(b > 0.0):
+        raise ValueError(
+            f"the snapshots cannot represent {goal} at t={t:g}: the latest one at or before t (t={latest:g}) and "
+            "those before it give no weight to any update it weighs; reconstruct at a later snapshot's t, or choose "
+            "a target that reaches back to the updates before it"
+        )
     d = 1.0 / np.sqrt(np.diag(a))
     y = np.linalg.lstsq(a * d[:, None] * d[None, :], b * d, rcond=None)[0]
-    x_used = y * d
-    total = float(np.sum(x_used))
-    if not math.isfinite(total) or abs(total) < 1e-12 * float(np.sum(np.abs(x_used))):
-        raise ValueError(f"the snapshots cannot represent {goal} at t={t!r}: the fitted coefficients sum to {total!r}")
+    x = y * d
+    total = float(np.sum(x))
+    if not math.isfinite(total) or abs(total) <= 1e-12 * float(np.sum(np.abs(x))):
+        raise ValueError(f"the snapshots cannot represent {goal} at t={t:g}: the fitted coefficients sum to {total!r}")
+    return x / total
+
+
+def solve_coefficients(snapshots: Sequence[tuple[object, object]], target: object, t: float) -> np.ndarray:
+    """Coefficients ``x`` (one per snapshot, summing to 1) with ``sum_i x_i p_i`` closest to ``target`` at ``t``.
+
+    ``snapshots`` are ``(profile, t_i)`` pairs (a float profile is a power profile's gamma); ``target`` is a
+    profile or a gamma. Only snapshots with ``t_i <= t`` are used (the others get 0): a later snapshot has
+    seen updates the target has not. See :func:`solve_normal_equations` for the solve.
+
+    Raises:
+        ValueError: ``t`` is not > 0, no snapshot has ``t_i <= t``, ``t`` is after the last snapshot, no snapshot
+            used weighs any update the target weighs, or the fit is degenerate (its coefficients sum to 0).
+    """
+    sources, used, t_star = usable_sources(snapshots, t)
+    goal = _as_profile(target, "target")
+    a, b = _normal_equations([sources[i] for i in used], goal, t_star)
     x = np.zeros(len(sources))
-    x[used] = x_used / total
+    x[used] = solve_normal_equations(a, b, goal, t_star, max(sources[i][1] for i in used))
     return x
 
 

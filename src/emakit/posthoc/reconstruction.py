@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from emakit._version import __version__
-from emakit.posthoc import POOR_FIT
+from emakit.posthoc import POOR_FIT, UNREPRESENTABLE
 from emakit.posthoc.profiles import (
     HalfLifeProfile,
     PowerProfile,
@@ -38,10 +38,12 @@ from emakit.posthoc.snapshots import (
     write_safetensors,
 )
 from emakit.posthoc.snapshots.reading import describe_indices
+from emakit.posthoc.targets import Kernel, KernelFunction, kernel_fit, kernel_from_function, parse_kernel
 
 __all__ = [
     "RECONSTRUCTION_METADATA_KEY",
     "ReconstructionPlan",
+    "check_output",
     "describe",
     "execute_plan",
     "gap_message",
@@ -59,7 +61,7 @@ _BATCH_BYTES = 256 << 20
 class ReconstructionPlan:
     """What :func:`reconstruct` will sum: ``coefficient * snapshot[average]`` for each term."""
 
-    target: Profile | UniformWindow
+    target: Profile | UniformWindow | Kernel
     t: int
     #: (snapshot, average index, coefficient) with a non-zero coefficient, in snapshot order
     terms: tuple[tuple[SnapshotInfo, int, float], ...]
@@ -73,7 +75,7 @@ class ReconstructionPlan:
 def _target(sigma_rel: object, half_life: object, window: object = None) -> Profile | UniformWindow:
     if sum(v is not None for v in (sigma_rel, half_life, window)) != 1:
         raise ValueError(
-            "give exactly one of sigma_rel and half_life (the target average) or a window, got "
+            "give exactly one of sigma_rel, half_life, window and kernel (the target average), got "
             f"sigma_rel={sigma_rel!r}, half_life={half_life!r}, window={window!r}"
         )
     if window is not None:
@@ -83,6 +85,19 @@ def _target(sigma_rel: object, half_life: object, window: object = None) -> Prof
     return HalfLifeProfile(half_life)  # type: ignore[arg-type]
 
 
+def _kernel_arguments(kernel: object, others: dict[str, object]) -> dict[str, object]:
+    """``kernel`` (a ``NAME:VALUE`` string, a :class:`Kernel` or a function ``f(k, t)``) as target arguments."""
+    given = {name: value for name, value in others.items() if value is not None}
+    if given:
+        raise ValueError(
+            f"give exactly one of sigma_rel, half_life, window and kernel (the target average), got kernel={kernel!r} "
+            f"and {', '.join(f'{n}={v!r}' for n, v in given.items())}"
+        )
+    if isinstance(kernel, str):
+        return parse_kernel(kernel)
+    return {"kernel": kernel if isinstance(kernel, Kernel) else kernel_from_function(kernel)}  # type: ignore[arg-type]
+
+
 def plan_reconstruction(
     snapshots: str | os.PathLike[str] | Sequence[SnapshotInfo],
     *,
@@ -90,6 +105,7 @@ def plan_reconstruction(
     half_life: float | None = None,
     t: int | None = None,
     window: float | tuple[int, int] | None = None,
+    kernel: str | Kernel | KernelFunction | None = None,
 ) -> ReconstructionPlan:
     """The coefficients that reconstruct the target average from a snapshot folder (or its index).
 
@@ -98,15 +114,25 @@ def plan_reconstruction(
     of a window of updates: a fraction in (0, 1] (the last 20% of the updates up to ``t``: 0.2), or
     ``(t0, t1)``, the updates after ``t0`` up to ``t1`` (then ``t`` is ``t1``). Windows are fitted best, and
     exactly at snapshots, when a uniform profile (``sigma_rel=1/sqrt(12)``) is among the tracked averages.
+    Or ``kernel``: any weights over the updates (:mod:`~emakit.posthoc.targets`): a name such as
+    ``"cosine:0.2"``, a :class:`~emakit.posthoc.targets.Kernel`, or a function ``f(k, t)``.
 
     Raises:
-        ValueError: neither or both of sigma_rel/half_life, either out of range, or ``t`` not an integer >= 1,
-            before the first snapshot or after the last one (each names the argument and the file).
+        ValueError: not exactly one target, one out of range, or ``t`` not an integer >= 1, before the first
+            snapshot or after the last one (each names the argument and the file); a target the snapshots
+            cannot represent: none of those at or before ``t`` weighs any of its updates, or the best
+            combination is no closer to it than nothing (a profile fit error of 100% or more).
     """
+    if kernel is not None:
+        targets = _kernel_arguments(kernel, {"sigma_rel": sigma_rel, "half_life": half_life, "window": window})
+        if "kernel" not in targets:
+            return plan_reconstruction(snapshots, t=t, **targets)  # type: ignore[arg-type]
     index = read_snapshot_index(snapshots) if isinstance(snapshots, (str, os.PathLike)) else list(snapshots)
     if not index:
         raise ValueError("snapshots is empty: at least one snapshot is needed to reconstruct an average")
-    target = _target(sigma_rel, half_life, window)
+    target: Profile | UniformWindow | Kernel = (
+        targets["kernel"] if kernel is not None else _target(sigma_rel, half_life, window)  # type: ignore[assignment]
+    )
     first, last = index[0], index[-1]
     if isinstance(window, tuple):
         t = _window_end(window, t)
@@ -125,8 +151,17 @@ def plan_reconstruction(
     if window is not None:
         target = _window(window, t)
     sources = [(profile, info.t) for info in index for profile in info.profiles]
-    x = solve_coefficients(sources, target, t)  # 0 for snapshots after t
-    error = fit_error(sources, x, target, t)
+    if isinstance(target, Kernel):
+        x, error = kernel_fit(sources, target, t)
+    else:
+        x = solve_coefficients(sources, target, t)  # 0 for snapshots after t
+        error = fit_error(sources, x, target, t)
+    if not error < UNREPRESENTABLE:
+        raise ValueError(
+            f"the snapshots cannot represent {target} at t={t}: the best combination of those at or before it has "
+            f"a profile fit error of {100 * error:.3g}%, no closer than nothing; reconstruct at a snapshot's t, or "
+            "track (and snapshot) profiles nearer this target"
+        )
     pairs = [(info, j) for info in index for j in range(len(info.profiles))]
     terms = tuple((info, j, float(c)) for (info, j), c in zip(pairs, x, strict=True) if c != 0.0)
     latest = [info for info in index if info.t <= t][-1]
@@ -179,12 +214,15 @@ def reconstruct(
     *,
     batch_bytes: int = _BATCH_BYTES,
     window: float | tuple[int, int] | None = None,
+    kernel: str | Kernel | KernelFunction | None = None,
+    overwrite: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, or the uniform
-    ``window`` (see :func:`plan_reconstruction`), from ``folder``.
+    """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, the uniform
+    ``window`` or any ``kernel`` (see :func:`plan_reconstruction`), from ``folder``.
 
     Returns the tensors by canonical name (floating ones in ``dtype``, on the CPU); with ``out``, also writes
-    them as a safetensors file (atomically) that loads with ``safetensors.torch.load_file``. Works on
+    them as a safetensors file (atomically) that loads with ``safetensors.torch.load_file``; an existing
+    ``out`` is replaced only with ``overwrite=True``, and never when it is one of the snapshots. Works on
     sharded snapshot directories without a process group. ``batch_bytes`` bounds the float64 accumulators
     held at once.
 
@@ -194,15 +232,38 @@ def reconstruct(
 
     Raises:
         ValueError: see :func:`plan_reconstruction` and :func:`~emakit.posthoc.snapshots.read_snapshot_index`;
-            ``dtype`` not a snapshot dtype.
+            ``dtype`` not a snapshot dtype; ``out`` is a snapshot or inside the snapshot folder.
+        FileExistsError: ``out`` exists and ``overwrite`` is not True.
     """
-    plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t, window=window)
+    plan = plan_reconstruction(folder, sigma_rel=sigma_rel, half_life=half_life, t=t, window=window, kernel=kernel)
     gap = gap_message(plan.snapshots)
     if gap:
         warnings.warn(gap, stacklevel=2)
     if plan.fit_error > POOR_FIT:
         warnings.warn(poor_fit_message(plan.fit_error), stacklevel=2)
-    return execute_plan(plan, out=out, dtype=dtype, batch_bytes=batch_bytes)
+    return execute_plan(plan, out=out, dtype=dtype, batch_bytes=batch_bytes, overwrite=overwrite)
+
+
+def check_output(plan: ReconstructionPlan, out: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """``out`` as a path a reconstruction may write: not a snapshot folder's entry, and new unless ``overwrite``.
+
+    Raises:
+        ValueError: ``out`` is (or is inside) the snapshot folder, where it would replace or pose as a snapshot.
+        FileExistsError: ``out`` exists and ``overwrite`` is not True.
+    """
+    path = Path(out)
+    folder = plan.snapshots[0].path.parent.resolve()
+    resolved = path.resolve()
+    if resolved == folder or folder in resolved.parents:
+        raise ValueError(
+            f"out={str(out)!r} is inside the snapshot folder {str(folder)!r}: it would replace or pose as a snapshot; "
+            "write the result somewhere else"
+        )
+    if path.exists() and overwrite is not True:
+        raise FileExistsError(
+            f"out={str(out)!r} exists: pass overwrite=True (emakit posthoc: --force) to replace it, or choose another name"
+        )
+    return path
 
 
 def execute_plan(
@@ -211,8 +272,11 @@ def execute_plan(
     out: str | os.PathLike[str] | None = None,
     dtype: torch.dtype = torch.float32,
     batch_bytes: int = _BATCH_BYTES,
+    overwrite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sum the snapshots as ``plan`` says (see :func:`reconstruct`, which plans and calls this)."""
+    if out is not None:
+        check_output(plan, out, overwrite)
     if dtype not in SNAPSHOT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SNAPSHOT_DTYPES))}, got {dtype!r}")
     if isinstance(batch_bytes, bool) or not isinstance(batch_bytes, int) or batch_bytes < 1:
@@ -242,7 +306,7 @@ def execute_plan(
             Path(out),
             list(result.items()),
             {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))},
-            overwrite=True,
+            overwrite=overwrite,
         )
     return result
 

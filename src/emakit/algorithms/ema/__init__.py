@@ -1,5 +1,1 @@
-"""Exponential moving average of model weights (see README.md beside this file)."""
-
-from emakit.algorithms.ema.ema import EMA
-
-__all__ = ["EMA"]
+"""The EMA's method card, ``README.md`` beside this file, installed with emakit; the EMA is :class:`emakit.EMA`."""

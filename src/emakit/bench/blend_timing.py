@@ -1,6 +1,6 @@
 """Timing of several averages in one pass (:mod:`emakit.engine.blend`) against one flat ``lerp_``.
 
-``python -m emakit.engine.blend_timing`` (also ``python -m emakit.posthoc.kernels``) prints the ratios;
+``python -m emakit.bench.blend_timing`` prints the ratios;
 ``--help`` lists the options. Times are CPU time of this thread, so that other processes do not count.
 """
 
@@ -86,7 +86,7 @@ def main(numel: int = 25_557_032, repeats: int = 15, threads: int = 1) -> None:
         )
 
 
-def cli(argv: Sequence[str] | None = None, prog: str = "python -m emakit.engine.blend_timing") -> int:
+def cli(argv: Sequence[str] | None = None, prog: str = "python -m emakit.bench.blend_timing") -> int:
     """Parse ``argv`` and run :func:`main`; returns the exit status."""
     positive = checked(int, lambda v: v >= 1, "a positive integer")
     parser = Parser(prog=prog, description=(main.__doc__ or "").split("\n", 1)[0])

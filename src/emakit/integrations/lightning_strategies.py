@@ -1,0 +1,75 @@
+"""Which Lightning strategies and launchers the averaging callbacks can follow, and why not the others.
+
+Importing this module imports Lightning; ``import emakit`` never does.
+"""
+
+from __future__ import annotations
+
+try:
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+        Strategy,
+    )
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+except ImportError:  # pragma: no cover - the standalone package of the same code
+    try:
+        from pytorch_lightning.strategies import (  # type: ignore[assignment]
+            DDPStrategy,
+            DeepSpeedStrategy,
+            FSDPStrategy,
+            ModelParallelStrategy,
+            SingleDeviceStrategy,
+            Strategy,
+        )
+        from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher  # type: ignore[assignment]
+    except ImportError as error:
+        raise ImportError(
+            "emakit.integrations.lightning needs Lightning 2.x: pip install 'emakit[lightning]' (or lightning>=2.6)"
+        ) from error
+
+__all__ = ["launcher_refusal", "strategy_refusal"]
+
+
+def strategy_refusal(strategy: Strategy) -> str | None:
+    """Why the EMA cannot follow ``strategy`` faithfully, or None if it can."""
+    name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy):
+        if not getattr(strategy, "_save_distributed_checkpoint", True):
+            return (
+                f"emakit's averaging callbacks do not support {name}(save_distributed_checkpoint=False): that gathers the whole "
+                "model into one file on rank 0, while the EMA stays sharded. Keep save_distributed_checkpoint=True "
+                "(the default; the EMA is stored beside the weights in the checkpoint folder) and write a whole "
+                "EMA file with emakit.export_ema_weights"
+            )
+        return None
+    if isinstance(strategy, FSDPStrategy):
+        return (
+            f"emakit's averaging callbacks do not support strategy {name} (FSDP1, FlatParameter sharding): use "
+            "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, under which "
+            "the EMA keeps each rank's shards with no communication; or strategy='ddp' (or one device)"
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        return (
+            f"emakit's averaging callbacks do not support strategy {name}: DeepSpeed owns the optimizer step, gradient "
+            "accumulation and checkpoint format, and ZeRO-3 partitions the parameters, so the EMA could not see "
+            "whole, stepped weights. Use strategy='ddp' (or one device), or ModelParallelStrategy with "
+            "fully_shard (FSDP2) to shard the model"
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return f"emakit's averaging callbacks support one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"
+    if isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher):
+        return launcher_refusal(name)
+    return None
+
+
+def launcher_refusal(name: str) -> str:
+    return (
+        f"emakit's averaging callbacks do not support {name} started by spawning or forking (strategy='ddp_spawn', "
+        "'ddp_fork', 'ddp_notebook'): training then runs in child processes that return only the model's "
+        "weights, so callback.averager in this process would never see the average. Use strategy='ddp' (Lightning "
+        "launches the script once per device) or launch with torchrun"
+    )
