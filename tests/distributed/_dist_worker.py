@@ -113,7 +113,7 @@ def check_update_is_local(ema: EMA, model: nn.Module, rank: int) -> bool:
     for turn in range(WORLD):
         if rank == turn:
             before = [t.clone() for t in ema.storage.views()]  # type: ignore[union-attr]
-            weights = [local_tensor(t).detach().clone() for t in ema._model_tensors()]
+            weights = [local_tensor(t).detach().clone() for t in ema._tracked.model_tensors()]
             ema.update()
             for old, new, w in zip(before, ema.storage.views(), weights, strict=True):  # type: ignore[union-attr]
                 expected = old.lerp(w.to(old.dtype), 1 - ema.schedule.smoothing) if old.is_floating_point() else w

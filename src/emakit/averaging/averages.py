@@ -161,8 +161,8 @@ class Averages:
                     self.prepared = None  # its views of the weights must be gone before the count
                     self.prepared = (plan, self._prepared_blend(plan))
                     plan.snapshot()  # the prepared chunks are views of the weights' buffers: count them as current
-                keep = [(i, s) for i, (_, _, s) in zip(plan.keep_index, plan.keep_equal, strict=True)]
-                held = self._hold_equal(keep)
+                pairs = [(i, s) for i, (_, _, s) in zip(plan.held_index, plan.held_equal, strict=True)]
+                held = self._hold_equal(pairs)
                 self.prepared[1](weights)
                 restore_equal(held)
                 return
@@ -171,14 +171,14 @@ class Averages:
         blend_averages_([storage.views() for storage in self.storages], source, weights)
         restore_equal(held)
 
-    def _hold_equal(self, keep: list[tuple[int, torch.Tensor]]) -> Held:
-        """Every average's values equal to the (non-finite) source at positions ``keep``, to set back after
+    def _hold_equal(self, pairs: list[tuple[int, torch.Tensor]]) -> Held:
+        """Every average's values equal to the (non-finite) source at positions ``pairs``, to set back after
         the blend (see :func:`~emakit.engine.kernels.hold_equal`)."""
         assert self.storages is not None
-        if not keep:
+        if not pairs:
             return []
         views = [storage.views() for storage in self.storages]
-        return hold_equal([v[i] for v in views for i, _ in keep], [s for _ in views for _, s in keep])
+        return hold_equal([v[i] for v in views for i, _ in pairs], [s for _ in views for _, s in pairs])
 
     def _prepared_blend(self, plan: UpdatePlan) -> PreparedBlend:
         """The blend of every storage with ``plan``'s sources (``plan`` pairs the first storage)."""

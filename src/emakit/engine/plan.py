@@ -137,7 +137,7 @@ class UpdatePlan:
         phases: per pair, a small integer; pairs of different phases never share a kernel, so that
             ``run(weight, phase)`` can update them at different moments (an overlapped EMA updates the
             parameters later than the buffers). Default: all in phase 0.
-        keep: the positions of the averaged pairs that may hold equal non-finite values (see ``keep_index``),
+        held: the positions of the averaged pairs that may hold equal non-finite values (see ``held_index``),
             when the caller knows them; default: those whose source holds NaN or Inf now (one pass over them).
     """
 
@@ -150,7 +150,7 @@ class UpdatePlan:
         protected: Sequence[torch.Tensor] = (),
         watch_targets: bool = True,
         phases: Sequence[int] | None = None,
-        keep: Sequence[int] | None = None,
+        held: Sequence[int] | None = None,
     ) -> None:
         self.registrations = registration_count()
         if phases is None:
@@ -158,11 +158,11 @@ class UpdatePlan:
         #: Positions (in the order given) of the averaged pairs whose source held NaN or Inf when the plan was
         #: made (a causal mask of -inf): blended like the others, then set back where the average equalled the
         #: source, so that equal non-finite values stay what they are (lerp(-inf, -inf, w) is NaN).
-        self.keep_index = nonfinite_positions(sources, averaged) if keep is None else sorted(keep)
+        self.held_index = nonfinite_positions(sources, averaged) if held is None else sorted(held)
         #: Those pairs as (phase, target, source), detached: the model's tensors' reference counts must still drop
         #: when they are replaced.
-        self.keep_equal: list[tuple[int, torch.Tensor, torch.Tensor]] = [
-            (phases[i], targets[i].detach(), sources[i].detach()) for i in self.keep_index
+        self.held_equal: list[tuple[int, torch.Tensor, torch.Tensor]] = [
+            (phases[i], targets[i].detach(), sources[i].detach()) for i in self.held_index
         ]
         self.flat: list[_FlatGroup] = []
         self.loose: list[tuple[bool, int, list[torch.Tensor], list[torch.Tensor]]] = []
@@ -292,7 +292,7 @@ class UpdatePlan:
         which then finds the tensors' metadata in cache). Returns None when every pair ran; otherwise the
         positions (in the order the plan was made with) of the pairs that did not run, for the caller to pair
         again: a tensor was re-pointed (``param.data = ...``, ``model.to(...)``) since."""
-        held = _hold(self.keep_equal, None, weight)
+        held = _hold(self.held_equal, None, weight)
         _run_groups(self.flat, (), weight)
         if not self._chunks:
             _restore(held)
@@ -316,7 +316,7 @@ class UpdatePlan:
         work = self._work.get(phase)
         if work is None:
             work = self._work[phase] = (self._flat_of(phase), self._loose_of(phase))
-        held = _hold(self.keep_equal, phase, weight)
+        held = _hold(self.held_equal, phase, weight)
         _run_groups(work[0], work[1], weight)
         _restore(held)
 
@@ -325,8 +325,8 @@ class UpdatePlan:
         tensors hold now: the loose pairs' sources are detached here, so re-pointing a parameter
         (``param.data = ...``) before the call does not change what it reads."""
         loose = [(avg, same, dst, [s.detach() for s in src]) for avg, same, dst, src in self._loose_of(phase)]
-        keep = [pair for pair in self.keep_equal if phase is None or pair[0] == phase]
-        return functools.partial(_run_kept, keep, self._flat_of(phase), loose, weight)
+        held = [pair for pair in self.held_equal if phase is None or pair[0] == phase]
+        return functools.partial(_run_holding, held, self._flat_of(phase), loose, weight)
 
     def _flat_of(self, phase: int | None) -> list[_FlatGroup]:
         return self.flat if phase is None else [g for g in self.flat if g.phase == phase]
@@ -375,12 +375,12 @@ def _same_objects(fresh: Sequence[torch.Tensor], saved: list[torch.Tensor]) -> b
     return len(fresh) == len(saved) and all(map(operator.is_, fresh, saved))
 
 
-def _hold(keep: list[tuple[int, torch.Tensor, torch.Tensor]], phase: int | None, weight: float) -> Held | None:
-    """Before a blend of ``phase``: where the kept pairs' averages equal their sources (None: nothing to keep)."""
-    if not keep or weight in (0.0, 1.0):
+def _hold(pairs: list[tuple[int, torch.Tensor, torch.Tensor]], phase: int | None, weight: float) -> Held | None:
+    """Before a blend of ``phase``: where the held pairs' averages equal their sources (None: nothing to hold)."""
+    if not pairs or weight in (0.0, 1.0):
         return None
-    pairs = [(t, s) for p, t, s in keep if phase is None or p == phase]
-    return hold_equal([t for t, _ in pairs], [s for _, s in pairs]) if pairs else None
+    found = [(t, s) for p, t, s in pairs if phase is None or p == phase]
+    return hold_equal([t for t, _ in found], [s for _, s in found]) if found else None
 
 
 def _restore(held: Held | None) -> None:
@@ -388,14 +388,14 @@ def _restore(held: Held | None) -> None:
         restore_equal(held)
 
 
-def _run_kept(
-    keep: list[tuple[int, torch.Tensor, torch.Tensor]],
+def _run_holding(
+    pairs: list[tuple[int, torch.Tensor, torch.Tensor]],
     flat: Sequence[_FlatGroup],
     loose: Sequence[_Loose],
     weight: float,
 ) -> None:
-    """:func:`_run_groups` with the equal non-finite values of ``keep`` held across it (for :meth:`UpdatePlan.bound`)."""
-    held = _hold(keep, None, weight)
+    """:func:`_run_groups` with the equal non-finite values of ``pairs`` held across it (for :meth:`UpdatePlan.bound`)."""
+    held = _hold(pairs, None, weight)
     _run_groups(flat, loose, weight)
     _restore(held)
 

@@ -111,7 +111,7 @@ class FlatStorage:
         self._plan_phases: Sequence[int] | None = None
         #: Stored floating tensors holding NaN or Inf since the last copy_from: where the average can equal a
         #: non-finite source (a -inf mask), so that its blends keep those values (see UpdatePlan's ``keep``).
-        self._keep: list[int] = []
+        self._held: list[int] = []
         self.copy_from([sources[n] for n in self.names])
 
     @property
@@ -129,7 +129,7 @@ class FlatStorage:
         if len(sources) != len(self._views):
             raise ValueError(f"expected {len(self._views)} source tensors (one per name), got {len(sources)}")
         return UpdatePlan(
-            self._views, sources, blended, protected=self._views, watch_targets=False, phases=phases, keep=self._keep
+            self._views, sources, blended, protected=self._views, watch_targets=False, phases=phases, held=self._held
         )
 
     def current_flat_sources(self) -> list[torch.Tensor] | None:
@@ -200,9 +200,9 @@ class FlatStorage:
         UpdatePlan(self._views, sources, [False] * len(self._views), protected=self._views, watch_targets=False).run(
             1.0
         )
-        keep = nonfinite_positions(self._views, self._blended)
-        if keep != self._keep:
-            self._keep = keep
+        held = nonfinite_positions(self._views, self._blended)
+        if held != self._held:
+            self._held = held
             self._plan = self._plan_reader = None  # made for the other positions
 
     @torch.no_grad()
