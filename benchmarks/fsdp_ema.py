@@ -19,40 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model and few steps (smoke test)")
-    parser.add_argument("--width", type=int, default=None, help="Linear width (default 1024; quick: 64)")
-    parser.add_argument("--layers", type=int, default=None, help="number of layers (default 24; quick: 3)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per fit (default 20; quick: 4)")
-    args = parser.parse_args(argv)
-    args.width = args.width or (64 if args.quick else 1024)
-    args.layers = args.layers or (3 if args.quick else 24)
-    args.steps = args.steps or (4 if args.quick else 20)
-    return args
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024  # type: ignore[union-attr]
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")
+from _scale import arguments, measure_exports, print_tables
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -127,54 +105,16 @@ def _worker(args: argparse.Namespace) -> None:
             largest = max(p.numel() * p.element_size() for p in model.parameters())
             folder = Path(tempfile.mkdtemp()) if dist.get_rank() == 0 else None
             target = Path(trainer.strategy.broadcast(str(folder)))
-            shard = max(largest, model_bytes // 8)
-            for label, path, kwargs in (
-                ("safetensors, one file", target / "ema.safetensors", {}),
-                (
-                    f"sharded layout, max_shard_size {shard / 2**20:.3g} MiB",
-                    target / "sharded",
-                    {"max_shard_size": shard},
-                ),
-                (".pt (torch.save)", target / "ema.pt", {}),
-            ):
-                dist.barrier()
-                _reset_peak_rss()
-                baseline = _peak_rss()
-                start = time.perf_counter()
-                export_ema_weights(callback, path, **kwargs)
-                results[f"export: {label}"] = {
-                    "seconds": time.perf_counter() - start,
-                    "rss_mib": (_peak_rss() - baseline) / 2**20,
-                }
-            results["model_mib"] = model_bytes / 2**20
-            results["largest_mib"] = largest / 2**20
+            export = partial(export_ema_weights, callback)
+            results.update(measure_exports(export, target, model_bytes, largest, dist.barrier))
     gathered: list[Any] = [None, None]
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
-        _print(args, gathered)
-
-
-def _print(args: argparse.Namespace, ranks: list[dict[str, Any]]) -> None:
-    model_mib = ranks[0]["model_mib"]
-    print(f"model: {args.layers} x Linear({args.width}, {args.width}), {model_mib:.1f} MiB fp32; {args.steps} steps")
-    print("== EMA update per optimizer step, 2 CPU ranks")
-    print(f"{'strategy':<28}{'rank':>6}{'update ms':>12}{'EMA KiB':>14}")
-    print("-" * 60)
-    for name in ("ddp", "fsdp2"):
-        for rank, result in enumerate(ranks):
-            print(f"{name:<28}{rank:>6}{result[name]['update_ms']:>12.3f}{result[name]['ema_kib']:>14.1f}")
-    print()
-    print(f"== export of the FSDP2 EMA, rank 0 (largest tensor {ranks[0]['largest_mib']:.2f} MiB)")
-    print(f"{'format':<48}{'seconds':>10}{'peak RSS MiB':>14}{'/ model':>10}")
-    print("-" * 82)
-    for key, value in ranks[0].items():
-        if key.startswith("export: "):
-            label = key[len("export: ") :]
-            print(f"{label:<48}{value['seconds']:>10.2f}{value['rss_mib']:>14.2f}{value['rss_mib'] / model_mib:>10.2f}")
+        print_tables(args, gathered, ("ddp", "fsdp2"), "FSDP2 EMA")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _arguments(argv)
+    args = arguments(__doc__.split("\n\n")[0], argv)
     if "RANK" in os.environ:
         _worker(args)
         return 0

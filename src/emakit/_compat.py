@@ -5,7 +5,8 @@ CUDA only; 2.6 made it public as ``torch.distributed.fsdp``. On CPU, 2.6 cannot 
 smaller than the world size differently from one process; 2.9 passes emakit's two-rank tests. So emakit shards
 models (``parallelism='fsdp'``) from :data:`FSDP2_TORCH` on, and recognises models sharded by any of them. DTensor lives in ``torch.distributed._tensor`` in 2.4 and in
 ``torch.distributed.tensor`` from 2.5 on. ``torch._foreach_lerp_`` takes one weight per tensor pair only in
-newer releases. Every such difference is answered here, once, so that the rest of emakit names no torch version.
+newer releases. Gathering into one tensor is ``all_gather_single`` in newer releases (which deprecate
+``all_gather_into_tensor``). Every such difference is answered here, once, so that the rest of emakit names no torch version.
 
 Nothing here imports torch.distributed's submodules (slow to import) until a caller needs them.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "FOREACH_LERP_PER_TENSOR",
     "FSDP2_TORCH",
     "TORCH_VERSION",
+    "all_gather_single",
     "dtensor_class",
     "dtensor_type",
     "fsdp_module_type",
@@ -82,6 +84,14 @@ def dtensor_class() -> type:
     found = _imported(_DTENSOR_HOMES, "DTensor")
     assert isinstance(found, type)
     return found
+
+
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group: Any = None) -> None:
+    """Every rank's ``tensor`` (all the same size) gathered into ``output``, in rank order: a collective."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def fsdp_module_type() -> type[Any] | None:

@@ -5,9 +5,23 @@
 """
 
 from emakit.averaging.averager import Averager
+from emakit.averaging.batchnorm import batch_statistics
 from emakit.averaging.ema import EMA
+from emakit.averaging.momentum import CosineMomentum, MomentumFunction
 from emakit.averaging.schedules import Constant, EqualWeights, Power, Schedule
 from emakit.averaging.swa import SWA
 from emakit.averaging.warmup import Warmup
 
-__all__ = ["EMA", "SWA", "Averager", "Constant", "EqualWeights", "Power", "Schedule", "Warmup"]
+__all__ = [
+    "EMA",
+    "SWA",
+    "Averager",
+    "Constant",
+    "CosineMomentum",
+    "EqualWeights",
+    "MomentumFunction",
+    "Power",
+    "Schedule",
+    "Warmup",
+    "batch_statistics",
+]

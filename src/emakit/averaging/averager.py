@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.averaging import batchnorm, states
+from emakit.averaging import batchnorm, momentum, states
 from emakit.averaging.averages import Averages
 from emakit.averaging.config import Options, check_at_attach, check_eval_average
 from emakit.averaging.guard import skipped_message, training_weights_finite
@@ -186,7 +186,7 @@ class Averager(ABC):
         self._baseline = self._tracked.nonfinite_baseline()
         self._averages.prepared = None  # it holds views of the previous model's weights
         self._setup_overlap()
-        check_at_attach(self.snapshot_folder, self.fp32_ema, self._tracked.live(), self.schedule, stacklevel=3)
+        check_at_attach(self.snapshot_folder, self.fp32_ema, self._tracked, self.schedule, stacklevel=3)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
         """Tell the averager how long training is (for ``'dur'`` times), e.g. once a framework knows ``max_steps``.
@@ -197,12 +197,12 @@ class Averager(ABC):
             self.max_duration = check_duration(max_duration, self.schedule)
         if batches_per_epoch is not None:
             self.batches_per_epoch = check_batches_per_epoch(batches_per_epoch)
-            if self._loaded_epoch_open and 0 < self.batches_per_epoch == self.timestamp.batch_in_epoch:
-                self.epoch_end()
+        self.schedule = momentum.with_length(self.schedule, self.max_duration, self.batches_per_epoch)
+        if self._loaded_epoch_open and batches_per_epoch and batches_per_epoch == self.timestamp.batch_in_epoch:
+            self.epoch_end()
 
     def wait(self) -> None:
-        """Finish the pending overlapped update (``overlap=True``; on CUDA the current stream waits for the side
-        stream, on CPU this joins the worker thread and re-raises its error); a no-op otherwise."""
+        """Finish the pending overlapped update (``overlap=True``: see :mod:`emakit.engine.overlap`); else a no-op."""
         self._averages.wait()
 
     # ------------------------------------------------------------------ the clock

@@ -5,11 +5,17 @@ Averaging the weights does not average what BatchNorm would measure with them, s
 ``torch.optim.swa_utils.update_bn`` does: statistics reset, momentum None (an equal-weight mean over the
 batches), the model in train mode. The random state of python, numpy, torch and the loader's own generators is
 put back afterwards, so the pass changes nothing of training that follows.
+
+A teacher (``ema.ema_model`` run every step) chooses its normalisation: running statistics in eval mode (the
+default; with ``buffers='average'`` they are the EMA of the student's, with ``'copy'`` the student's own, with
+``'share'`` the student's tensors themselves), or, as BYOL's target network, each batch's own statistics with
+the running ones untouched: :func:`batch_statistics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +25,7 @@ from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage
 from emakit.rng import capture_rng, loader_generators, restore_rng
 
-__all__ = ["batch_norms", "default_bn_forward", "recompute"]
+__all__ = ["batch_norms", "batch_statistics", "default_bn_forward", "recompute"]
 
 
 def default_bn_forward(model: nn.Module, batch: Any) -> None:
@@ -84,3 +90,24 @@ def recompute(
     for name, live in zip(tracked.names, tracked.live(model), strict=True):
         if id(live) in buffers and name in tensors:
             tensors[name].copy_(live)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s BatchNorm layers normalise with each batch's own statistics, as in train
+    mode, and leave their running statistics (the average's, for ``ema.ema_model``) as they are; yields ``model``.
+
+    Other layers keep their mode (a teacher's dropout stays off). The running statistics are unregistered for
+    the block's duration (BatchNorm then uses the batch's), and put back on leaving, also through an exception.
+    """
+    norms = batch_norms(model)
+    saved = [(m, m._buffers["running_mean"], m._buffers["running_var"], m.training) for m in norms]
+    for m in norms:
+        m._buffers["running_mean"] = m._buffers["running_var"] = None
+        m.training = False  # no running statistic and no count is updated
+    try:
+        yield model
+    finally:
+        for m, mean, var, training in saved:
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
+            m.training = training

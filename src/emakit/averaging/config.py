@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,9 +22,13 @@ from emakit.averaging.schedules import UPDATE_UNITS, Constant, Power, Schedule
 from emakit.averaging.snapshots import check_snapshot_folder_writable
 from emakit.averaging.warmup import Warmup, check_warmup
 from emakit.engine.kernels import validate_smoothing
+from emakit.parallel.zero import refuse_snapshots
 from emakit.posthoc.profiles import PowerProfile
 from emakit.posthoc.snapshots import SNAPSHOT_DTYPES
 from emakit.time import Time, TimeUnit
+
+if TYPE_CHECKING:
+    from emakit.averaging.tracked import TrackedModel
 
 __all__ = [
     "DEFAULT_HALF_LIFE",
@@ -289,11 +293,13 @@ def low_precision_message(dtypes: Sequence[torch.dtype], fp32_ema: bool, schedul
 
 
 def check_at_attach(
-    snapshot_folder: Path | None, fp32_ema: bool, live: Sequence[torch.Tensor], schedule: Schedule, stacklevel: int
+    snapshot_folder: Path | None, fp32_ema: bool, tracked: TrackedModel, schedule: Schedule, stacklevel: int
 ) -> None:
-    """What only the model can tell: a snapshot folder that cannot be written is refused now, not hours in; a
-    16-bit average whose updates would round away warns."""
+    """What only the model can tell: a snapshot folder that cannot be written is refused now, not hours in (and
+    under ZeRO-3, whose partitions snapshots cannot hold yet); a 16-bit average whose updates would round away warns."""
     if snapshot_folder is not None:
+        if tracked.zero3:  # ZeRO-3 (parallel/zero.py)
+            refuse_snapshots()
         check_snapshot_folder_writable(snapshot_folder)
-    if message := low_precision_message([t.dtype for t in live], fp32_ema, schedule):
+    if message := low_precision_message([t.dtype for t in tracked.live()], fp32_ema, schedule):
         warnings.warn(message, stacklevel=stacklevel + 1)

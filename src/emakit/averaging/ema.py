@@ -15,6 +15,8 @@ import torch
 
 from emakit.averaging.averager import Averager
 from emakit.averaging.config import DEFAULT_HALF_LIFE, ema_schedule, parse_options
+from emakit.averaging.momentum import check_schedule_argument
+from emakit.averaging.schedules import Schedule
 from emakit.averaging.selection import BufferPolicy, ParamSelection, parse_selection
 from emakit.averaging.warmup import Warmup
 from emakit.time import Time
@@ -82,6 +84,9 @@ class EMA(Averager):
             ``{pattern: policy}``. What is not kept costs no memory and is shared with the model; see
             :mod:`emakit.averaging.selection`.
         warmup: ramp the smoothing up early as timm and diffusers do: True or ``Warmup(gamma, power)`` (:mod:`.warmup`).
+        schedule: instead of the timing arguments above, a schedule object, e.g. a teacher's momentum ramp
+            (:class:`~emakit.averaging.momentum.CosineMomentum`, :class:`~emakit.averaging.momentum.MomentumFunction`);
+            it excludes ``half_life``, ``smoothing``, ``sigma_rel``, ``ema_start``, ``update_interval`` and ``warmup``.
 
     The arguments become a :mod:`~emakit.averaging.schedules` object (:attr:`schedule`: :class:`~.schedules.Constant`
     or :class:`~.schedules.Power`) and the options every averager shares; all the verbs are
@@ -106,10 +111,22 @@ class EMA(Averager):
         params: ParamSelection = "trainable",
         buffers: BufferPolicy = "average",
         warmup: bool | Warmup = False,
+        schedule: Schedule | None = None,
     ) -> None:
-        schedule = ema_schedule(
-            half_life, smoothing, sigma_rel, ema_start, update_interval, warmup, snapshot_folder, stacklevel=3
-        )
+        if schedule is None:
+            schedule = ema_schedule(
+                half_life, smoothing, sigma_rel, ema_start, update_interval, warmup, snapshot_folder, stacklevel=3
+            )
+        else:
+            schedule = check_schedule_argument(
+                schedule,
+                half_life=None if half_life is DEFAULT_HALF_LIFE else half_life,
+                smoothing=smoothing,
+                sigma_rel=sigma_rel,
+                ema_start=None if ema_start == "0.0dur" else ema_start,
+                update_interval=update_interval,
+                warmup=warmup,
+            )
         options = parse_options(
             schedule,
             fp32_ema=fp32_ema,

@@ -20,6 +20,7 @@ from emakit.averaging.schedules import Schedule
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
+from emakit.parallel.zero import check_partitions
 from emakit.posthoc.profiles import Profile, profile_from_dict
 from emakit.time import Timestamp
 
@@ -121,10 +122,12 @@ def read_state(state: Any, tracked: TrackedModel, schedule: Schedule, stacklevel
             )
         live = dict(zip(tracked.names, tracked.model_tensors() if tracked.sharded else tracked.live(), strict=True))
         for average in saved:
+            if tracked.zero3:  # ZeRO-3: partitions of another world size are refused by name (parallel/zero.py)
+                check_partitions(average, live, "EMA state")
             check_state_matches(average, live, "EMA state", _selection_hint(average, live))
         if tracked.sharded:  # keep this rank's shards
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
-            live = dict(zip(tracked.names, tracked.live(), strict=True))
+            live = dict(zip(tracked.names, tracked.masters(tracked.live()), strict=True))  # ZeRO-3: as started
         saved_smoothing = state.get("smoothing")
         smoothing = schedule.smoothing
         _check_same_kind(saved_smoothing, state.get("profiles"), smoothing, schedule.profiles)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from emakit.averaging.tracked import TrackedModel
-from emakit.engine.naming import tensor_slots, unwrap_model
+from emakit.engine.naming import unwrap_model
 from emakit.engine.storage import FlatStorage
+from emakit.parallel.teacher import sharded_teacher
 
 __all__ = ["Swap"]
 
@@ -49,6 +50,7 @@ class Swap:
         targets = self._tracked.live(model)
         self.backup = FlatStorage(dict(zip(self._tracked.names, targets, strict=True)), fp32_ema=False)
         average.copy_to(targets)
+        self._tracked.release(model)  # ZeRO-3: the next forward gathers the EMA partitions
         self.swapped = model
         self._versions = {
             name: t._version
@@ -121,6 +123,7 @@ class Swap:
             return model
         assert self.backup is not None
         self.backup.copy_to(self._tracked.live(model))
+        self._tracked.release(model)  # ZeRO-3: drop copies gathered from the EMA partitions
         self.backup = None
         self.swapped = None
         return model
@@ -128,8 +131,8 @@ class Swap:
     def training_tensors(self) -> list[torch.Tensor]:
         """The training weights, wherever they are: in the model, or in the backup while swapped out."""
         if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):
-            return self.backup.views()
-        return self._tracked.live()
+            return self._tracked.masters(self.backup.views())  # ZeRO-3: masters are never swapped
+        return self._tracked.masters(self._tracked.live())
 
     def training_backup(self) -> dict[str, torch.Tensor] | None:
         """The followed model's training weights by name while the EMA's are in it; None otherwise."""
@@ -156,25 +159,31 @@ class Swap:
     def _build_ema_model(self, average: FlatStorage) -> nn.Module:
         tracked = self._tracked
         assert tracked.model is not None
-        if tracked.sharded:
+        if tracked.zero3:
             raise RuntimeError(
-                "ema_model is not available for a sharded (FSDP) model: each rank holds only its shards of the "
+                "ema_model is not available for a DeepSpeed ZeRO-3 model: each rank holds only its partitions of the "
                 "average. Use emakit.export_ema_weights(ema, path) to write the whole EMA to one file, "
-                "or `with ema.average_parameters():` to run the sharded model on the EMA weights"
+                "or `with ema.average_parameters():` to run the partitioned model on the EMA weights"
             )
         module = unwrap_model(tracked.model)
-        memo: dict[int, Any] = {}
+        originals = tracked.model_tensors()  # resharded: the sharded parameters are registered
+        views: dict[str, torch.Tensor] = {}
         casts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for (table, key), name in zip(tensor_slots(module, tracked.names), tracked.names, strict=True):
-            original = table[key]
+        for original, name in zip(originals, tracked.names, strict=True):
             view = average.tensors[name]
             if view.dtype != original.dtype:
                 cast = view.detach().to(original.dtype)
                 casts.append((cast, view))
                 view = cast
-            memo[id(original)] = nn.Parameter(view, requires_grad=False) if isinstance(original, nn.Parameter) else view
+            views[name] = view
+        self._ema_model_casts = casts
+        if tracked.sharded:  # each rank holds its shards of the average: a teacher sharded like the model
+            return sharded_teacher(module, views)
+        memo: dict[int, Any] = {
+            id(o): nn.Parameter(views[name], requires_grad=False) if isinstance(o, nn.Parameter) else views[name]
+            for o, name in zip(originals, tracked.names, strict=True)
+        }
         for kept in (*module.parameters(), *module.buffers()):  # what the EMA does not keep is shared
             memo.setdefault(id(kept), kept)
         ema_model = copy.deepcopy(module, memo)
-        self._ema_model_casts = casts
         return ema_model.eval()

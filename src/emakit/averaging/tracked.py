@@ -22,6 +22,7 @@ from emakit.engine.kernels import nonfinite_positions
 from emakit.engine.naming import named_tensors, tensor_slots, unwrap_model
 from emakit.engine.registry import registration_count
 from emakit.parallel.sharding import is_sharded_model, local_tensor, reshard_model, sharded_like
+from emakit.parallel.zero import is_zero3_model, master_partition, partition, release_gathered
 
 __all__ = ["TrackedModel"]
 
@@ -42,13 +43,16 @@ class TrackedModel:
         self._shapes: list[torch.Size] = []
         #: FSDP2-sharded model (DTensor parameters): the storage holds this rank's shards only.
         self.sharded = False
+        #: DeepSpeed ZeRO-3 model (also ``sharded``): the tracked tensors are this rank's flat partitions.
+        self.zero3 = False
 
     # ------------------------------------------------------------------ the three events that choose the set
     def attach(self, model: nn.Module, flatten: bool, started: Sequence[str] | None) -> bool:
         """Follow ``model`` (flattened first if asked and not sharded) and track what the selection picks now,
         or the names ``started`` (an average already started keeps its set). Returns whether the set changed."""
         self.model = model
-        self.sharded = is_sharded_model(model)
+        self.zero3 = is_zero3_model(model)  # ZeRO-3: parallel/zero.py
+        self.sharded = self.zero3 or is_sharded_model(model)
         if flatten and not self.sharded:
             flatten_model_(model)
         decision = decide(self.selection, model, at_start=False)  # a choice naming nothing fails here
@@ -107,7 +111,23 @@ class TrackedModel:
         assert model is not None
         reshard_model(model)
         slots = self._slots if model is self.model else tensor_slots(model, self.names)
+        if self.zero3:  # ZeRO-3: the partitions are the tensors the model keeps (parallel/zero.py)
+            return [partition(table[key]) for table, key in slots]
         return [table[key] for table, key in slots]
+
+    def masters(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ZeRO-3: ``tensors`` (the tracked tensors, training weights) with the optimizer's fp32 master partition
+        in place of each parameter partition that has one, as the source of the average (parallel/zero.py)."""
+        if not self.zero3:
+            return tensors
+        masters = [master_partition(table[key]) for table, key in self._slots]
+        return [t if m is None else m for t, m in zip(tensors, masters, strict=True)]
+
+    def release(self, model: nn.Module | None = None) -> None:
+        """ZeRO-3: free gathered copies of parameters after their partitions were written (parallel/zero.py)."""
+        target = self.model if model is None else model
+        if self.zero3 and target is not None:
+            release_gathered(target)
 
     def live(self, model: nn.Module | None = None) -> list[torch.Tensor]:
         """The tracked tensors to read and write in place: this rank's shards for a sharded model."""
@@ -136,7 +156,8 @@ class TrackedModel:
         """Copies of the model's tensors holding NaN or Inf now (a ``-inf`` mask buffer), by canonical name, for
         every tensor of the model whatever the selection: the guard's reference before the average exists."""
         assert self.model is not None
-        named = {name: local_tensor(t).detach() for name, t in named_tensors(self.model).items()}
+        # ZeRO-3: the partitions, not the empty placeholders (parallel/zero.py)
+        named = {name: partition(local_tensor(t)).detach() for name, t in named_tensors(self.model).items()}
         names, tensors = list(named), list(named.values())
         return {names[i]: tensors[i].clone() for i in nonfinite_positions(tensors)}
 

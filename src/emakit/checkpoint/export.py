@@ -36,13 +36,17 @@ from emakit.checkpoint.streaming import (
     write_safetensors,
     write_sharded_safetensors,
 )
+from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.ranks import barrier, get_rank, is_distributed, meet
 from emakit.parallel.sharding import gathered, reshard_model
+from emakit.parallel.zero import gather_partition, partition, zero3_parameters
 
 __all__ = ["ARRIVAL_TIMEOUT_S", "export_ema_weights", "model_weights"]
 
 
-def _entry(name: str, tensor: torch.Tensor) -> TensorEntry:
+def _entry(name: str, tensor: torch.Tensor, zero3: nn.Parameter | None = None) -> TensorEntry:
+    if zero3 is not None:  # ``tensor`` is this rank's ZeRO-3 partition, laid out as ``zero3``'s
+        return TensorEntry(name, tuple(zero3.ds_shape), tensor.dtype, partial(gather_partition, tensor, zero3))  # type: ignore[attr-defined]
     return TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(gathered, tensor))
 
 
@@ -181,8 +185,11 @@ def export_ema_weights(
         ema.wait()
         model = ema.model
         reshard_model(model)
-        weights = ema.published_model_state(model_state_dict(model))
-        entries = [_entry(name, t) for name, t in weights.items() if isinstance(t, torch.Tensor)]
+        # ZeRO-3: this rank's partitions in, each gathered whole when its turn to be written comes
+        zero3 = {canonical_name(n): p for n, p in zero3_parameters(unwrap_model(model)).items()}
+        state = {name: partition(zero3[name]) if name in zero3 else t for name, t in model_state_dict(model).items()}
+        weights = ema.published_model_state(state)
+        entries = [_entry(name, t, zero3.get(name)) for name, t in weights.items() if isinstance(t, torch.Tensor)]
         extra = {name: value for name, value in weights.items() if not isinstance(value, torch.Tensor)}
     if not live and not writer:  # nothing to gather from a checkpoint: rank 0 reads and writes alone
         return None

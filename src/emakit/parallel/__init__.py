@@ -1,7 +1,8 @@
 """torch.distributed below the trainer: rank queries, DTensor shard helpers, launching, data splitting.
 
 Layered so that the EMA can use the shard helpers without importing anything that launches or trains:
-``ranks`` and ``sharding`` import nothing of emakit; ``launch`` and ``data`` import only those two.
+``ranks`` and ``sharding`` import nothing of emakit; ``launch`` and ``data`` import only those two; ``teacher``
+(a module sharded like an FSDP2 model over given shards: the EMA teacher) imports ``sharding``.
 The user-facing namespace is :mod:`emakit.distributed`, which also re-exports the sharded checkpoints
 and the EMA export.
 """

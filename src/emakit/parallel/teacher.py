@@ -1,0 +1,155 @@
+"""A module sharded like an FSDP2 model whose parameters are given shards: the EMA teacher of a sharded student.
+
+:func:`sharded_teacher` copies the structure of an FSDP2-sharded model (the original classes, without FSDP's
+state or hooks) and gives each parameter a DTensor wrapping a given local shard (the average's own storage, not
+copied) on the student's mesh with the student's placements. Each module that is an FSDP unit of the student
+gathers its own parameters before its forward and drops the gathered tensors after it, so at most one unit
+(plus the root's) is whole at a time, as FSDP2 does for the student. Nothing needs gradients: the gathered
+tensors are plain tensors, and the teacher's parameters never require grad.
+
+Tensor parallelism (a DTensor parameter that FSDP2 does not manage alone) is refused: its layouts need the
+student's own parallel hooks. Buffers are never sharded by FSDP2 and are taken as given.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from emakit._compat import dtensor_type, fsdp_module_type
+from emakit.parallel.sharding import sharded_like
+
+__all__ = ["sharded_teacher"]
+
+#: Attributes FSDP2 sets on the modules it manages (for torch.compile); the teacher is not managed by FSDP.
+_FSDP_FLAGS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
+#: The attributes where torch's composable APIs (FSDP2 among them) record that they manage a module.
+_COMPOSABLE_STATE = "__composable_api_state_key"
+
+
+def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model``'s structure (FSDP2-sharded, resharded) whose tensor ``name`` is ``tensors[name]``.
+
+    ``tensors`` are local shards for DTensor parameters (wrapped as DTensors sharded like the model's, with no
+    copy) and whole tensors for buffers. Parameters and buffers not in ``tensors`` are shared with ``model``.
+    The copy is in eval mode and none of its parameters requires grad.
+    """
+    fsdp_module = fsdp_module_type()
+    units = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
+    _refuse_tensor_parallel(model, units)
+    memo: dict[int, Any] = {}
+    for name, original in _named_tensors(model):
+        if name in tensors and id(original) not in memo:
+            local = tensors[name]
+            if isinstance(original, nn.Parameter):
+                memo[id(original)] = nn.Parameter(sharded_like(local, original), requires_grad=False)
+            else:
+                memo[id(original)] = local
+    teacher = _plain_copy(model, memo)
+    copies = {id(m): c for m, c in zip(model.modules(), teacher.modules(), strict=True)}
+    unit_ids = {id(u) for u in units}
+    for unit in units:
+        managed = _managed_slots(copies[id(unit)], unit, unit_ids, copies)
+        if managed:
+            copy_unit = copies[id(unit)]
+            copy_unit.register_forward_pre_hook(functools.partial(_gather, managed))
+            copy_unit.register_forward_hook(functools.partial(_release, managed), always_call=True)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher.eval()
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named: list[tuple[str, torch.Tensor]] = list(model.named_parameters(remove_duplicate=False))
+    return named + list(model.named_buffers(remove_duplicate=False))
+
+
+def _refuse_tensor_parallel(model: nn.Module, units: list[nn.Module]) -> None:
+    """RuntimeError for a DTensor parameter outside every FSDP unit or on a mesh FSDP does not own alone (TP)."""
+    dtensor = dtensor_type()
+    managed = {id(p) for unit in units for p in unit.parameters()}
+    for name, parameter in model.named_parameters():
+        if dtensor is None or not isinstance(parameter, dtensor):
+            continue
+        placements = parameter.placements  # type: ignore[attr-defined]
+        sharded_dims = [p for p in placements if not p.is_replicate()]
+        if id(parameter) not in managed or len(sharded_dims) > 1:
+            raise RuntimeError(
+                f"ema_model of a tensor-parallel model is not available (parameter {name!r} has placements "
+                f"{tuple(placements)}): its forward needs the student's parallel layouts. What works: ema_model "
+                "under FSDP2 or HSDP (fully_shard, data_parallel_size), and for tensor parallelism "
+                "`with ema.average_parameters():` to run the student itself on the EMA weights"
+            )
+
+
+def _plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``module`` copied with its original classes (FSDP's removed), FSDP's hooks and flags dropped, and
+    the tensors in ``memo`` replaced; the other tensors shared; shared submodules stay shared."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls: type[nn.Module] = type(module)
+    fsdp_module = fsdp_module_type()
+    if fsdp_module is not None and isinstance(module, fsdp_module):
+        cls = cls.__mro__[cls._orig_cls_mro_index]  # type: ignore[attr-defined]
+    state = dict(module.__getstate__())
+    copied = cls.__new__(cls)
+    memo[id(module)] = copied
+    for key in [k for k in state if k in _FSDP_FLAGS or k.startswith(_COMPOSABLE_STATE)]:
+        del state[key]
+    state["_parameters"] = {k: None if p is None else memo.get(id(p), p) for k, p in module._parameters.items()}
+    state["_buffers"] = {k: None if b is None else memo.get(id(b), b) for k, b in module._buffers.items()}
+    state["_modules"] = {k: None if m is None else _plain_copy(m, memo) for k, m in module._modules.items()}
+    for key, value in list(state.items()):
+        if key.endswith("hooks") and isinstance(value, dict):
+            state[key] = value.__class__((k, h) for k, h in value.items() if not _is_fsdp_hook(h))
+        elif key not in ("_parameters", "_buffers", "_modules"):
+            state[key] = copy.deepcopy(value, memo)
+    copied.__setstate__(state)
+    return copied
+
+
+def _is_fsdp_hook(hook: Any) -> bool:
+    target = getattr(hook, "hook", hook)  # torch wraps some hooks (_WrappedHook)
+    target = target.func if isinstance(target, functools.partial) else target
+    return str(getattr(target, "__module__", "")).startswith("torch.distributed.fsdp")
+
+
+def _managed_slots(
+    copy_unit: nn.Module, unit: nn.Module, unit_ids: set[int], copies: Mapping[int, nn.Module]
+) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """The (module, key, DTensor parameter) slots of ``copy_unit`` that the student's ``unit`` manages itself:
+    its subtree's parameters outside nested units (as FSDP2 assigns them)."""
+    dtensor = dtensor_type()
+    slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def visit(module: nn.Module) -> None:
+        copied = copies[id(module)]
+        for key, parameter in copied._parameters.items():
+            if parameter is not None and dtensor is not None and isinstance(parameter, dtensor):
+                slots.append((copied, key, parameter))
+        for child in module.children():
+            if id(child) not in unit_ids:
+                visit(child)
+
+    visit(unit)
+    assert copies[id(unit)] is copy_unit
+    return slots
+
+
+def _gather(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module, args: Any) -> None:
+    """Before the unit's forward: its parameters whole (one all-gather each; every rank runs it)."""
+    with torch.no_grad():
+        whole = {id(p): p.full_tensor() for p in {id(p): p for _, _, p in slots}.values()}  # type: ignore[attr-defined]
+    for owner, key, parameter in slots:
+        owner._parameters[key] = whole[id(parameter)]
+
+
+def _release(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module, args: Any, output: Any) -> None:
+    """After the unit's forward: the sharded parameters back, the whole tensors dropped."""
+    for owner, key, parameter in slots:
+        owner._parameters[key] = parameter

@@ -1,0 +1,52 @@
+"""examples/teacher_distillation.py runs: one process, 2 FSDP2 ranks in the own loop, and 2 ranks under Lightning's
+ModelParallelStrategy, which train the same and so print the same loss."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "teacher_distillation.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str]) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    found = re.search(r"loss (\d+\.\d+) after", result.stdout)
+    assert found, result.stdout
+    return float(found.group(1))
+
+
+def test_own_loop_one_process() -> None:
+    assert run([sys.executable, str(EXAMPLE)]) > 0
+
+
+def test_two_ranks_own_loop_and_lightning_agree() -> None:
+    pytest.importorskip("lightning")
+    own = run([*TORCHRUN, str(EXAMPLE)])
+    lightning = run([*TORCHRUN, str(EXAMPLE), "--lightning"])
+    assert own == pytest.approx(lightning, abs=2e-4)
+
+
+def test_teacher_page_quotes_the_benchmark() -> None:
+    """docs/guides/teacher.md quotes benchmarks/teacher_memory.py's default run."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(root / "benchmarks" / "teacher_memory.py")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("rank 0:"))
+    page = (root / "docs" / "guides" / "teacher.md").read_text()
+    figures = [*re.findall(r"(\d+\.\d+) MiB", line), re.findall(r"unsharded: (\d+\.\d+)", line)[0]]
+    assert len(figures) == 6
+    for figure in figures:
+        assert figure in page, figure
