@@ -12,9 +12,9 @@ only :mod:`emakit._version`, not torch, so that ``emakit --help`` and ``emakit -
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from emakit._lazy import lazy_names
 from emakit._version import __version__
 
 if TYPE_CHECKING:
@@ -57,16 +57,4 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name in this module."""
-    module = _LAZY.get(name)
-    if module is None:  # submodules, as for any package, need their own `import emakit.<name>`
-        raise AttributeError(f"module 'emakit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names (loaded or not) and the module's own dunders; not the helpers used here."""
-    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+__getattr__, __dir__ = lazy_names(__name__, __all__, _LAZY)

@@ -143,6 +143,8 @@ class Trainer:
         save_folder: where checkpoints go; see :class:`CheckpointSaver`.
         save_interval: how often to save; see :class:`CheckpointSaver`.
         save_num_checkpoints_to_keep: how many checkpoints to keep; see :class:`CheckpointSaver`.
+        save_overwrite: let a fresh run start in a ``save_folder`` holding another run's checkpoints (they are
+            deleted); without it that is refused. A resumed run needs no permission.
         load_path: a checkpoint to resume from, or ``'latest'``: the newest readable checkpoint in
             ``save_folder`` (unreadable newer files are reported and skipped).
         autoresume: resume from the newest readable checkpoint in ``save_folder`` if there is one, else
@@ -174,6 +176,7 @@ class Trainer:
         save_folder: str | os.PathLike[str] | None = None,
         save_interval: str | Time = "1ep",
         save_num_checkpoints_to_keep: int = -1,
+        save_overwrite: bool = False,
         load_path: str | os.PathLike[str] | None = None,
         autoresume: bool = False,
         device: str | torch.device | None = None,
@@ -244,7 +247,9 @@ class Trainer:
             )
         callback_list = _as_list(callbacks, "callbacks", Callback)
         if save_folder is not None:
-            callback_list.append(CheckpointSaver(save_folder, save_interval, save_num_checkpoints_to_keep))
+            callback_list.append(
+                CheckpointSaver(save_folder, save_interval, save_num_checkpoints_to_keep, overwrite=save_overwrite)
+            )
         if progress_bar:
             callback_list.append(ProgressBar())
 
@@ -327,13 +332,13 @@ class Trainer:
         return shard_dataloader(loader, world_size=world_size, rank=rank, seed=self.seed, what=what, pad=pad)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write a checkpoint whose ``state.model`` is the training weights (EMA weights in its EMA state).
 
         Call it on every rank: a sharded (FSDP) run writes the DCP directory ``path`` from all ranks;
-        otherwise rank 0 writes the file.
+        otherwise rank 0 writes the file. An existing ``path`` is replaced only with ``overwrite=True``.
         """
-        return save_checkpoint(self.state, path, publish=False)
+        return save_checkpoint(self.state, path, publish=False, overwrite=overwrite)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Resume from ``path``: weights, optimizers, schedulers, algorithms, callbacks, timestamp, RNG.

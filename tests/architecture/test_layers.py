@@ -23,6 +23,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "foundation",
         [
             "emakit._version",
+            "emakit._lazy",
+            "emakit.atomic",
             "emakit._compat",
             "emakit._cli_args",
             "emakit.time",

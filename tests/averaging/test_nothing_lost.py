@@ -123,6 +123,7 @@ def test_snapshots_without_a_run_id_are_one_legacy_run(tmp_path: Path) -> None:
             list(info.profiles),
             t=info.t,
             step=info.step,
+            overwrite=True,
         )
     model2, resumed = snapshot_ema(tmp_path / "legacy")
     model2.load_state_dict(model_l.state_dict())
@@ -231,3 +232,22 @@ def test_ema_model_is_live_storage_as_its_docs_say() -> None:
     assert torch.equal(ema.ema_tensors["1.running_mean"], before)
     ema.ema_model.train()(torch.randn(8, 4) + 3)
     assert not torch.equal(ema.ema_tensors["1.running_mean"], before)
+
+
+def test_two_emas_started_together_on_one_folder_refuse_each_other(tmp_path: Path) -> None:
+    """Both check the folder while it is empty; the second to write a snapshot notices the first's and stops."""
+    first_model, first = snapshot_ema(tmp_path)
+    second_model, second = snapshot_ema(tmp_path)
+    first_opt = train(first_model, first, range(5))
+    second_opt = train(second_model, second, range(5))  # both checked the folder: still empty
+    train(first_model, first, range(5, 10), first_opt)  # writes snapshot 0
+    written = files(tmp_path)
+    assert list(written) == ["snapshot-000000.safetensors"]
+    message = (
+        rf"snapshot_folder '{re.escape(str(tmp_path))}' received snapshot 0 from run [0-9a-f]+ while this EMA "
+        r"\(run [0-9a-f]+\) wrote there: two EMAs or runs share the folder"
+    )
+    with pytest.raises(ValueError, match=message):
+        train(second_model, second, range(5, 10), second_opt)
+    assert files(tmp_path) == written
+    assert {info.run for info in read_snapshot_index(tmp_path)} == {first._snapshots.run}

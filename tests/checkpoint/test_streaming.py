@@ -67,7 +67,7 @@ def test_writer_round_trips_every_dtype_and_reads_each_tensor_only_when_writing_
         return tensors[name]
 
     entries = [TensorEntry(n, tuple(t.shape), t.dtype, lambda n=n: reader(n)) for n, t in tensors.items()]
-    path = write_safetensors(entries, tmp_path / "w.safetensors")
+    path = write_safetensors(entries, tmp_path / "w.safetensors", overwrite=False)
     assert reads == list(tensors)  # once each, in order
     loaded = safetensors_torch.load_file(str(path))
     for name, value in tensors.items():
@@ -82,7 +82,7 @@ def test_writer_round_trips_every_dtype_and_reads_each_tensor_only_when_writing_
 def test_writer_refuses_a_tensor_other_than_announced_and_leaves_no_file(tmp_path: Path) -> None:
     entries = [TensorEntry("a", (2,), torch.float32, lambda: torch.zeros(3))]
     with pytest.raises(RuntimeError, match=r"'a' read as \(3,\).*announced as \(2,\)"):
-        write_safetensors(entries, tmp_path / "w.safetensors")
+        write_safetensors(entries, tmp_path / "w.safetensors", overwrite=False)
     assert list(tmp_path.iterdir()) == []
 
 

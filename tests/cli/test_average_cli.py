@@ -140,3 +140,20 @@ def test_python_m_emakit_average(checkpoints: list[tuple[Path, dict[str, torch.T
     assert proc.returncode == 0, proc.stderr
     got, expected = load_file(out), naive([sd for _, sd in checkpoints], [1, 1, 1])
     assert all(torch.equal(got[n], v) for n, v in expected.items())
+
+
+def test_force_never_writes_into_an_input_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``emakit average ckptA b --force --out ckptA/model.safetensors``: one line, exit 2, ckptA untouched."""
+
+    ckpt_a = tmp_path / "ckptA"
+    ckpt_a.mkdir()
+    save_file({"w": torch.ones(2)}, ckpt_a / "model.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
+    before = (ckpt_a / "model.safetensors").read_bytes()
+    out = ckpt_a / "model.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["average", str(ckpt_a), str(tmp_path / "b.safetensors"), "--force", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"out {str(out)!r} is inside checkpoint {str(ckpt_a)!r}, one of the inputs" in err
+    assert (ckpt_a / "model.safetensors").read_bytes() == before

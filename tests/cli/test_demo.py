@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -386,3 +388,22 @@ def test_default_run_ema_curve_is_less_noisy(tmp_path: Path) -> None:
     assert summary["raw"]["noise_pp"] == pytest.approx(raw_noise)
     assert summary["ema"]["noise_pp"] == pytest.approx(ema_noise)
     assert f"{raw_noise:.2f}" in proc.stdout and f"{ema_noise:.2f}" in proc.stdout
+
+
+def test_demo_help_names_the_posthoc_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert re.search(r"--posthoc\s+run the post-hoc EMA demo", capsys.readouterr().out)
+
+
+def test_demo_wall_time_counts_from_the_command_not_the_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """This test process started long before the command: its age is not the command's wall time."""
+    start = time.perf_counter()
+    assert main(["demo", "--epochs", "1", "--eval-interval", "50", "--no-plot", "--out", str(tmp_path / "r")]) == 0
+    elapsed = time.perf_counter() - start
+    match = re.search(r"wall time: ([0-9.]+) s", capsys.readouterr().out)
+    assert match is not None
+    assert float(match.group(1)) <= elapsed + 0.05

@@ -42,3 +42,16 @@ def test_the_check_leaves_no_folder_behind(tmp_path: Path, capsys: pytest.Captur
     assert main(["demo", "--posthoc", "--out", str(out), "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("held", ["metrics.jsonl", "summary.json", "ema_weights.safetensors"])
+def test_demo_out_that_holds_a_run_is_refused_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], held: str
+) -> None:
+    (tmp_path / held).write_text("the user's\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path), "--epochs", "1", "--no-plot"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"--out: {str(tmp_path)!r} already holds a run ({held}); choose another or delete it" in err
+    assert (tmp_path / held).read_text() == "the user's\n" and sorted(p.name for p in tmp_path.iterdir()) == [held]

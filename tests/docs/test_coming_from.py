@@ -214,6 +214,16 @@ def _ema_pytorch() -> Any:
     return pytest.importorskip("ema_pytorch", reason="ema-pytorch is not installed (pip install -e '.[peers]')")
 
 
+def follow_ema_pytorch(model: nn.Module, theirs: Any, ema: EMA) -> None:
+    """Train ``model``, updating ema-pytorch's ``theirs`` and emakit's ``ema``: the same floating averages each step."""
+    ema.attach(model)
+    for step in training(model):
+        theirs.update()
+        ema.step()
+        if ema.started:
+            assert_same_average(floating(emakit_average(ema)), floating(theirs.ema_model.state_dict()), f"step {step}")
+
+
 @pytest.mark.parametrize("update_after_step", [0, 3])
 def test_ema_pytorch_constant_beta_is_smoothing(update_after_step: int) -> None:
     """EMA(model, beta=d, update_every=1, update_after_step=a, min_value=d) == EMA(smoothing=d, ema_start='{a+1}ba')."""
@@ -225,12 +235,7 @@ def test_ema_pytorch_constant_beta_is_smoothing(update_after_step: int) -> None:
         include_online_model=False,
     )  # fmt: skip
     ema = EMA(smoothing=decay, ema_start=f"{update_after_step + 1}ba")
-    ema.attach(model)
-    for step in training(model):
-        theirs.update()
-        ema.step()
-        if ema.started:
-            assert_same_average(floating(emakit_average(ema)), floating(theirs.ema_model.state_dict()), f"step {step}")
+    follow_ema_pytorch(model, theirs, ema)
     # ema-pytorch never touches integer buffers (they keep the value of its deepcopy); emakit copies them.
     assert int(ema.ema_model[1].num_batches_tracked) == STEPS
     assert int(theirs.ema_model[1].num_batches_tracked) == 0
@@ -249,6 +254,28 @@ def test_ema_pytorch_default_schedule_is_compute_ema_with_the_schedule() -> None
         if smoothing is not None:
             compute_ema(model, ema_model, smoothing=smoothing)
         assert_same_average(floating(ema_model.state_dict()), floating(theirs.ema_model.state_dict()), f"call {step}")
+
+
+@pytest.mark.parametrize(("update_after_step", "gamma", "power"), [(0, 1.0, 2 / 3), (3, 2.0, 0.75)])
+def test_ema_pytorch_warmup_is_emakits_warmup(update_after_step: int, gamma: float, power: float) -> None:
+    """EMA(model, beta=d, update_every=1, update_after_step=a, inv_gamma=g, power=p) ==
+    EMA(smoothing=d, ema_start='{a+1}ba', warmup=Warmup(gamma=g, power=p)), as ema-pytorch.md maps it."""
+    from emakit.averaging import Warmup
+
+    ema_pytorch = _ema_pytorch()
+    model = make_model()
+    theirs = ema_pytorch.EMA(
+        model, beta=0.999, update_every=1, update_after_step=update_after_step, inv_gamma=gamma, power=power,
+        include_online_model=False,
+    )  # fmt: skip
+    ema = EMA(smoothing=0.999, ema_start=f"{update_after_step + 1}ba", warmup=Warmup(gamma=gamma, power=power))
+    follow_ema_pytorch(model, theirs, ema)
+
+
+def test_no_page_says_emakit_has_no_warmup() -> None:
+    for page in sorted(PAGES.glob("*.md")):
+        text = " ".join(page.read_text().split())
+        assert "no warm-up" not in text and "no decay warm-up" not in text, page.name
 
 
 def test_ema_pytorch_post_hoc_ema_counts_its_first_update_twice(tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ def test_a_crash_during_a_write_leaves_no_snapshot(tmp_path: Path, monkeypatch: 
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(os, "link", crash)
     with pytest.raises(OSError, match="disk full"):
         write_snapshot(tmp_path, 2, averages(), PROFILES, t=30, step=60)
     monkeypatch.undo()
@@ -138,8 +139,8 @@ def test_a_crash_during_a_write_leaves_no_snapshot(tmp_path: Path, monkeypatch: 
 
 def test_partial_temporaries_are_ignored(tmp_path: Path) -> None:
     write_series(tmp_path, 2)
-    (tmp_path / ".snapshot-000002.safetensors.tmp").write_bytes(b"\x10\x00\x00 half a header")
-    (tmp_path / ".snapshot-000003.tmp").mkdir()
+    (tmp_path / ".snapshot-000002.safetensors.emakit-12-ab.tmp").write_bytes(b"\x10\x00\x00 half a header")
+    (tmp_path / ".snapshot-000003.emakit-shared.tmp").mkdir()
     (tmp_path / "notes.txt").write_text("not a snapshot")
     assert [s.index for s in read_snapshot_index(tmp_path)] == [0, 1]
     assert next_snapshot_index(tmp_path) == 2
@@ -161,9 +162,13 @@ def test_resume_from_an_earlier_checkpoint_rewrites_the_lost_future(tmp_path: Pa
     assert [(s.index, s.t) for s in read_snapshot_index(tmp_path)] == [(0, 10), (1, 20), (2, 30)]
 
 
-def test_writing_an_existing_index_replaces_it(tmp_path: Path) -> None:
+def test_writing_an_existing_index_needs_overwrite(tmp_path: Path) -> None:
     write_snapshot(tmp_path, 0, averages(1), PROFILES, t=1, step=1)
-    write_snapshot(tmp_path, 0, averages(2), PROFILES, t=1, step=1)
+    before = (tmp_path / "snapshot-000000.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"snapshot '.*snapshot-000000\.safetensors' exists; pass overwrite=True"):
+        write_snapshot(tmp_path, 0, averages(2), PROFILES, t=1, step=1)
+    assert (tmp_path / "snapshot-000000.safetensors").read_bytes() == before
+    write_snapshot(tmp_path, 0, averages(2), PROFILES, t=1, step=1, overwrite=True)
     assert torch.equal(load_file(tmp_path / "snapshot-000000.safetensors")["0/fc.weight"], averages(2)[0]["fc.weight"])
 
 
@@ -204,7 +209,7 @@ def test_mixed_shapes_and_intervals_are_refused(tmp_path: Path) -> None:
     write_snapshot(tmp_path, 1, wide, PROFILES, t=20, step=40, update_interval=2)
     with pytest.raises(ValueError, match=r"snapshot-000001.safetensors': tensor 'fc.weight' has shape \(4, 5\)"):
         read_snapshot_index(tmp_path)
-    write_snapshot(tmp_path, 1, averages(), PROFILES, t=20, step=20, update_interval=1)
+    write_snapshot(tmp_path, 1, averages(), PROFILES, t=20, step=20, update_interval=1, overwrite=True)
     with pytest.raises(ValueError, match=r"snapshot-000001.safetensors' has update_interval 1, snapshot-000000"):
         read_snapshot_index(tmp_path)
 

@@ -120,7 +120,7 @@ def test_load_latest_with_nothing_to_load(tmp_path: Path) -> None:
 
 
 def test_stale_temporaries_are_removed_at_fit_start(tmp_path: Path) -> None:
-    (tmp_path / ".ep0-ba3.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".ep0-ba3.pt.emakit-1234-abc123.tmp").write_bytes(b"half a checkpoint")
     save_run(tmp_path, "1ba")
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 

@@ -113,6 +113,8 @@ class SnapshotSeries:
         )
         try:
             path = write_snapshot(dtype=dtype, **args)  # type: ignore[arg-type]
+        except FileExistsError as e:
+            raise ValueError(self._shared_folder(folder)) from e
         except DtypeOverflowError as e:
             if dtype == torch.float32:
                 raise
@@ -126,6 +128,15 @@ class SnapshotSeries:
             path = write_snapshot(dtype=torch.float32, **args)  # type: ignore[arg-type]
         self.index += 1
         return path
+
+    def _shared_folder(self, folder: Path) -> str:
+        """The error for a snapshot index that another writer took in ``folder`` after it was checked."""
+        theirs = next((r for r, indices in snapshot_runs(folder).items() if self.index in indices), None)
+        return (
+            f"snapshot_folder {str(folder)!r} received snapshot {self.index} from {describe_run(theirs)} while this "
+            f"EMA ({describe_run(self.run)}) wrote there: two EMAs or runs share the folder, and their snapshots "
+            "would overwrite each other. Give each EMA its own snapshot_folder"
+        )
 
     def resume(self, folder: Path, t: int, stacklevel: int) -> None:
         """Continue the series in ``folder`` after resuming at update ``t`` (0 before the start): move the

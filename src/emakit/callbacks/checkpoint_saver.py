@@ -6,11 +6,14 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emakit.checkpoint import checkpoint_name, remove_stale_temporaries, save_checkpoint
+from emakit.atomic import replace_symlink
+from emakit.checkpoint import checkpoint_name, remove_stale_temporaries, save_checkpoint, saved_entries
 from emakit.core.callback import Callback
+from emakit.parallel.ranks import meet
 from emakit.parallel.sharding import is_sharded_model
 from emakit.time import Time, TimeUnit
 
@@ -22,6 +25,9 @@ __all__ = ["CheckpointSaver"]
 
 LATEST = "latest.pt"
 LATEST_SHARDED = "latest"
+
+#: How long the ranks wait for each other at fit start, where rank 0 checks the folder.
+FOLDER_CHECK_TIMEOUT_S = 600.0
 
 
 class CheckpointSaver(Callback):
@@ -43,6 +49,9 @@ class CheckpointSaver(Callback):
         folder: where checkpoints go (created if missing).
         save_interval: ``'Nep'`` or ``'Nba'``, N > 0.
         num_checkpoints_to_keep: how many of the newest files to keep; -1 keeps all.
+        overwrite: a fresh run (not resumed) whose ``folder`` holds checkpoints of another run refuses to
+            start unless this is True; then those checkpoints (and ``latest``) are deleted at the start, with
+            a warning. A resumed run continues in its folder either way.
     """
 
     def __init__(
@@ -50,6 +59,7 @@ class CheckpointSaver(Callback):
         folder: str | os.PathLike[str],
         save_interval: str | Time = "1ep",
         num_checkpoints_to_keep: int = -1,
+        overwrite: bool = False,
     ) -> None:
         if not isinstance(folder, (str, os.PathLike)) or str(folder) == "":
             raise TypeError(f"folder must be a non-empty path, got {folder!r}")
@@ -69,13 +79,44 @@ class CheckpointSaver(Callback):
             raise ValueError(
                 f"num_checkpoints_to_keep must be -1 (keep all) or a positive int, got {num_checkpoints_to_keep!r}"
             )
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
         self.num_checkpoints_to_keep = num_checkpoints_to_keep
+        self.overwrite = overwrite
         self.saved: list[str] = []
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        refused = None
         if state.rank == 0:
             self.check_writable()
-            remove_stale_temporaries(self.folder)
+            try:
+                self._claim_folder(resumed=state.timestamp.batch > 0 or bool(self.saved))
+            except FileExistsError as e:
+                refused = e
+        meet("CheckpointSaver.fit_start", FOLDER_CHECK_TIMEOUT_S, error=refused)
+
+    def _claim_folder(self, resumed: bool) -> None:
+        """Make ``folder`` this run's: refuse another run's checkpoints in it (or, with ``overwrite``, delete
+        them), then delete the temporaries of interrupted checkpoint writes (emakit's own only)."""
+        others = [] if resumed else saved_entries(self.folder)
+        if others and not self.overwrite:
+            names = [p.name for p in others if not p.name.startswith("latest")]
+            shown = ", ".join(names[:3]) + (f", ..., {names[-1]}" if len(names) > 3 else "")
+            raise FileExistsError(
+                f"save_folder {str(self.folder)!r} holds checkpoints of another run ({shown}): a fresh run would "
+                "write over them and re-point latest. Give this run its own save_folder, pass save_overwrite=True "
+                "(CheckpointSaver(overwrite=True)) to delete them, or autoresume=True (or load_path='latest') "
+                "to continue that run"
+            )
+        for path in others:
+            _remove(path)
+        if others:
+            warnings.warn(
+                f"save_overwrite=True: removed {sum(not p.name.startswith('latest') for p in others)} checkpoint(s) "
+                f"of an earlier run from save_folder {str(self.folder)!r}",
+                stacklevel=2,
+            )
+        remove_stale_temporaries(self.folder)
 
     def check_writable(self) -> None:
         """Fail before training, not at the first save, if ``folder`` cannot hold checkpoints."""
@@ -109,7 +150,10 @@ class CheckpointSaver(Callback):
         # replaces it, so that every step is saved once.
         superseded = [old for old in self.saved if old != name and _step_of(old) == state.timestamp.batch]
         saved = [old for old in self.saved if old != name and old not in superseded] + [name]
-        path = save_checkpoint(state, self.folder / name, publish=True, callback_states={self.name: {"saved": saved}})
+        # the folder is this run's (fit_start): a name written again is a step redone after a resume
+        path = save_checkpoint(
+            state, self.folder / name, publish=True, callback_states={self.name: {"saved": saved}}, overwrite=True
+        )
         self.saved = saved
         if state.rank == 0:
             self._point_latest(name, LATEST_SHARDED if is_sharded_model(state.model) else LATEST)
@@ -119,11 +163,7 @@ class CheckpointSaver(Callback):
         return path if state.rank == 0 else None
 
     def _point_latest(self, name: str, latest: str = LATEST) -> None:
-        link = self.folder / latest
-        tmp = self.folder / f".{latest}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(name, tmp)
-        os.replace(tmp, link)
+        replace_symlink(self.folder / latest, name)
 
     def _rotate(self, delete: bool = True) -> None:
         if self.num_checkpoints_to_keep == -1:

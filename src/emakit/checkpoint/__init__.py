@@ -27,6 +27,7 @@ from emakit.checkpoint.files import (
     read_checkpoint_file,
     remove_stale_temporaries,
     save_checkpoint_file,
+    saved_entries,
     unreadable_checkpoint,
 )
 from emakit.checkpoint.sharded import (
@@ -67,6 +68,7 @@ __all__ = [
     "save_checkpoint",
     "save_checkpoint_file",
     "save_sharded_checkpoint",
+    "saved_entries",
     "unique_names",
     "unreadable_checkpoint",
 ]
@@ -84,21 +86,23 @@ def save_checkpoint(
     *,
     publish: bool,
     callback_states: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``state``'s checkpoint to ``path``; every rank calls this, and every rank gets ``path`` back.
 
     A sharded model writes the DCP directory ``path`` from all ranks; otherwise rank 0 writes one file.
     ``publish`` puts the algorithms' published weights (the EMA's) in ``state.model`` (see
-    :mod:`~emakit.checkpoint.contents`); ``callback_states`` replaces callbacks' entries by name.
+    :mod:`~emakit.checkpoint.contents`); ``callback_states`` replaces callbacks' entries by name. An existing
+    ``path`` is replaced only with ``overwrite``.
     """
     if is_sharded_model(state.model):
         checkpoint = build_sharded_checkpoint(state, publish=publish)
         checkpoint["state"]["callbacks"].update(callback_states or {})
-        return save_sharded_checkpoint(checkpoint, path)
+        return save_sharded_checkpoint(checkpoint, path, overwrite=overwrite)
     if state.rank == 0:
         checkpoint = build_checkpoint(state, publish=publish)
         checkpoint["state"]["callbacks"].update(callback_states or {})
-        save_checkpoint_file(checkpoint, path)
+        save_checkpoint_file(checkpoint, path, overwrite=overwrite)
     barrier()
     return Path(path)
 

@@ -12,7 +12,8 @@ same shapes and dtypes, and writes the mean:
   count; unlike a float32 sum, it does not drift as checkpoints are added. It costs little memory, because
   only one group of tensors is accumulated at a time.
 - integer and bool tensors (BatchNorm's ``num_batches_tracked``, step counters, masks) are taken from the
-  last checkpoint listed: a mean of counters is not a counter.
+  last checkpoint listed with a non-zero weight: a mean of counters is not a counter, and a checkpoint of
+  weight 0 is left out entirely.
 
 Memory stays near a group of tensors, not K models: the tensors are processed in groups of about
 ``chunk_bytes`` of float64 accumulators (large tensors split by rows, unless a DCP directory, which is read
@@ -27,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import IO
 
 import torch
 
-from emakit.checkpoint.files import fsync_dir
+from emakit.atomic import atomic_file, check_output_path
 from emakit.checkpoint.weight_readers import (
     SAFETENSORS_DTYPES,
     WHICH,
@@ -62,7 +63,7 @@ class AveragedCheckpoint:
     sources: tuple[Path, ...]
     weights: tuple[float, ...]
     averaged: int  # floating-point tensors averaged
-    copied: int  # integer and bool tensors taken from the last checkpoint
+    copied: int  # integer and bool tensors taken from the last checkpoint with a non-zero weight
     nbytes: int  # the size of one model's weights, as written
     moved_aside: Path | None  # where the file that ``path`` replaced (force=True) now is
 
@@ -101,11 +102,11 @@ def average_checkpoints(
     """Write the weighted mean of the checkpoints at ``paths`` to ``out``; see the module's docstring.
 
     Args:
-        paths: checkpoints of one model: emakit ``.pt`` files or DCP directories, Lightning ``.ckpt`` files,
+        paths: a list of checkpoints of one model, each given once: emakit ``.pt`` files or DCP directories, Lightning ``.ckpt`` files,
             ``.safetensors`` files, plain ``torch.save``-d state_dicts, Transformers checkpoint folders.
         out: the file to write, ``.safetensors`` or ``.pt`` (``.pth``, ``.bin``): a state_dict under the
             checkpoints' own names (``model.load_state_dict(...)`` loads it). Written to a temporary file and
-            renamed, so ``out`` never holds a partial file.
+            renamed, so ``out`` never holds a partial file; never one of the inputs, nor inside an input folder.
         weights: one non-negative weight per checkpoint, normalised to sum to 1; None for the plain mean.
         which: ``"training"`` or ``"ema"``: which weights to take from checkpoints that hold both (emakit's,
             Lightning's with emakit's EMACallback, Transformers folders with ``ema_weights.safetensors``).
@@ -116,10 +117,17 @@ def average_checkpoints(
             plus one model for a ``.pt`` output.
 
     Raises:
-        ValueError: bad weights, ``which`` or ``out`` suffix; checkpoints of different models (naming the
-            first tensor that differs and the two files); a file in no format this reads.
+        TypeError: ``paths`` is one path, not a list.
+        ValueError: bad weights, ``which`` or ``out`` suffix; a checkpoint given twice; ``out`` an input or inside
+            one; checkpoints of different models (naming the first tensor that differs and the two files); a
+            file in no format this reads.
         FileExistsError: ``out`` exists and ``force`` is false.
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"paths must be a list of checkpoint paths, got a single path {os.fsdecode(paths)!r}: "
+            "give [path, ...] (averaging one checkpoint copies it)"
+        )
     sources = [Path(p) for p in paths]
     normalized = normalize_weights(weights, len(sources))
     if which not in WHICH:
@@ -132,22 +140,13 @@ def average_checkpoints(
     _check_same_model(readers)
     infos = readers[0].tensors
     writer: _Writer = _SafetensorsWriter(infos) if target.suffix == ".safetensors" else _TorchWriter(infos)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer.begin(f)
-            for group in _groups(infos, chunk_bytes, split=all(r.reads_rows for r in readers)):
-                for piece, tensor in _average_group(readers, normalized, group).items():
-                    writer.write(f, piece, tensor)
-            writer.end(f)
-            f.flush()
-            os.fsync(f.fileno())
-        moved = _install(tmp, target, force)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(target, overwrite=force, what="out", hint=_FORCE) as f:
+        writer.begin(f)
+        for group in _groups(infos, chunk_bytes, split=all(r.reads_rows for r in readers)):
+            for piece, tensor in _average_group(readers, normalized, group).items():
+                writer.write(f, piece, tensor)
+        writer.end(f)
+        moved = _keep_aside(target)
     floating = sum(_is_averaged(info.dtype) for info in infos.values())
     return AveragedCheckpoint(
         path=target,
@@ -168,21 +167,35 @@ def _nbytes(info: TensorInfo) -> int:
     return math.prod(info.shape) * info.dtype.itemsize
 
 
+_FORCE = "pass force=True (--force)"
+
+
 def _check_target(target: Path, sources: list[Path], force: bool) -> None:
     if target.suffix not in OUTPUT_SUFFIXES:
         raise ValueError(
             f"out must end in {', '.join(OUTPUT_SUFFIXES)} (safetensors or torch.save), got {str(target)!r}"
         )
-    if target.is_dir():
-        raise ValueError(f"out {str(target)!r} is a folder; give a file name")
+    seen: dict[tuple[int, int], int] = {}
+    for i, source in enumerate(sources):
+        if source.exists():
+            info = source.stat()
+            first = seen.setdefault((info.st_dev, info.st_ino), i)
+            if first != i:
+                raise ValueError(
+                    f"paths: checkpoints {first + 1} and {i + 1} are the same file ({str(sources[first])!r} and "
+                    f"{str(source)!r}); give each checkpoint once, and weights= to count one more than the others"
+                )
     resolved = target.resolve()
-    if any(resolved == s.resolve() for s in sources):
-        raise ValueError(f"out {str(target)!r} is one of the checkpoints being averaged; write elsewhere")
-    if target.exists() and not force:
-        raise FileExistsError(
-            f"out {str(target)!r} exists; pass force=True (--force) to replace it (the old file is kept as "
-            f"{target.name + '.old'!r})"
-        )
+    for source in sources:
+        origin = source.resolve()
+        if resolved == origin:
+            raise ValueError(f"out {str(target)!r} is one of the checkpoints being averaged; write elsewhere")
+        if origin in resolved.parents:
+            raise ValueError(
+                f"out {str(target)!r} is inside checkpoint {str(source)!r}, one of the inputs: writing there "
+                "would change that checkpoint; write elsewhere"
+            )
+    check_output_path(target, overwrite=force, what="out", hint=_FORCE)
 
 
 def _check_same_model(readers: list[WeightReader]) -> None:
@@ -246,12 +259,13 @@ def _groups(infos: dict[str, TensorInfo], chunk_bytes: int, *, split: bool = Tru
 
 
 def _average_group(readers: list[WeightReader], weights: list[float], group: list[Piece]) -> dict[Piece, torch.Tensor]:
-    """The group's pieces averaged (floating point) or taken from the last checkpoint (integer, bool)."""
+    """The group's pieces averaged (floating point) or taken from the last checkpoint with a non-zero weight
+    (integer, bool)."""
     infos = readers[0].tensors
     floating = [p for p in group if _is_averaged(infos[p.name].dtype)]
     sums: dict[Piece, torch.Tensor | None] = dict.fromkeys(floating)
     result: dict[Piece, torch.Tensor] = {}
-    last = len(readers) - 1
+    last = max(i for i, w in enumerate(weights) if w > 0)
     for i, (reader, weight) in enumerate(zip(readers, weights, strict=True)):
         wanted = (floating if weight > 0 else []) + ([p for p in group if p not in sums] if i == last else [])
         if not wanted:
@@ -333,21 +347,17 @@ class _TorchWriter(_Writer):
         self.tensors = {}
 
 
-def _install(tmp: Path, target: Path, force: bool) -> Path | None:
-    """Rename ``tmp`` to ``target`` atomically; an existing ``target`` (only with ``force``) is kept as ``.old``."""
-    aside = None
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise FileExistsError(f"out {str(target)!r} appeared while averaging; not replaced (pass force=True)")
-        aside = target.with_name(target.name + ".old")
-        n = 1
-        while aside.exists() or aside.is_symlink():
-            n += 1
-            aside = target.with_name(f"{target.name}.old{n}")
-        try:
-            os.link(target, aside, follow_symlinks=False)  # both names hold it until the rename below
-        except OSError:
-            os.replace(target, aside)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+def _keep_aside(target: Path) -> Path | None:
+    """Give an existing ``target`` a second name ``<name>.old`` (``.old2``, ...) before it is replaced."""
+    if not (target.exists() or target.is_symlink()):
+        return None
+    aside = target.with_name(target.name + ".old")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = target.with_name(f"{target.name}.old{n}")
+    try:
+        os.link(target, aside, follow_symlinks=False)  # both names hold it until the rename replaces ``target``
+    except OSError:
+        shutil.copy2(target, aside, follow_symlinks=False)
     return aside

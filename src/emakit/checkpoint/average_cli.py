@@ -21,11 +21,12 @@ DESCRIPTION = """\
 Average the weights of several checkpoints of one model (LAWA, checkpoint averaging):
 floating-point tensors are the weighted mean, accumulated in float64 and written in their
 own dtype; integer and bool tensors (BatchNorm's num_batches_tracked) are copied from the
-last checkpoint listed. Checkpoints: emakit .pt files and DCP folders, Lightning .ckpt files,
-.safetensors files, plain torch.save state_dicts, Transformers checkpoint folders (sharded
-or not). They are read a group of tensors at a time, so memory stays near one model even
+last checkpoint listed with a non-zero weight. Checkpoints, each given once: emakit .pt
+files and DCP folders, Lightning .ckpt files, .safetensors files, plain torch.save
+state_dicts, Transformers checkpoint folders (sharded or not). They are read a group of tensors at a time, so memory stays near one model even
 for many checkpoints. The output is a state_dict under the checkpoints' own names, as
-.safetensors or .pt (by --out's suffix), written to a temporary file and renamed."""
+.safetensors or .pt (by --out's suffix), written to a temporary file and renamed; never
+one of the inputs or inside an input folder."""
 
 EPILOG = """\
 examples:
@@ -100,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, weight in zip(result.sources, result.weights, strict=True):
         print(f"  {weight:.4f}  {path}")
     print(
-        f"  {result.averaged} tensors averaged, {result.copied} integer/bool tensors from the last checkpoint; "
-        f"{result.nbytes / 2**20:.1f} MiB written"
+        f"  {result.averaged} tensors averaged, {result.copied} integer/bool tensors from the last checkpoint "
+        f"with a non-zero weight; {result.nbytes / 2**20:.1f} MiB written"
     )
     if result.moved_aside is not None:
         print(f"  the previous {result.path.name} is kept as {result.moved_aside}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from emakit.atomic import check_output_path
 from emakit.averaging import Averager
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.files import check_checkpoint_format, load_checkpoint_file, save_checkpoint_file
@@ -26,13 +27,21 @@ from emakit.checkpoint.sharded import (
     read_sharded_tensor,
     sharded_tensor_index,
 )
-from emakit.checkpoint.streaming import TensorEntry, parse_size, write_safetensors, write_sharded_safetensors
+from emakit.checkpoint.streaming import (
+    SINGLE_NAME,
+    TensorEntry,
+    check_layout_target,
+    clear_layout,
+    parse_size,
+    write_safetensors,
+    write_sharded_safetensors,
+)
 from emakit.engine.naming import canonical_name, unwrap_model
-from emakit.parallel.ranks import barrier, get_rank, is_distributed
+from emakit.parallel.ranks import barrier, get_rank, is_distributed, meet
 from emakit.parallel.sharding import gathered, reshard_model
 from emakit.parallel.zero import gather_partition, partition, zero3_parameters
 
-__all__ = ["export_ema_weights", "model_weights"]
+__all__ = ["ARRIVAL_TIMEOUT_S", "export_ema_weights", "model_weights"]
 
 
 def _entry(name: str, tensor: torch.Tensor, zero3: nn.Parameter | None = None) -> TensorEntry:
@@ -112,8 +121,12 @@ def _entries_from_dcp(path: Path, source: str) -> list[TensorEntry]:
     return entries
 
 
+#: How long the ranks of a live export wait for each other before failing (a call made on rank 0 only).
+ARRIVAL_TIMEOUT_S = 120.0
+
+
 def export_ema_weights(
-    source: Any, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None
+    source: Any, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None, overwrite: bool = False
 ) -> Path | None:
     """Write the EMA weights as files that load into the plain, unsharded model.
 
@@ -136,13 +149,30 @@ def export_ema_weights(
       whole model to write it.
 
     Only rank 0 writes; it returns the path written there (the folder for a sharded export), None elsewhere.
+    An existing file at ``path`` (for a sharded export: ``model.safetensors``, an index or shards in the folder,
+    which a loader could take for the new weights) is replaced only with ``overwrite=True``; the checkpoint
+    being exported is never written over. Under a process group, ranks that do not all call it within
+    :data:`ARRIVAL_TIMEOUT_S` seconds get an error, not a hang.
 
     Raises:
-        ValueError: the source has no EMA, or its EMA has not started; a bad ``max_shard_size``.
+        ValueError: the source has no EMA, or its EMA has not started; a bad ``max_shard_size``; ``path`` is the
+            source checkpoint, is under a file, or names a ``.safetensors`` file with ``max_shard_size``.
+        FileExistsError: ``path`` (or a file of the sharded layout in it) exists and ``overwrite`` is false.
     """
     shard_size = None if max_shard_size is None else parse_size(max_shard_size)
     target = Path(path)
     live = not isinstance(source, (str, os.PathLike))
+    writer = get_rank() == 0 or not is_distributed()
+    refused = None
+    if writer:
+        try:
+            _check_target(source, target, max_shard_size, overwrite)
+        except (ValueError, OSError) as e:
+            refused = e
+    if live and is_distributed():
+        meet("export_ema_weights", ARRIVAL_TIMEOUT_S, error=refused, hint=_EVERY_RANK)
+    elif refused is not None:
+        raise refused
     extra: dict[str, Any] = {}
     if not live:
         checkpoint = Path(source)
@@ -161,24 +191,53 @@ def export_ema_weights(
         weights = ema.published_model_state(state)
         entries = [_entry(name, t, zero3.get(name)) for name, t in weights.items() if isinstance(t, torch.Tensor)]
         extra = {name: value for name, value in weights.items() if not isinstance(value, torch.Tensor)}
-    writer = get_rank() == 0 or not is_distributed()
     if not live and not writer:  # nothing to gather from a checkpoint: rank 0 reads and writes alone
         return None
     written: Path | None
     if shard_size is not None:
-        written = write_sharded_safetensors(entries, target, shard_size, write=writer)
+        written = write_sharded_safetensors(entries, target, shard_size, overwrite=overwrite, write=writer)
     elif target.suffix == ".safetensors":
-        written = write_safetensors(entries, target, write=writer)
+        if writer and target.name == SINGLE_NAME:
+            clear_layout(target.parent, overwrite=overwrite)
+        written = write_safetensors(entries, target, overwrite=overwrite, write=writer)
     else:
         whole: dict[str, Any] = {}
         for entry in entries:  # every rank takes part in each gather; only rank 0 keeps the tensors
             tensor = entry.read()
             if writer:
                 whole[entry.name] = tensor
-        written = save_checkpoint_file({**whole, **extra}, target) if writer else None
+        written = save_checkpoint_file({**whole, **extra}, target, overwrite=overwrite) if writer else None
     if live:
         barrier()
     return written
+
+
+_EVERY_RANK = (
+    "Under FSDP or tensor parallelism the weights are gathered from all ranks: call export_ema_weights on every "
+    "rank, not inside `if rank == 0:` (only rank 0 writes the file)"
+)
+
+
+def _check_target(source: Any, target: Path, max_shard_size: int | str | None, overwrite: bool) -> None:
+    """Refuse ``target`` before any work: see :func:`export_ema_weights`' Raises."""
+    if isinstance(source, (str, os.PathLike)):
+        resolved, origin = target.resolve(), Path(source).resolve()
+        if resolved == origin or origin in resolved.parents:
+            raise ValueError(
+                f"path {str(target)!r} is the checkpoint being exported (source {str(source)!r}), or inside it: "
+                "writing there would replace the run's checkpoint; give another path"
+            )
+    if max_shard_size is not None:
+        if target.suffix == ".safetensors":
+            raise ValueError(
+                f"max_shard_size={max_shard_size!r} writes a folder (Transformers' sharded layout), but path "
+                f"{str(target)!r} names a file: give a folder, or leave max_shard_size out to write one file"
+            )
+        check_layout_target(target, overwrite=overwrite)
+        return
+    check_output_path(target, overwrite=overwrite)
+    if target.suffix == ".safetensors" and target.name == SINGLE_NAME:
+        check_layout_target(target.parent, overwrite=overwrite)
 
 
 def _find_ema(source: Any) -> Averager:

@@ -9,7 +9,7 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -17,17 +17,20 @@ from typing import Any
 
 import torch
 
+from emakit.atomic import atomic_file, is_temporary_of
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "SAVED_NAME",
     "check_checkpoint_format",
-    "fsync_dir",
     "list_checkpoints",
     "load_checkpoint_file",
     "newest_loadable_checkpoint",
     "read_checkpoint_file",
     "remove_stale_temporaries",
     "save_checkpoint_file",
+    "saved_entries",
     "unreadable_checkpoint",
 ]
 
@@ -37,39 +40,15 @@ CHECKPOINT_FORMAT = "emakit.checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+def save_checkpoint_file(checkpoint: dict[str, Any], path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``checkpoint`` to ``path`` with ``torch.save`` through :func:`emakit.atomic.atomic_file`.
 
-    A crash at any moment leaves either the previous file or the new one at ``path``, never a partial one.
+    A crash at any moment leaves either the previous file or the new one at ``path``, never a partial one; an
+    existing ``path`` is replaced only with ``overwrite``.
     """
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(folder)
-    return path
-
-
-def fsync_dir(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path, overwrite=overwrite) as f:
+        torch.save(checkpoint, f)
+    return Path(path)
 
 
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -268,16 +247,38 @@ def newest_loadable_checkpoint(folder: str | os.PathLike[str]) -> tuple[Path, di
     return None
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete temporary files that writes interrupted by a crash left in ``folder``; return them."""
+#: What the CheckpointSaver writes into a save_folder: checkpoint files or DCP folders, and the ``latest`` links.
+SAVED_NAME = re.compile(r"ep\d+-ba\d+(?:\.pt)?|latest(?:\.pt)?")
+
+
+def saved_entries(folder: str | os.PathLike[str]) -> list[Path]:
+    """The checkpoints (files and DCP folders) and ``latest`` links of a save_folder, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [
-        p
-        for p in folder.iterdir()
-        if p.name.startswith(".") and p.name.endswith(".tmp") and (p.is_file() or p.is_symlink())
-    ]
+    found = [p for p in folder.iterdir() if SAVED_NAME.fullmatch(p.name)]
+    step = re.compile(r"ep(\d+)-ba(\d+)")
+
+    def order(path: Path) -> tuple[int, int, str]:
+        match = step.match(path.name)
+        return (int(match.group(2)), int(match.group(1)), path.name) if match else (2**63, 0, path.name)
+
+    return sorted(found, key=order)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries of checkpoint writes that a crash interrupted in ``folder``; return them.
+
+    Only emakit's own (:func:`emakit.atomic.temporary_path` names for a checkpoint or ``latest`` link): any other
+    hidden ``.tmp`` file or folder is left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if is_temporary_of(p, SAVED_NAME)]
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from emakit.atomic import install, shared_temporary_path
 from emakit.checkpoint.contents import build_checkpoint, unique_names
-from emakit.checkpoint.files import check_checkpoint_format, fsync_dir, unreadable_checkpoint
+from emakit.checkpoint.files import check_checkpoint_format, unreadable_checkpoint
 from emakit.core.state import State
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.ranks import barrier, get_rank, get_world_size, is_distributed
@@ -82,35 +83,28 @@ def build_sharded_checkpoint(state: State, *, publish: bool) -> dict[str, Any]:
     return checkpoint
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(path.parent)
-
-
-def save_sharded_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def save_sharded_checkpoint(
+    checkpoint: dict[str, Any], path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write ``checkpoint`` as the DCP directory ``path``; every rank calls this (each writes its shards).
 
     DCP writes into a temporary sibling directory that rank 0 renames to ``path`` once every rank's
-    files and the metadata are on disk, so ``path`` never holds a partial checkpoint.
+    files and the metadata are on disk, so ``path`` never holds a partial checkpoint; an existing ``path`` is
+    replaced only with ``overwrite``.
     """
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = shared_temporary_path(path)
     if get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # an emakit temporary of this name: a crashed save of ``path``
         tmp.mkdir(parents=True)
     barrier()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save(checkpoint, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not is_distributed())
     if get_rank() == 0:
-        _replace_dir(tmp, path)
+        install(tmp, path, overwrite=overwrite)
     barrier()
     return path
 

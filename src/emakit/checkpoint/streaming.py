@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,13 +20,16 @@ from pathlib import Path
 
 import torch
 
-from emakit.checkpoint.files import fsync_dir
+from emakit.atomic import atomic_file, check_output_path, write_bytes
 from emakit.posthoc.snapshots.format import SAFETENSORS_CODES
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
     "TensorEntry",
+    "check_layout_target",
+    "clear_layout",
+    "layout_files",
     "parse_size",
     "plan_shards",
     "write_safetensors",
@@ -124,66 +126,95 @@ def _header(entries: Sequence[TensorEntry]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def write_safetensors(entries: Sequence[TensorEntry], path: Path, *, write: bool = True) -> Path | None:
+def write_safetensors(
+    entries: Sequence[TensorEntry], path: Path, *, overwrite: bool, write: bool = True
+) -> Path | None:
     """Write ``entries`` to the safetensors file ``path``, reading each only when its turn comes.
 
     ``write=False`` reads every entry (taking part in the gathers) and writes nothing: the other ranks'
-    part. The file appears under its name only once complete.
+    part. The file appears under its name only once complete (:func:`emakit.atomic.atomic_file`); an existing
+    ``path`` is replaced only with ``overwrite``.
     """
     if not write:
         for entry in entries:
             entry.read()
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_header(entries))
-            for entry in entries:
-                tensor = entry.read()
-                if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-                    raise RuntimeError(
-                        f"tensor {entry.name!r} read as {tuple(tensor.shape)} {tensor.dtype}, "
-                        f"announced as {entry.shape} {entry.dtype}"
-                    )
-                if tensor.numel():
-                    f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                del tensor
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    header = _header(entries)
+    with atomic_file(path, overwrite=overwrite) as f:
+        f.write(header)
+        for entry in entries:
+            tensor = entry.read()
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+                raise RuntimeError(
+                    f"tensor {entry.name!r} read as {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"announced as {entry.shape} {entry.dtype}"
+                )
+            if tensor.numel():
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
     return path
 
 
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def layout_files(folder: Path) -> list[Path]:
+    """The files of Transformers' weights layout in ``folder``: ``model.safetensors``, the index, the shards."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name in (SINGLE_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: (p.name != SINGLE_NAME, p.name != INDEX_NAME, p.name))
+
+
+def check_layout_target(folder: Path, *, overwrite: bool) -> None:
+    """Refuse a folder for a sharded export if it is a file, or (without ``overwrite``) holds weights of the layout.
+
+    A loader finding ``model.safetensors`` beside an index (``from_pretrained`` prefers the single file, emakit's
+    reader the index) would load whichever it prefers, maybe stale weights.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"path {str(folder)!r} must be a folder for a sharded export (max_shard_size given)")
+    check_output_path(folder / INDEX_NAME, overwrite=True)  # a parent that is a file
+    found = layout_files(folder)
+    if found and not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise FileExistsError(
+            f"path {str(folder)!r} holds {names} (an earlier export or save_pretrained): a sharded export beside "
+            "them would leave stale weights for from_pretrained or emakit to load. Pass overwrite=True to replace "
+            "them (those files are removed), or give an empty folder"
+        )
+
+
+def clear_layout(folder: Path, *, overwrite: bool) -> None:
+    """:func:`check_layout_target`, then (only with ``overwrite``) remove the layout's files found there."""
+    check_layout_target(folder, overwrite=overwrite)
+    for stale in layout_files(folder):
+        stale.unlink()
+
+
 def write_sharded_safetensors(
-    entries: Sequence[TensorEntry], folder: Path, max_shard_size: int, *, write: bool = True
+    entries: Sequence[TensorEntry], folder: Path, max_shard_size: int, *, overwrite: bool, write: bool = True
 ) -> Path | None:
     """Write ``entries`` into ``folder`` in Transformers' layout, files of at most ``max_shard_size`` bytes.
 
     Several files: ``model-{i:05d}-of-{n:05d}.safetensors`` and ``model.safetensors.index.json`` (written
-    last); everything in one file: ``model.safetensors`` alone, as ``save_pretrained`` does. Returns ``folder``.
+    last); everything in one file: ``model.safetensors`` alone, as ``save_pretrained`` does. A folder already
+    holding files of that layout is refused; with ``overwrite`` they are removed first, so that a crash leaves
+    an incomplete new layout (which loaders refuse), never old weights beside new ones. Returns ``folder``.
     """
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"path {str(folder)!r} must be a folder for a sharded export (max_shard_size given)")
     shards = plan_shards(entries, max_shard_size)
+    if write:
+        clear_layout(folder, overwrite=overwrite)
     if len(shards) == 1:
-        written = write_safetensors(shards[0], folder / SINGLE_NAME, write=write)
-        return None if written is None else folder
+        return folder if write_safetensors(shards[0], folder / SINGLE_NAME, overwrite=False, write=write) else None
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards, strict=True):
-        write_safetensors(shard, folder / name, write=write)
+        write_safetensors(shard, folder / name, overwrite=False, write=write)
     if not write:
         return None
     index = {
         "metadata": {"total_size": sum(entry.nbytes for entry in entries)},
         "weight_map": {entry.name: name for name, shard in zip(names, shards, strict=True) for entry in shard},
     }
-    tmp = folder / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / INDEX_NAME)
-    fsync_dir(folder)
+    write_bytes(folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), overwrite=False)
     return folder

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from emakit.time import Time, TimeUnit
 
-__all__ = ["DemoConfig", "OptionError", "check_time_option"]
+__all__ = ["RUN_FILES", "DemoConfig", "OptionError", "check_time_option"]
+
+#: What a demo run writes into its folder; a folder holding any of them holds a run, which the demo never replaces.
+RUN_FILES = ("metrics.jsonl", "curves.png", "ema_weights.safetensors", "summary.json", "checkpoints")
 
 
 class OptionError(ValueError):

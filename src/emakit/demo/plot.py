@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from emakit.atomic import atomic_file
 
 __all__ = ["plot_curves"]
 
@@ -20,8 +22,17 @@ def _label(kind: str, summary: dict[str, Any]) -> str:
     return name
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path, summary: dict[str, Any], title: str = "") -> Path:
-    """Draw validation accuracy (left) and loss (right, log scale) for raw and EMA weights; save to ``path``.
+def plot_curves(
+    records: Sequence[dict[str, Any]],
+    path: Path,
+    summary: dict[str, Any],
+    title: str = "",
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Draw validation accuracy (left) and loss (right, log scale) for raw and EMA weights; save to ``path``
+    (an existing file is replaced only with ``overwrite``), with ``metadata`` as the PNG's text chunks.
 
     The accuracy axis is zoomed to the range the curves reach after the first fifth of training, where
     the difference between them is; the text in the panel says so when early points fall below it.
@@ -89,8 +100,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, summary: dict[str
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path, overwrite=overwrite) as f:
+            fig.savefig(f, format="png", dpi=110, metadata=dict(metadata or {}))
+    finally:
+        plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from emakit.atomic import atomic_file
 from emakit.demo.posthoc_config import POOR_FIT
 
 __all__ = [
@@ -131,10 +132,11 @@ def plot_sweep(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path, overwrite=True) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emakit.atomic import write_bytes
 from emakit.demo.posthoc_config import (
     CHECK_TOLERANCE,
     PLOT_FILE,
@@ -241,9 +242,7 @@ def _run(config: PosthocDemoConfig, start: float) -> dict[str, Any]:
         "total": round(time.perf_counter() - start, 2),
     }
     text = json.dumps(summary, indent=2) + "\n"
-    tmp = files["summary"].with_name(f".{SUMMARY_FILE}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(files["summary"])
+    write_bytes(files["summary"], text.encode(), overwrite=True)
     summary["files"] = {k: str(v) for k, v in files.items()}
     return summary
 

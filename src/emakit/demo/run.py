@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -21,11 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from emakit.atomic import write_bytes
 from emakit.averaging import EMA, Constant
 from emakit.callbacks import CheckpointSaver
 from emakit.callbacks.progress import show_progress_bar
 from emakit.core import Callback
-from emakit.demo.config import DemoConfig, OptionError, check_time_option
+from emakit.demo.config import RUN_FILES, DemoConfig, OptionError, check_time_option
 from emakit.demo.data import DemoData, load_data
 from emakit.demo.model import build_model
 from emakit.time import Time, TimeUnit
@@ -47,11 +47,7 @@ __all__ = [
     "summarize",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-EMA_WEIGHTS_FILE = "ema_weights.safetensors"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE, CURVES_FILE, EMA_WEIGHTS_FILE, SUMMARY_FILE, CHECKPOINT_DIR = RUN_FILES
 
 
 @dataclass
@@ -290,7 +286,7 @@ def summarize(records: Sequence[dict[str, Any]], total_batches: int) -> dict[str
 
 def _save_ema_weights(ema: EMA, data: DemoData, config: DemoConfig, path: Path) -> None:
     """The EMA weights alone under the model's state_dict names, with what is needed to use them as metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = ema.ema_model
     # Contiguous clones: the EMA tensors are views of one flat buffer, and safetensors refuses shared storage.
@@ -307,9 +303,7 @@ def _save_ema_weights(ema: EMA, data: DemoData, config: DemoConfig, path: Path) 
         "data": data.source,
         "seed": str(config.seed),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_bytes(path, save(tensors, metadata=metadata), overwrite=False)
 
 
 def run_demo(config: DemoConfig, data: DemoData | None = None, ema: EMA | None = None) -> DemoResult:
@@ -342,7 +336,7 @@ def run_demo(config: DemoConfig, data: DemoData | None = None, ema: EMA | None =
     wall = time.perf_counter() - start
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     summary["run_seconds"] = round(wall, 2)
-    files["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_bytes(files["summary"], (json.dumps(summary, indent=2) + "\n").encode(), overwrite=False)
     return DemoResult(config, records, summary, files, trainer, ema, data, wall_time_s=wall)
 
 

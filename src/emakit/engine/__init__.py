@@ -20,8 +20,9 @@ one module of the engine does not import the others.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from emakit._lazy import lazy_names
 
 if TYPE_CHECKING:
     from emakit.engine.blend import PreparedBlend, blend_averages_
@@ -76,16 +77,4 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name here."""
-    module = _LAZY.get(name)
-    if module is None:  # submodules need their own `import emakit.engine.<name>`
-        raise AttributeError(f"module 'emakit.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names, loaded or not."""
-    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+__getattr__, __dir__ = lazy_names(__name__, __all__, _LAZY)

@@ -50,6 +50,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit._compat import dtensor_class
+from emakit.atomic import atomic_file
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
@@ -421,13 +422,12 @@ def _write_averaged(averager: Averager, path: Path) -> None:
     for name in averager.tracked_keys(model_state):
         tensor: torch.Tensor = published[name].detach()
         entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(torch.Tensor.detach, tensor)))
-    write_safetensors(entries, path)
+    write_safetensors(entries, path, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
 
 def _save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
+        torch.save(obj, f)
 
 
 def _deepspeed_stage(args: TrainingArguments) -> int | None:

@@ -23,8 +23,9 @@ Names are imported on first use, so ``emakit posthoc --help`` does not load torc
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from emakit._lazy import lazy_names
 
 if TYPE_CHECKING:
     from emakit.engine.blend import blend_averages_
@@ -128,16 +129,4 @@ POOR_FIT = 0.05
 UNREPRESENTABLE = 1.0
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'emakit.posthoc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names, loaded or not."""
-    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+__getattr__, __dir__ = lazy_names(__name__, __all__, _LAZY)

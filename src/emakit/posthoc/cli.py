@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace) -> None:
         from emakit.checkpoint.files import save_checkpoint_file
 
         result = execute_plan(plan, dtype=getattr(torch, args.dtype))
-        save_checkpoint_file(result, args.out)  # atomic, like the safetensors write
+        save_checkpoint_file(result, args.out, overwrite=args.force)  # atomic, like the safetensors write
     else:
         result = execute_plan(plan, out=args.out, dtype=getattr(torch, args.dtype), overwrite=args.force)
     summary = describe(plan)

@@ -302,7 +302,12 @@ def execute_plan(
         result.update({name: latest[f"0/{name}"] for name in copied})
     result = {name: result[name] for name in layout}  # the snapshots' order
     if out is not None:
-        write_safetensors(Path(out), list(result.items()), {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))})
+        write_safetensors(
+            Path(out),
+            list(result.items()),
+            {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))},
+            overwrite=overwrite,
+        )
     return result
 
 

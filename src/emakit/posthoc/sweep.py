@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from emakit.atomic import atomic_file, write_bytes
 from emakit.posthoc import POOR_FIT
 from emakit.posthoc.profiles import HalfLifeProfile
 from emakit.posthoc.reconstruction import ReconstructionPlan, check_output, execute_plan, plan_reconstruction
@@ -155,9 +156,7 @@ def _best(rows: list[dict[str, Any]], metric: str, goal: str) -> dict[str, Any] 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_bytes(path, text.encode(), overwrite=True)  # the sweep's own table, rewritten after each candidate
 
 
 def _write_table(result: SweepResult, folder: Path) -> None:
@@ -302,10 +301,11 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
     ax.set_ylabel(f"{result.metric} ({'lower' if result.goal == 'min' else 'higher'} is better)")
     ax.set_title(f"post-hoc candidates; hollow: profile fit error above {POOR_FIT:.0%}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path, overwrite=True) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -16,13 +16,13 @@ that a folder mixing two runs is refused; absent in snapshots from before it was
 ``{"kind": "power", "sigma_rel": s, "gamma": g}`` or ``{"kind": "half_life", "half_life_updates": h}``; sharded
 snapshots add ``names``, the tensors' order (a safetensors file keeps it in its data offsets).
 
-Writes are atomic: a hidden temporary (``.snapshot-000007.safetensors.tmp``, ``.snapshot-000007.tmp/``) is
-written, synced to disk and renamed into place, then the folder is synced; readers ignore temporaries, so a
-crash never leaves a partial snapshot. Floating tensors are stored in float32 (default), float16 or bfloat16;
+Writes are atomic (:mod:`emakit.atomic`): a hidden temporary is written, synced to disk and renamed into place,
+then the folder is synced; readers ignore temporaries, so a crash never leaves a partial snapshot. An existing
+snapshot is replaced only with ``overwrite=True``. Floating tensors are stored in float32 (default), float16 or bfloat16;
 integer and bool tensors as they are.
 
 Modules: :mod:`~emakit.posthoc.snapshots.format` (names and codes), :mod:`~emakit.posthoc.snapshots.atomic`
-(atomic files), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
+(the safetensors writer), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
 :mod:`~emakit.posthoc.snapshots.series` (the next index, the runs in a folder, moving a lost future aside into
 a hidden ``.discarded-<time>/`` sub-folder). Every public name is
 importable from here.

@@ -1,5 +1,5 @@
-"""Atomic files: a safetensors file written one tensor at a time, and small JSON files, each renamed into place
-only once complete and synced to disk.
+"""The snapshots' safetensors writer (one tensor at a time, views into one flat buffer included) and their small
+JSON files, both through :mod:`emakit.atomic` (renamed into place only once complete and synced to disk).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from emakit.atomic import atomic_file, write_bytes
 from emakit.engine.naming import is_averaged
 from emakit.posthoc.snapshots.format import _SAFETENSORS_DTYPES
 
@@ -30,19 +31,6 @@ class DtypeOverflowError(ValueError):
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported here (e.g. Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The little-endian bytes of a CPU tensor (no copy when it is already contiguous on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -57,6 +45,7 @@ def write_safetensors(
     tensors: Sequence[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str],
     *,
+    overwrite: bool,
     float_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``tensors`` (name, tensor) as a safetensors file at ``path``, atomically, one tensor at a time.
@@ -64,7 +53,7 @@ def write_safetensors(
     Tensors are cast (floating ones to ``float_dtype`` if given) and copied to the CPU one by one, so the
     memory needed is one tensor's, and they may share memory (views into one flat buffer). The file reads with
     ``safetensors.safe_open`` / ``safetensors.torch.load_file``. It appears at ``path`` only once complete and
-    synced (temporary file, fsync, rename, fsync of the folder).
+    synced (:func:`emakit.atomic.atomic_file`); an existing ``path`` is replaced only with ``overwrite``.
 
     Raises:
         ValueError: a dtype safetensors cannot hold, or a finite value that ``float_dtype`` cannot represent.
@@ -87,21 +76,12 @@ def write_safetensors(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(encoded)))
-            f.write(encoded)
-            for (name, tensor), dtype in zip(tensors, stored, strict=True):
-                if tensor.numel():
-                    f.write(_tensor_bytes(_cast(tensor, dtype, f"tensor {name!r}")))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path, overwrite=overwrite) as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for (name, tensor), dtype in zip(tensors, stored, strict=True):
+            if tensor.numel():
+                f.write(_tensor_bytes(_cast(tensor, dtype, f"tensor {name!r}")))
     return path
 
 
@@ -121,10 +101,4 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_bytes(path, json.dumps(data, indent=1).encode(), overwrite=True)

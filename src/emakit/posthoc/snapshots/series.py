@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from emakit.posthoc.snapshots.atomic import _fsync_dir
+from emakit.atomic import fsync_dir
 from emakit.posthoc.snapshots.format import _check_int, _entries
 from emakit.posthoc.snapshots.reading import _read_one
 
@@ -77,6 +77,6 @@ def discard_snapshots_after(folder: str | os.PathLike[str], t: int) -> list[Path
     for entry in lost:
         os.replace(entry, aside / entry.name)
         moved.append(aside / entry.name)
-    _fsync_dir(aside)
-    _fsync_dir(path)
+    fsync_dir(aside)
+    fsync_dir(path)
     return moved

@@ -15,9 +15,11 @@ import torch
 
 from emakit._compat import dtensor_type
 from emakit._version import __version__
+from emakit.atomic import install, shared_temporary_path
 from emakit.engine.naming import is_averaged
+from emakit.parallel.ranks import barrier, meet
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
-from emakit.posthoc.snapshots.atomic import _cast, _fsync_dir, _write_json, write_safetensors
+from emakit.posthoc.snapshots.atomic import _cast, _write_json, write_safetensors
 from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -31,6 +33,9 @@ from emakit.posthoc.snapshots.format import (
 __all__ = [
     "write_snapshot",
 ]
+
+#: How long the ranks writing a sharded snapshot wait for each other at its start.
+SNAPSHOT_MEETING_TIMEOUT_S = 600.0
 
 
 def _dtensor_type() -> type | None:
@@ -84,13 +89,15 @@ def write_snapshot(
     update_interval: int = 1,
     dtype: torch.dtype = torch.float32,
     run: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write snapshot ``index`` of ``averages`` (one dict of tensors by canonical name per average) into ``folder``.
 
     ``profiles[j]`` is average ``j``'s profile; ``t`` the number of EMA updates so far (the averages' time axis),
     ``step`` the optimizer steps so far, ``update_interval`` the steps per update. Floating tensors are stored
     in ``dtype``. ``run`` identifies the run writing the series (readers refuse a folder mixing runs). An
-    existing snapshot ``index`` is replaced (a resumed run writing it again).
+    existing snapshot ``index`` (in either form) is replaced only with ``overwrite``; without it, one written by
+    another process even while this one is being written is kept and FileExistsError raised.
 
     Plain tensors make one safetensors file; under a process group only rank 0 writes it and no collective
     is made. If any tensor is a DTensor (FSDP2), every rank must call this: each writes its own shards into a
@@ -100,6 +107,7 @@ def write_snapshot(
         The path of the snapshot (also on ranks that wrote nothing).
     Raises:
         ValueError: bad arguments (each names the argument), or a value that overflows ``dtype``.
+        FileExistsError: snapshot ``index`` exists in ``folder`` and ``overwrite`` is false.
     """
     folder = Path(folder)
     index = _check_int(index, "index", 0)
@@ -134,39 +142,53 @@ def write_snapshot(
         metadata["run"] = run
     path = folder / snapshot_name(index, sharded)
     keys = [(f"{j}/{name}", average[name]) for j, average in enumerate(averages) for name in names]
+    other = folder / snapshot_name(index, not sharded)  # the same index in the other form
     if sharded:
         metadata["names"] = names  # DCP's metadata does not keep the order
         stored = {k: _cast(x, dtype, f"tensor {k!r}") if is_averaged(x) else x.detach() for k, x in keys}
-        _write_sharded(path, stored, metadata, rank)
-        return path
-    if rank == 0:
+        _write_sharded(path, stored, metadata, rank, overwrite)
+    elif rank == 0:
+        _refuse_existing(path, other, overwrite)
         folder.mkdir(parents=True, exist_ok=True)
-        stale = folder / snapshot_name(index, sharded=True)
-        write_safetensors(path, keys, {METADATA_KEY: json.dumps(metadata)}, float_dtype=dtype)
-        if stale.is_dir():  # the same index written sharded by an earlier run
-            shutil.rmtree(stale)
+        write_safetensors(path, keys, {METADATA_KEY: json.dumps(metadata)}, float_dtype=dtype, overwrite=overwrite)
+    if rank == 0 and overwrite:
+        _remove(other)
     return path
 
 
-def _write_sharded(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], rank: int) -> None:
-    import torch.distributed as dist
+def _refuse_existing(path: Path, other: Path, overwrite: bool) -> None:
+    """FileExistsError if snapshot ``path`` exists, in its own form or the ``other`` one, unless ``overwrite``."""
+    for existing in (path, other):
+        if not overwrite and (existing.exists() or existing.is_symlink()):
+            raise FileExistsError(f"snapshot {str(existing)!r} exists; pass overwrite=True to replace it")
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _write_sharded(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], rank: int, overwrite: bool
+) -> None:
     import torch.distributed.checkpoint as dcp
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = shared_temporary_path(path)
+    refused = None
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
+        try:
+            _refuse_existing(path, path.with_name(snapshot_name(metadata["index"])), overwrite)
+        except FileExistsError as e:
+            refused = e
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # an emakit temporary of this name: a crashed write of ``path``
+            tmp.mkdir()
+    meet("write_snapshot", SNAPSHOT_MEETING_TIMEOUT_S, error=refused)
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # every rank writes its shards, synced
     if rank == 0:
         _write_json(tmp / SHARDED_METADATA_FILE, metadata)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-        (path.parent / snapshot_name(metadata["index"])).unlink(missing_ok=True)  # an unsharded one of this index
-    dist.barrier()
+        install(tmp, path, overwrite=overwrite)
+    barrier()
