@@ -98,7 +98,7 @@ def test_lazy_package_namespace() -> None:
     """``import emakit`` resolves its public names on first use; ``dir`` and ``__all__`` list them all."""
     import emakit
 
-    expected = {"EMA", "SWA", "CheckpointSaver", "Event", "Time", "TimeUnit", "Timestamp", "Trainer", "__version__",
+    expected = {"BEMA", "EMA", "SWA", "CheckpointSaver", "Event", "Time", "TimeUnit", "Timestamp", "Trainer", "__version__",
                 "compute_ema", "export_ema_weights"}  # fmt: skip
     assert set(emakit.__all__) == expected
     assert expected <= set(dir(emakit))
