@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def script() -> str:
     (block,) = [b for b in code_blocks(PAGE) if b.first_line.startswith("# train_zero3.py")]
-    assert block.not_run is not None and "tests/deepspeed/test_docs.py" in block.not_run
+    assert block.not_run is not None and "tests/deepspeed/test_deepspeed_docs.py" in block.not_run
     return block.code
 
 
