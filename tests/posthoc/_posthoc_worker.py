@@ -146,7 +146,9 @@ def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
     storage = ema.storage
     assert storage is not None
     numel = sum(b.numel() for b in storage.buffers.values())  # this rank's part of one average
-    torch.save({"sharded": ema._tracked.sharded, "storage_numel": numel}, out / f"ema_rank{torch.distributed.get_rank()}.pt")
+    torch.save(
+        {"sharded": ema._tracked.sharded, "storage_numel": numel}, out / f"ema_rank{torch.distributed.get_rank()}.pt"
+    )
 
 
 if __name__ == "__main__":
