@@ -594,8 +594,19 @@ def test_refused_strategy_raises_before_training_starts() -> None:
 def test_deepspeed_is_refused() -> None:
     from emakit.integrations.lightning_strategies import strategy_refusal
 
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # DeepSpeed itself is not installed here
-    assert "strategy DeepSpeedStrategy" in str(strategy_refusal(strategy))
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # refused before DeepSpeed is set up
+    refusal = str(strategy_refusal(strategy))
+    assert "strategy DeepSpeedStrategy" in refusal
+    assert "runs on CUDA GPUs only" in refusal
+    assert "DeepSpeed's own loop" in refusal and "TrainingArguments.deepspeed" in refusal
+
+
+def test_lightning_refuses_its_deepspeed_strategy_on_cpu() -> None:
+    # why emakit cannot follow DeepSpeedStrategy here: Lightning itself does not run it without CUDA
+    pytest.importorskip("deepspeed")
+    strategy = DeepSpeedStrategy(stage=3, accelerator=pl.accelerators.CPUAccelerator())
+    with pytest.raises(RuntimeError, match="The DeepSpeed strategy is only supported on CUDA GPUs"):
+        strategy.setup_environment()
 
 
 def test_one_ema_callback_per_trainer_and_not_with_lightnings_own() -> None:

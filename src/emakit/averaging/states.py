@@ -211,16 +211,16 @@ def keys_of_tracked(tracked: TrackedModel, model_state: Mapping[str, Any]) -> li
     """(state key, tracked name) for every key holding a tracked tensor: its own name, and the other names of
     tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``), which must get the same value."""
     pairs = [(name, name) for name in tracked.names if name in model_state]
-    if tracked.sharded:
-        return pairs
     owner: dict[tuple[int, torch.Size, torch.dtype], str] = {}
     for name, tensor in zip(tracked.names, tracked.live(), strict=True):
         if tensor.numel():
             owner[(tensor.data_ptr(), tensor.shape, tensor.dtype)] = name
     names = set(tracked.names)
     for key, value in model_state.items():
-        if key not in names and isinstance(value, torch.Tensor) and value.numel():
-            found = owner.get((value.data_ptr(), value.shape, value.dtype))
+        # sharded: the shards (a DTensor's local tensor, a ZeRO-3 partition) of tied weights are the same memory
+        local = local_tensor(value) if isinstance(value, torch.Tensor) else None
+        if key not in names and local is not None and local.numel():
+            found = owner.get((local.data_ptr(), local.shape, local.dtype))
             if found is not None:
                 pairs.append((key, found))
     return pairs

@@ -96,12 +96,20 @@ def _refuse_unsupported(accelerator: Any, model: nn.Module) -> None:
     stage = getattr(plugin, "zero_stage", None)
     if kind == "DEEPSPEED" and stage is not None and int(stage) >= 3:
         raise ValueError(
-            f"prepare_ema does not support DeepSpeed ZeRO stage {stage}: ZeRO-3 partitions the parameters, so no "
-            "rank holds the weights to average. ZeRO stages 0-2 keep whole parameters on every rank"
+            f"prepare_ema does not support DeepSpeed ZeRO stage {stage} yet: each rank's EMA holds its own ZeRO-3 "
+            "partitions, which save_state (registered objects, written by the main process only) cannot keep, "
+            "and Accelerate's DeepSpeed plugin does not run several processes on CPU, where emakit is tested. "
+            "ZeRO-3 is supported in DeepSpeed's own loop (deepspeed.initialize; attach the EMA to "
+            "engine.module) and in the Transformers Trainer (TrainingArguments.deepspeed); ZeRO stages 0-2 are "
+            "supported here"
         )
     for name, param in model.named_parameters():
         if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):
             raise ValueError(
                 f"prepare_ema does not support sharded parameters: parameter {name!r} is a {type(param.data).__name__}"
                 + (" partitioned by DeepSpeed ZeRO-3" if hasattr(param, "ds_status") else "")
+                + ": save_state writes registered objects from the main process only, while each rank holds its "
+                "own shards of the average. Sharded models are supported in the Transformers Trainer (DeepSpeed "
+                "ZeRO-3, or a model sharded with fully_shard), Lightning's ModelParallelStrategy and emakit's "
+                "Trainer(parallelism='fsdp')"
             )

@@ -54,10 +54,11 @@ def strategy_refusal(strategy: Strategy) -> str | None:
         )
     if isinstance(strategy, DeepSpeedStrategy):
         return (
-            f"emakit's averaging callbacks do not support strategy {name}: DeepSpeed owns the optimizer step, gradient "
-            "accumulation and checkpoint format, and ZeRO-3 partitions the parameters, so the EMA could not see "
-            "whole, stepped weights. Use strategy='ddp' (or one device), or ModelParallelStrategy with "
-            "fully_shard (FSDP2) to shard the model"
+            f"emakit's averaging callbacks do not support strategy {name}: Lightning's DeepSpeed strategy runs on CUDA "
+            "GPUs only, where emakit cannot test it yet (on CPU, Lightning itself refuses it: 'The DeepSpeed strategy "
+            "is only supported on CUDA GPUs'). emakit's ZeRO-3 EMA is supported in DeepSpeed's own loop "
+            "(deepspeed.initialize) and in the Transformers Trainer (TrainingArguments.deepspeed); under Lightning, "
+            "use strategy='ddp' (or one device), or ModelParallelStrategy with fully_shard (FSDP2) to shard the model"
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         return f"emakit's averaging callbacks support one device, strategy='ddp' and ModelParallelStrategy, got strategy {name}"

@@ -7,14 +7,16 @@ evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write
 ``save_model()``, and tell the callback which checkpoint ``train(resume_from_checkpoint=...)`` resumes from.
 
 =====================================  ============================================================================
-``Trainer(...)`` (``on_init_end``)     unsupported configurations (FSDP, DeepSpeed ZeRO-3) refused
+``Trainer(...)`` (``on_init_end``)     unsupported configurations (the Trainer's ``fsdp=``, FSDP1) refused
 ``train()`` (``on_train_begin``)       a fresh EMA ``attach``-ed to the model, ``set_duration(max_steps ba)``;
                                        when resuming, its state loaded from the checkpoint folder
 ``on_step_end``                        ``ema.step()``: once per optimizer step, after the last micro-batch of
                                        each ``gradient_accumulation_steps`` and after ``optimizer.step()``
 ``on_epoch_end``                       ``ema.epoch_end()`` for complete epochs (not the cut one at ``max_steps``)
 ``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the averaged tensors alone, for
-                                       ``load_state_dict``) and ``checkpoint-N/emakit_ema.pt`` (``ema.state_dict()``)
+                                       ``load_state_dict``; the whole model for partitioned or sharded models) and
+                                       ``checkpoint-N/emakit_ema.pt`` (``ema.state_dict()``); under DeepSpeed
+                                       ZeRO-3 each rank's ``emakit_ema_rank{r}.pt`` (its partitions)
 ``on_train_end``                       with ``load_best_model_at_end``: the EMA of the best checkpoint loaded
 ``evaluate()``, ``predict()``          ``with ema.average_parameters(model)`` (mixin), once the average started
 ``save_model()``                       the EMA weights as the model with ``save_ema_as_model=True`` (mixin);
@@ -34,7 +36,6 @@ Another Trainer subclass (TRL's, your own) gets the same with ``class MyTrainer(
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -55,8 +56,10 @@ from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
+from emakit.checkpoint.export import export_ema_weights
 from emakit.checkpoint.streaming import TensorEntry, write_safetensors
 from emakit.integrations.arguments import derived_signature, keyword
+from emakit.integrations.rank_states import state_to_load, state_to_save
 from emakit.parallel.ranks import get_rank, is_distributed
 from emakit.time import Time, TimeUnit
 
@@ -214,10 +217,14 @@ class AveragingCallback(TrainerCallback):
             raise RuntimeError(
                 f"{type(self).__name__} cannot find the checkpoint folder the Trainer just wrote: {folder}"
             )
-        if self.averager.started and (get_rank() == 0 or not is_distributed()):
-            _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
-        if args.should_save:
-            _save_atomically(self.averager.state_dict(), folder / EMA_STATE_NAME)
+        if self.averager.started:
+            if _partitioned(self.averager.model):  # every rank takes part in the gathers; rank 0 writes
+                export_ema_weights(self.averager, folder / EMA_WEIGHTS_NAME, overwrite=True)
+            elif get_rank() == 0 or not is_distributed():
+                _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
+        target = state_to_save(self.averager, folder, EMA_STATE_NAME, args.should_save)
+        if target is not None:  # under ZeRO-3 every rank saves its partitions
+            _save_atomically(self.averager.state_dict(), target)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -227,8 +234,9 @@ class AveragingCallback(TrainerCallback):
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best is not None and os.path.isdir(best):
             # The Trainer has just loaded the best checkpoint's training weights; keep its EMA with them.
-            if (Path(best) / EMA_STATE_NAME).is_file():
-                self._load(Path(best) / EMA_STATE_NAME)
+            saved = state_to_load(self.averager, Path(best), EMA_STATE_NAME)
+            if saved is not None:
+                self._load(saved)
             else:
                 warnings.warn(
                     f"load_best_model_at_end: the best checkpoint {best} holds no {EMA_STATE_NAME}; the EMA keeps "
@@ -259,8 +267,8 @@ class AveragingCallback(TrainerCallback):
         self.averager.finish_window(ordered, model, forward, end_of_training=end_of_training)
 
     def _resume(self, folder: Path, global_step: int) -> None:
-        path = folder / EMA_STATE_NAME
-        if not path.is_file():
+        path = state_to_load(self.averager, folder, EMA_STATE_NAME)
+        if path is None:
             warnings.warn(
                 f"resuming at step {global_step} from {folder}, which holds no {EMA_STATE_NAME}: the EMA starts a "
                 "fresh average from the current weights (its half-life and ema_start count from here)",
@@ -425,58 +433,47 @@ def _write_averaged(averager: Averager, path: Path) -> None:
     write_safetensors(entries, path, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
 
+def _partitioned(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors) or DeepSpeed ZeRO-3 partitions."""
+    return any(isinstance(p, dtensor_class()) or hasattr(p, "ds_status") for p in model.parameters())
+
+
 def _save_atomically(obj: Any, path: Path) -> None:
     with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
         torch.save(obj, f)
-
-
-def _deepspeed_stage(args: TrainingArguments) -> int | None:
-    """The ZeRO stage of ``args.deepspeed`` (a dict or a JSON file), or None without DeepSpeed."""
-    config: Any = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or args.deepspeed
-    if config is None:
-        return None
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            config = json.load(f)
-    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else 0
-    return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else 0
 
 
 def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> None:
     """Refuse, before training, the configurations whose EMA this callback would get wrong.
 
     ``args`` are checked when the Trainer is built; the model (wrapped by then) when training starts, which
-    also catches FSDP or DeepSpeed configured through ``accelerate launch`` rather than the arguments.
+    also catches FSDP1 configured through ``accelerate launch`` rather than the arguments. DeepSpeed ZeRO-3
+    (each rank averages its partitions, parallel/zero.py) and a model sharded with ``fully_shard`` before the
+    Trainer sees it (each rank averages its DTensor shards) are supported.
     """
     if args.fsdp:
         raise ValueError(
-            f"emakit's averaging callbacks do not support FSDP (TrainingArguments.fsdp={args.fsdp!r}), neither FSDP1 nor FSDP2 "
-            "through Accelerate: each rank would hold only its shards of the average and "
-            "the Trainer's checkpoints are written by one rank. Supported here: one device, DDP, DeepSpeed ZeRO "
-            "0-2. For a sharded model, use Lightning's ModelParallelStrategy with emakit's Lightning "
-            "EMACallback, or emakit's Trainer(parallelism='fsdp'), which keep a shard-local EMA"
-        )
-    stage = _deepspeed_stage(args)
-    if stage is not None and stage >= 3:
-        raise ValueError(
-            f"emakit's averaging callbacks do not support DeepSpeed ZeRO stage {stage} (TrainingArguments.deepspeed): ZeRO-3 "
-            "partitions the parameters, so no rank holds the weights to average. ZeRO stages 0-2 keep whole "
-            "parameters on every rank and are accepted"
+            f"emakit's averaging callbacks do not support the Trainer's FSDP (TrainingArguments.fsdp={args.fsdp!r}): "
+            "Accelerate's FSDP plugin shards the model where callbacks cannot follow it and writes checkpoints "
+            "that do not hold the EMA's shards. Supported: one device, DDP, DeepSpeed ZeRO 0-3 "
+            "(TrainingArguments.deepspeed), and a model sharded with torch.distributed.fsdp.fully_shard before it "
+            "is given to the Trainer (leave fsdp unset)"
         )
     if model is None:
         return
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         raise ValueError(
-            "emakit's averaging callbacks do not support FSDP: the Trainer's model is wrapped in FullyShardedDataParallel. "
-            "For Transformers and Accelerate, supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: "
-            "Lightning's ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
+            "emakit's averaging callbacks do not support FSDP1: the Trainer's model is wrapped in "
+            "FullyShardedDataParallel, whose flat parameters the EMA cannot follow. Shard the model with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) before giving it to the Trainer, or use DeepSpeed ZeRO-3"
         )
-    for name, param in model.named_parameters():
-        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):  # FSDP2 / tensor parallel, ZeRO-3
-            raise ValueError(
-                "emakit's averaging callbacks do not support sharded parameters (FSDP2 via Accelerate, tensor parallel, "
-                f"DeepSpeed ZeRO-3): parameter {name!r} is a {type(param.data).__name__}"
-                + (" partitioned by ZeRO-3" if hasattr(param, "ds_status") else "")
-                + ". Supported: one device, DDP, DeepSpeed ZeRO 0-2. Sharded models: Lightning's "
-                "ModelParallelStrategy with emakit's Lightning EMACallback, or emakit's Trainer(parallelism='fsdp')"
-            )
+    sharded = next((name for name, p in model.named_parameters() if isinstance(p, dtensor_class())), None)
+    save_strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if sharded is not None and save_strategy != "no":
+        raise ValueError(
+            f"TrainingArguments.save_strategy={save_strategy!r} with a model sharded by fully_shard (parameter "
+            f"{sharded!r} is a DTensor): the Trainer's checkpoints call save_model on the saving rank alone, which "
+            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint fails or "
+            "hangs. Set save_strategy='no'; the EMA still trains, evaluates and exports "
+            "(emakit.export_ema_weights(callback, path) on every rank)"
+        )
