@@ -488,7 +488,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"half_life": "-5ba"}, "half_life.*-5ba"),
-        ({"half_life": "10sp"}, "half_life.*10sp"),
+        ({"half_life": "0.5dur"}, "half_life.*0.5dur"),
         ({"half_life": 0}, "half_life.*0"),
         ({"half_life": "10ba", "smoothing": 0.9}, "half_life='10ba'.*smoothing=0.9"),
         ({"smoothing": 1.5}, "smoothing.*1.5"),
