@@ -16,9 +16,14 @@ _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GR
 @pytest.fixture(autouse=True)
 def _no_leaked_launch_environment() -> Iterator[None]:
     """Frameworks run in-process (Lightning's DDP strategy) set RANK, WORLD_SIZE, MASTER_PORT, ... in
-    os.environ and leave them there; a later test's subprocess would then think torchrun launched it."""
+    os.environ and leave them there; a later test's subprocess would then think torchrun launched it. A default
+    process group a test leaves behind is destroyed for the same reason."""
     saved = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
     yield
+    if not grouped and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # an in-process framework left its (one-rank) default process group: a later test could not make its own
+        torch.distributed.destroy_process_group()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -141,21 +141,30 @@ def main(out: Path, single_checkpoint: Path) -> None:
     fsdp.fit()
     storage = fsdp_ema.storage
     assert storage is not None
-    try:
-        _ = fsdp_ema.ema_model
-        ema_model_error = ""
-    except RuntimeError as e:
-        ema_model_error = str(e)
     record_["fsdp"] = {
         "ema": gathered(fsdp_ema.state_dict()["ema"]),
         "weights": model_weights(fsdp.state.model),
         "eval": eval_history(fsdp),
         "ema_nbytes": storage.nbytes,
         "ema_local_numel": {n: t.numel() for n, t in storage.tensors.items()},
-        "ema_model_error": ema_model_error,
     }
     export_ema_weights(fsdp, out / "fsdp_ema_export.pt")
     record_["fsdp"]["update_is_local"] = check_update_is_local(fsdp_ema, fsdp.state.model, rank)
+    # the EMA as a teacher under FSDP2 in emakit's Trainer: a module sharded like the student, run by every rank
+    # (last: the teacher's forward counts in the average's own `calls` buffer)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    teacher = fsdp_ema.ema_model
+    with torch.no_grad():
+        teacher_out = teacher(x).clone()
+        with fsdp_ema.average_parameters(fsdp.state.model):
+            swapped_out = fsdp.state.model(x).clone()
+    teacher_record = {
+        "teacher_out": teacher_out,
+        "swapped_out": swapped_out,
+        "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+        "sharded": all(type(p).__name__ == "DTensor" for p in teacher.parameters()),
+    }
+    record_["fsdp"]["teacher"] = teacher_record
 
     for parallelism in ("ddp", "fsdp"):  # the update overlapped with the next step on a worker thread
         overlapped, overlapped_ema = make_trainer(parallelism, overlap=True)

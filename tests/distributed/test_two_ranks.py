@@ -173,8 +173,16 @@ def test_fsdp_nonfinite_shard_on_one_rank_makes_every_rank_skip_the_update(launc
 
 
 @pytest.mark.slow
-def test_fsdp_ema_model_points_to_the_export_function(launch: dict[str, Any]) -> None:
-    assert "export_ema_weights" in launch["ranks"][0]["fsdp"]["ema_model_error"]
+def test_fsdp_ema_model_is_a_sharded_teacher_giving_the_swapped_models_outputs(launch: dict[str, Any]) -> None:
+    """emakit's Trainer(parallelism='fsdp'): ``ema_model`` runs forward sharded like the student, and its outputs
+    are the student's with the average swapped in (the other way to run the average), on every rank."""
+    for rank in launch["ranks"]:
+        teacher = rank["fsdp"]["teacher"]
+        assert teacher["sharded"] and not teacher["requires_grad"]
+        torch.testing.assert_close(teacher["teacher_out"], teacher["swapped_out"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        launch["ranks"][0]["fsdp"]["teacher"]["teacher_out"], launch["ranks"][1]["fsdp"]["teacher"]["teacher_out"]
+    )
 
 
 @pytest.mark.slow
