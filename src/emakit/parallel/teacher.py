@@ -95,7 +95,9 @@ def _plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     cls: type[nn.Module] = type(module)
     fsdp_module = fsdp_module_type()
     if fsdp_module is not None and isinstance(module, fsdp_module):
-        cls = cls.__mro__[cls._orig_cls_mro_index]  # type: ignore[attr-defined]
+        # the class fully_shard derived (FSDP<Name>(FSDPModule, Name)): the first class of its MRO that is not
+        # FSDP's (torch >= 2.10 also records its index as _orig_cls_mro_index)
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, fsdp_module))
     state = dict(module.__getstate__())
     copied = cls.__new__(cls)
     memo[id(module)] = copied
