@@ -1,6 +1,6 @@
 """Which checkpoint file holds an averager's state (emakit.integrations.rank_states), in one process.
 
-The per-rank ZeRO-3 files are written and resumed for real on 2 ranks by tests/deepspeed/test_zero_trainer.py;
+The per-rank ZeRO-3 files are written and resumed for real on 2 ranks by tests/zero/test_zero_trainer.py;
 here: the names, and the refusals of a folder written by another number of ranks or another ZeRO stage, also
 through a real Transformers Trainer resuming before any step.
 """

@@ -1,4 +1,4 @@
-"""One DeepSpeed ZeRO run on 2 CPU ranks with an EMA, for tests/deepspeed/test_zero.py.
+"""One DeepSpeed ZeRO run on 2 CPU ranks with an EMA, for tests/zero/test_zero.py.
 
 ``python -m torch.distributed.run --nproc_per_node=2 _zero_worker.py OUT STAGE [bf16|persistent]``: a frozen base with a trainable
 low-rank adapter and head, trained by ``deepspeed.initialize`` at ZeRO ``STAGE``, with the EMA attached to

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def script() -> str:
     (block,) = [b for b in code_blocks(PAGE) if b.first_line.startswith("# train_zero3.py")]
-    assert block.not_run is not None and "tests/deepspeed/test_deepspeed_docs.py" in block.not_run
+    assert block.not_run is not None and "tests/zero/test_deepspeed_docs.py" in block.not_run
     return block.code
 
 
@@ -59,7 +59,7 @@ def test_zero3_script_trains_evaluates_resumes_and_exports(tmp_path: Path) -> No
 
 def trainer_script() -> str:
     (block,) = [b for b in code_blocks(PAGE) if b.first_line.startswith("# train_trainer_zero3.py")]
-    assert block.not_run is not None and "tests/deepspeed/test_deepspeed_docs.py" in block.not_run
+    assert block.not_run is not None and "tests/zero/test_deepspeed_docs.py" in block.not_run
     return block.code
 
 

@@ -1,4 +1,4 @@
-"""The Transformers ``EMATrainer`` on 2 CPU ranks with a partitioned model, for tests/deepspeed/test_zero_trainer.py.
+"""The Transformers ``EMATrainer`` on 2 CPU ranks with a partitioned model, for tests/zero/test_zero_trainer.py.
 
 ``python -m torch.distributed.run --nproc_per_node=2 _trainer_worker.py OUT MODE``, MODE one of:
 
