@@ -7,32 +7,10 @@ import copy
 
 import pytest
 import torch
-from _oracle import Weights, max_error, record, tiny_model, train
+from _oracle import bema_oracle, corrected, max_error, record, tiny_model, train
 from torch import nn
 
 from emakit import BEMA
-
-
-def bema_oracle(recorded: list[Weights], rho: float, gamma: float, kappa: float, eta: float, start: int, every: int):
-    """The paper's recursion over recorded weights: after each step, (EMA, theta_0, alpha) or None before the start."""
-    out: list[tuple[Weights, Weights, float] | None] = [None] * len(recorded)
-    theta_0 = {k: v.clone() for k, v in recorded[start].items()}
-    ema = {k: v.clone() for k, v in theta_0.items()}
-    alpha, t = rho**-eta, 0
-    out[start] = (ema, theta_0, alpha)
-    for step in range(start + 1, len(recorded)):
-        if step % every == 0:
-            t += every
-            beta = (rho + gamma * t) ** -kappa
-            ema = {k: (1 - beta) * ema[k] + beta * recorded[step][k] for k in ema}
-            alpha = (rho + gamma * t) ** -eta
-        out[step] = (ema, theta_0, alpha)
-    return out
-
-
-def corrected(state: tuple[Weights, Weights, float], now: Weights) -> Weights:
-    ema, theta_0, alpha = state
-    return {k: alpha * (now[k] - theta_0[k]) + ema[k] for k in ema}
 
 
 @pytest.mark.parametrize(("start", "every"), [(0, 1), (4, 2), (3, 3)])
