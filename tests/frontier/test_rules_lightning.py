@@ -156,3 +156,8 @@ def test_count_samples_and_count_tokens_are_what_the_clock_counts() -> None:
     assert callback.averager.started and callback.averager.n_averaged == 2  # started at 32 samples (step 2)
     with pytest.raises(TypeError, match=r"count_tokens must be a function batch -> int or None, got 3"):
         EMACallback(half_life="50tok", count_tokens=3)  # type: ignore[arg-type]
+    negative = EMACallback(half_life="50tok", count_tokens=lambda b: -1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[negative])  # fmt: skip
+    with pytest.raises(ValueError, match=r"count_tokens\(batch\) must return an int >= 0, got -1"):
+        trainer.fit(PairModule(), pairs(), [])
