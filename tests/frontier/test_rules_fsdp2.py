@@ -3,19 +3,15 @@ process without FSDP to fp32 rounding, no collective in any update, and BEMA's t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _fsdp_rules_worker import RULES, Net, train
+from _torchrun import two_ranks
 
 from emakit._compat import FSDP2_TORCH, TORCH_VERSION
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fsdp_rules_worker import RULES, Net, train
 
 WORKER = Path(__file__).with_name("_fsdp_rules_worker.py")
 pytestmark = [
@@ -29,21 +25,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("rules_fsdp2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        str(out),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    files = [out / f"rank{r}.pt" for r in range(2)]
-    assert all(f.is_file() for f in files), result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(f, weights_only=True) for f in files]
+    return two_ranks(WORKER, tmp_path_factory.mktemp("rules_fsdp2"))
 
 
 def whole(ranks: list[dict[str, Any]], rule: str, what: str) -> dict[str, torch.Tensor]:

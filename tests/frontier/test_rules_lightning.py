@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from _frontends import RAMP, RULES, amounts, ramp_batches, token_data
 from _oracle import Weights, max_error, record
+from _torchrun import two_ranks
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -167,18 +168,7 @@ def test_count_samples_and_count_tokens_are_what_the_clock_counts() -> None:
 def test_ddp_ranks_count_the_tokens_and_samples_of_both_ranks(tmp_path: Path) -> None:
     """2 CPU ranks under torchrun: each rank's clock holds the sum of both ranks' unpadded tokens and samples
     (not its own times two), so both ranks weigh each update alike and keep the same average bit for bit."""
-    import os
-    import subprocess
-    import sys
-
-    worker = Path(__file__).with_name("_lightning_ddp_tokens_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-               str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    files = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    assert all(f.is_file() for f in files), result.stdout[-3000:] + result.stderr[-6000:]
-    ranks = [torch.load(f, weights_only=True) for f in files]
+    ranks = two_ranks(Path(__file__).with_name("_lightning_ddp_tokens_worker.py"), tmp_path)
     tokens = sum(sum(r["tokens"]) for r in ranks)
     assert ranks[0]["tokens"] != ranks[1]["tokens"]  # the ranks' batches differ in padding
     for r in ranks:
