@@ -127,8 +127,9 @@ class AveragingCallback(Callback):
             ``EMAWeightAveraging`` does), for code that uses ``model`` right after ``fit``; the training
             weights are then only in the checkpoints.
         bn_forward: runs one training batch for the BatchNorm pass (see above).
-        count_samples, count_tokens: ``f(batch) -> int``, a batch's samples / tokens for ``'sp'`` / ``'tok'`` times
-            (defaults and refusals: :mod:`emakit.integrations.amounts`).
+        count_samples: ``count_samples(batch)``, a batch's samples, for ``'sp'`` times (the default rule and the
+            refusals: :mod:`emakit.integrations.amounts`).
+        count_tokens: ``count_tokens(batch)``, a batch's tokens, for ``'tok'`` times (likewise).
 
     Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication),
     and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and/or tensor parallelism in ``configure_model``):
