@@ -175,3 +175,21 @@ def test_ddp_ranks_count_the_tokens_and_samples_of_both_ranks(tmp_path: Path) ->
         assert (r["timestamp"]["token"], r["timestamp"]["sample"]) == (tokens, sum(sum(q["samples"]) for q in ranks))
     for name, tensor in ranks[0]["ema"].items():
         assert torch.equal(tensor, ranks[1]["ema"][name]), name
+
+
+def test_mapping_batches_are_counted_and_an_all_padding_batch_counts_zero() -> None:
+    """Hugging Face collators give ``BatchEncoding`` (a ``UserDict``, not a ``dict``); a batch whose mask is all
+    padding holds tokens tensors and counts 0 rather than being refused as holding none."""
+    from collections import UserDict
+
+    from emakit import EMA
+    from emakit.integrations.amounts import BatchAmounts
+
+    amounts = BatchAmounts("EMACallback", EMA(half_life="100tok").schedule, None, None, len)
+    ids = torch.ones(2, 5, dtype=torch.long)
+    amounts.add(UserDict({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])}))
+    amounts.add({"input_ids": ids, "attention_mask": torch.zeros(2, 5, dtype=torch.long)})
+    amounts.add(UserDict({"input_ids": ids}))
+    assert amounts.take(1, None) == (0, 4 + 0 + 10)
+    with pytest.raises(ValueError, match=r"a tuple batch holds no 'attention_mask' or 'input_ids' tensor"):
+        amounts.add((ids,))

@@ -18,7 +18,7 @@ An amount that cannot be known is refused before the first optimizer step, namin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -73,7 +73,7 @@ class BatchAmounts:
             self.samples += _amount("count_samples", self.samples_of(batch))
         if self.counting[TimeUnit.TOKEN]:
             tokens = batch_tokens(batch) if self.tokens_of is None else _amount("count_tokens", self.tokens_of(batch))
-            if self.tokens_of is None and tokens == 0:
+            if self.tokens_of is None and not _holds_tokens(batch):
                 raise ValueError(
                     f"{self.owner}: {self.description} counts tokens, and a {type(batch).__name__} batch holds no "
                     "'attention_mask' or 'input_ids' tensor to count them from: pass count_tokens=<a function "
@@ -94,6 +94,13 @@ class BatchAmounts:
             shared = max(1, world_size // max(1, int(replicas or world_size)))
             samples, tokens = (int(v) // shared for v in both.tolist())
         return samples, tokens
+
+
+def _holds_tokens(batch: Any) -> bool:
+    """Whether ``batch`` is a mapping with an ``attention_mask`` or ``input_ids`` tensor (all padding counts 0)."""
+    return isinstance(batch, Mapping) and any(
+        isinstance(batch.get(key), torch.Tensor) for key in ("attention_mask", "input_ids")
+    )
 
 
 def _amount(name: str, value: Any) -> int:
