@@ -19,7 +19,7 @@ from torch import nn
 from emakit import EMA
 from emakit.posthoc.profiles import SIGMA_REL_MAX, PowerProfile
 from emakit.posthoc.reconstruction import plan_reconstruction, reconstruct
-from emakit.posthoc.targets import KERNELS, Kernel, decay_kernel, kernel_from_function, parse_kernel
+from emakit.posthoc.targets import KERNELS, Kernel, RawTarget, decay_kernel, kernel_from_function, parse_kernel
 
 UPDATES = 240
 EVERY = 12  # 20 snapshots
@@ -222,6 +222,8 @@ _VALID = {
     "power": st.floats(1e-4, SIGMA_REL_MAX),
     "ema": st.floats(1e-3, 1e9),
     "uniform": st.floats(1e-6, 1.0),
+    "bema": st.tuples(*[st.floats(0.0, 1e6)] * 4),
+    "raw": st.just(None),
 }
 
 
@@ -229,6 +231,12 @@ _VALID = {
 @given(data=st.data(), name=st.sampled_from(sorted(KERNELS)))
 def test_parse_kernel_reads_every_named_kernel(data: st.DataObject, name: str) -> None:
     value = data.draw(_VALID[name])
+    if name in ("bema", "raw"):
+        text = name if value is None else f"bema:{','.join(map(repr, value))}"
+        target = parse_kernel(text)["kernel"]
+        assert isinstance(target, RawTarget) and target.name == name and target.params == (value or ())
+        assert parse_kernel(str(target))["kernel"] == target  # str() is the spec back
+        return
     parsed = parse_kernel(f"{name}:{value!r}")
     if name in ("cosine", "linear", "1-sqrt"):
         kernel = parsed["kernel"]
