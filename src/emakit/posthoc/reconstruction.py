@@ -65,6 +65,8 @@ __all__ = [
 #: Key of the safetensors header metadata of a reconstructed file (JSON: target, t, snapshots used, fit error).
 RECONSTRUCTION_METADATA_KEY = "emakit.posthoc.reconstruction"
 _BATCH_BYTES = 256 << 20
+#: A half-life so short that its average after update t is the weights of update t alone.
+_POINT = HalfLifeProfile(1e-9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +225,15 @@ def _raw_fit(
         read.append(((index[0], START), start_weight))
     if kernel is None:
         return np.zeros(len(sources)), 0.0, read
-    x, error = kernel_fit(sources, kernel, t)
+    # The raw weights after update t_i are the average of a vanishing half-life at t_i: they join the fit.
+    points = [info for info in with_raw if info.t <= t]
+    x, error = kernel_fit([*sources, *((_POINT, info.t) for info in points)], kernel, t)
+    merged = {(info.index, j): [(info, j), c] for (info, j), c in read}
+    for info, c in zip(points, x[len(sources) :], strict=True):
+        merged.setdefault((info.index, RAW), [(info, RAW), 0.0])[1] += float(c)
     w = target.weights(t, now.update_interval)
-    return x, error * float(np.linalg.norm(kernel.masses(t))) / float(np.linalg.norm(w)), read
+    error *= float(np.linalg.norm(kernel.masses(t))) / float(np.linalg.norm(w))
+    return x[: len(sources)], error, [(pair, c) for pair, c in merged.values()]  # type: ignore[misc]
 
 
 def _window_end(window: tuple[object, ...], t: object) -> int:
