@@ -4,6 +4,7 @@ emakit's online BEMA on the same run, and the refusals of the targets that need 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from emakit import BEMA, EMA
 from emakit.posthoc.profiles import SIGMA_REL_MAX
 from emakit.posthoc.reconstruction import plan_reconstruction, reconstruct
-from emakit.posthoc.snapshots import METADATA_KEY, read_snapshot_index, write_snapshot
+from emakit.posthoc.snapshots import METADATA_KEY, read_snapshot_index, write_safetensors, write_snapshot
 from emakit.posthoc.targets import bema_kernel, parse_kernel
 
 UPDATES = 240
@@ -295,3 +296,35 @@ def test_the_raw_kernels_parse_and_name_what_they_accept(text: str, message: str
 def test_bema_refuses_a_first_update_weighing_more_than_one(probe: tuple[Path, dict[str, Any]]) -> None:
     with pytest.raises(ValueError, match=r"kernel bema:0.0,0.5,0.5,0.2: rho \+ gamma \* update_interval must be 1"):
         plan_reconstruction(probe[0], kernel="bema:0,0.5,0.5,0.2")
+
+
+def test_the_page_quotes_the_bema_fit_errors(probe: tuple[Path, dict[str, Any]]) -> None:
+    """docs/posthoc.md's BEMA table: the fit error of each parameter set at t=240 on these snapshots."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "posthoc.md").read_text().splitlines()
+    for params in BEMAS:
+        spec = "bema:" + ",".join(f"{p:g}" for p in params)
+        error = plan_reconstruction(probe[0], kernel=spec).fit_error
+        shown = "exact" if error < 1e-12 else f"{100 * error:.2g}%"
+        rows = [line for line in page if line.startswith(f"| `{spec}`")]
+        assert len(rows) == 1 and rows[0].endswith(f"| {shown} |"), (spec, shown, rows)
+
+
+def test_a_snapshot_of_an_unknown_version_or_raw_weights_in_version_1_is_refused(tmp_path: Path) -> None:
+    source = read_snapshot_index(LEGACY / "run")[0]
+    tensors = load_file(source.path)
+    for version, extra, message in [
+        (3, {}, r"snapshot-000000.safetensors' has format_version 3; this emakit reads 1 and 2"),
+        (1, {"raw/bias": tensors["0/bias"]}, r"holds a tensor 'raw/bias' that belongs to no average \(0..1\)"),
+        (2, {"raw/bias": tensors["0/bias"]}, r"averages 0 and raw hold different tensors \(e.g. 'weight'\)"),
+    ]:
+        folder = tmp_path / f"v{version}-{len(extra)}"
+        folder.mkdir()
+        metadata = {**source.metadata, "format_version": version}
+        write_safetensors(
+            folder / source.path.name,
+            [*tensors.items(), *extra.items()],
+            {METADATA_KEY: json.dumps(metadata)},
+            overwrite=False,
+        )
+        with pytest.raises(ValueError, match=message):
+            read_snapshot_index(folder)
