@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _runs import noisy_mlp
+from _runs import probe as probe_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -71,14 +73,7 @@ def record(model: nn.Module, folder: Path, step: Any, bema: tuple[float, ...] = 
 def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """A model of one parameter that holds e_k after update k: an average of it is the weight of each update."""
     folder = tmp_path_factory.mktemp("probe")
-    model = nn.Module()
-    model.w = nn.Parameter(torch.zeros(UPDATES))
-
-    def step(k: int) -> None:
-        with torch.no_grad():
-            model.w.zero_()
-            model.w[k - 1] = 1.0
-
+    model, step = probe_run(UPDATES)
     return folder, record(model, folder, step)
 
 
@@ -86,19 +81,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 def training(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """A tiny MLP trained by noisy SGD, with the paper's BEMA online beside the snapshots."""
     folder = tmp_path_factory.mktemp("training")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x = torch.randn(256, 6)
-    y = torch.sin(x @ torch.randn(6, 1))
-
-    def step(k: int) -> None:
-        batch = torch.randint(0, len(x), (8,))
-        loss = nn.functional.mse_loss(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    model, step = noisy_mlp()
     return folder, record(model, folder, step)
 
 

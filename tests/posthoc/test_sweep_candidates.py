@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _runs import probe
 
 from emakit import EMA
 from emakit.posthoc.cli import main
@@ -26,14 +26,11 @@ UPDATES = 200
 
 def probe_folder(folder: Path, raw: bool) -> Path:
     """A one-parameter model holding e_k after update k: an average of it is the weight it gives each update."""
-    model = nn.Module()
-    model.w = nn.Parameter(torch.zeros(UPDATES))
+    model, step = probe(UPDATES)
     ema = EMA(sigma_rel=[0.05, 0.10, SIGMA_REL_MAX], snapshot_interval="10ba", snapshot_folder=folder, snapshot_raw=raw)
     ema.attach(model)
-    for k in range(UPDATES):
-        with torch.no_grad():
-            model.w.zero_()
-            model.w[k] = 1.0
+    for k in range(1, UPDATES + 1):
+        step(k)
         ema.step()
     return folder
 

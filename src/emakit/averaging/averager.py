@@ -329,7 +329,7 @@ class Averager(ABC):
             step=self.timestamp.batch,
             update_interval=self.update_interval,
             dtype=self.snapshot_dtype,
-            raw=lambda: self._tracked.as_model_tensors(dict(zip(self._tracked.names, self._swap.training_tensors()))),
+            raw=self._swap.training_model_tensors,
         )  # step() calls this every snapshot_interval; under FSDP every rank writes its shards, else rank 0 one file
 
     # ------------------------------------------------------------------ swapping weights

@@ -228,12 +228,15 @@ def _raw_fit(
     # The raw weights after update t_i are the average of a vanishing half-life at t_i: they join the fit.
     points = [info for info in with_raw if info.t <= t]
     x, error = kernel_fit([*sources, *((_POINT, info.t) for info in points)], kernel, t)
-    merged = {(info.index, j): [(info, j), c] for (info, j), c in read}
+    merged: dict[tuple[int, str], tuple[tuple[SnapshotInfo, str], float]] = {
+        (i.index, j): ((i, j), c) for (i, j), c in read
+    }
     for info, c in zip(points, x[len(sources) :], strict=True):
-        merged.setdefault((info.index, RAW), [(info, RAW), 0.0])[1] += float(c)
+        pair, before = merged.get((info.index, RAW), ((info, RAW), 0.0))
+        merged[info.index, RAW] = (pair, before + float(c))
     w = target.weights(t, now.update_interval)
     error *= float(np.linalg.norm(kernel.masses(t))) / float(np.linalg.norm(w))
-    return x[: len(sources)], error, [(pair, c) for pair, c in merged.values()]  # type: ignore[misc]
+    return x[: len(sources)], error, list(merged.values())
 
 
 def _window_end(window: tuple[object, ...], t: object) -> int:
@@ -353,7 +356,7 @@ def execute_plan(
     floating = [n for n, (_, dt) in layout.items() if dt.is_floating_point or dt.is_complex]
     copied = [n for n in layout if n not in set(floating)]
     result: dict[str, torch.Tensor] = {}
-    by_snapshot: dict[int, tuple[SnapshotInfo, list[tuple[int, float]]]] = {}
+    by_snapshot: dict[int, tuple[SnapshotInfo, list[tuple[int | str, float]]]] = {}
     for info, j, coefficient in plan.terms:
         by_snapshot.setdefault(info.index, (info, []))[1].append((j, coefficient))
     for batch in _batches(plan.latest, floating, batch_bytes):

@@ -356,10 +356,10 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
             ax.scatter([x], [r[result.metric]], s=36, zorder=2, color=blue if good else "white", edgecolors=blue)
         ax.set_xscale("log")
         ax.set_xlabel("sigma_rel (log scale)")
-        colors = plt.get_cmap("tab10").colors
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, r in enumerate(others):
             style = "--" if r["fit_error"] <= POOR_FIT else ":"
-            ax.axhline(r[result.metric], ls=style, lw=1, color=colors[(i + 1) % 10], label=r["candidate"])
+            ax.axhline(r[result.metric], ls=style, lw=1, color=colors[(i + 1) % len(colors)], label=r["candidate"])
         if result.best is not None and (best := _sigma_rel(result.best)) is not None:
             ax.scatter([best], [result.best[result.metric]], marker="*", s=260, color="#2a9d3a", zorder=3)
         title = "post-hoc candidates against sigma_rel; lines: the other candidates"
