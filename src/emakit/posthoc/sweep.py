@@ -342,6 +342,7 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = [r for r in result.rows if result.metric in r]
     powers = sorted(((s, r) for r in rows if (s := _sigma_rel(r)) is not None), key=lambda pair: pair[0])
@@ -354,7 +355,11 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
         for x, (_, r) in zip(xs, powers, strict=True):
             good = r["fit_error"] <= POOR_FIT
             ax.scatter([x], [r[result.metric]], s=36, zorder=2, color=blue if good else "white", edgecolors=blue)
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)  # a margin, and a range even for one sigma_rel
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("sigma_rel (log scale)")
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, r in enumerate(others):
@@ -362,7 +367,7 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
             ax.axhline(r[result.metric], ls=style, lw=1, color=colors[(i + 1) % len(colors)], label=r["candidate"])
         if result.best is not None and (best := _sigma_rel(result.best)) is not None:
             ax.scatter([best], [result.best[result.metric]], marker="*", s=260, color="#2a9d3a", zorder=3)
-        title = "post-hoc candidates against sigma_rel; lines: the other candidates"
+        title = "post-hoc candidates against sigma_rel\nlines: the other candidates"
     else:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), constrained_layout=True)
         ax.plot(range(len(rows)), [r[result.metric] for r in rows], color=blue, lw=1, zorder=1)
@@ -378,7 +383,7 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
         ax.plot([], [], "*", color="#2a9d3a", ms=12, label=f"best: {result.best['candidate']}")
     ax.legend(fontsize=8)
     ax.set_ylabel(f"{result.metric} ({'lower' if result.goal == 'min' else 'higher'} is better)")
-    ax.set_title(f"{title}; hollow or dotted: profile fit error above {POOR_FIT:.0%}", fontsize=9)
+    ax.set_title(f"{title}; hollow or dotted: fit error above {POOR_FIT:.0%}", fontsize=9)
     ax.grid(True, alpha=0.3, which="both")
     try:
         with atomic_file(path, overwrite=True) as f:
