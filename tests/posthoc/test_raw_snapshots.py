@@ -311,3 +311,16 @@ def test_a_snapshot_of_an_unknown_version_or_raw_weights_in_version_1_is_refused
         )
         with pytest.raises(ValueError, match=message):
             read_snapshot_index(folder)
+
+
+def test_the_cli_lists_which_snapshots_hold_raw_weights(
+    training: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emakit.posthoc.cli import main
+
+    assert main([str(training[0]), "--list"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("snapshot-")]
+    assert len(lines) == UPDATES // EVERY and lines[0].endswith("float32 + raw weights + theta_0")
+    assert all(line.endswith("float32 + raw weights") for line in lines[1:])
+    assert main([str(LEGACY / "run"), "--list"]) == 0
+    assert "raw weights" not in capsys.readouterr().out
