@@ -22,6 +22,16 @@ order) on the main process, and ``load_state`` reads them back with ``weights_on
 ``load_state_dict``. So the EMA must be registered in the same order in the resumed run, and attached
 before ``load_state`` (it loads into the model's tensors' shapes and devices): ``prepare_ema`` does both
 at once. Nothing here is a collective, so ``save_state`` may be called on the main process only.
+
+A model sharded with FSDP2's ``fully_shard`` before ``accelerator.prepare`` (DTensor parameters, the
+Accelerator built with ``InitProcessGroupKwargs(backend="gloo")`` on CPU ranks) gets a shard-local EMA: each rank
+averages its own shards, with no communication. ``save_state`` cannot hold it (nor the model: Accelerate
+writes the main process's state dicts alone), so it is not registered; checkpoint the model and optimizer
+with ``torch.distributed.checkpoint`` and the EMA with :func:`emakit.integrations.rank_states.save_ema_state`
+(one file per rank), restored by ``load_ema_state``::
+
+    save_ema_state(ema, folder, overwrite=True)   # every rank: emakit_ema_rank{r}.pt, its shards
+    load_ema_state(ema, folder)                   # every rank, after prepare_ema
 """
 
 from __future__ import annotations
@@ -32,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from emakit._compat import dtensor_class
 from emakit.averaging import EMA, Averager
+from emakit.integrations.rank_states import holds_partitions
 from emakit.time import Time
 
 if TYPE_CHECKING:
@@ -54,9 +64,11 @@ def prepare_ema(
 
     Call it after ``accelerator.prepare`` and before ``accelerator.load_state``. ``max_duration`` and
     ``batches_per_epoch`` go to :meth:`emakit.EMA.attach` (only ``'dur'`` times need them; count optimizer
-    steps as ``'ba'``). Refuses, with a ValueError, the set-ups whose EMA ``save_state`` would lose: FSDP,
-    DeepSpeed ZeRO-3 and Megatron-LM (each rank holds only part of the weights, and Accelerate writes
-    registered objects from the main process only), and a second call with the same ``ema``.
+    steps as ``'ba'``). A model sharded with ``fully_shard`` before ``prepare`` gets a shard-local EMA, not
+    registered (see the module's docstring). Refuses, with a ValueError, the set-ups whose EMA ``save_state``
+    would lose: Accelerate's FSDP plugin, DeepSpeed ZeRO-3 and Megatron-LM (each rank holds only part of the
+    weights, and Accelerate writes registered objects from the main process only), and a second call with the
+    same ``ema``.
     """
     if ema is None:
         ema = EMA()
@@ -80,7 +92,8 @@ def prepare_ema(
             stacklevel=2,
         )
     ema.attach(model, max_duration=max_duration, batches_per_epoch=batches_per_epoch)
-    accelerator.register_for_checkpointing(ema)
+    if not holds_partitions(ema):  # each rank's shards: save_ema_state on every rank, not save_state
+        accelerator.register_for_checkpointing(ema)
     return ema
 
 
@@ -103,13 +116,10 @@ def _refuse_unsupported(accelerator: Any, model: nn.Module) -> None:
             "engine.module) and in the Transformers Trainer (TrainingArguments.deepspeed); ZeRO stages 0-2 are "
             "supported here"
         )
-    for name, param in model.named_parameters():
-        if isinstance(param, dtensor_class()) or hasattr(param, "ds_status"):
-            raise ValueError(
-                f"prepare_ema does not support sharded parameters: parameter {name!r} is a {type(param.data).__name__}"
-                + (" partitioned by DeepSpeed ZeRO-3" if hasattr(param, "ds_status") else "")
-                + ": save_state writes registered objects from the main process only, while each rank holds its "
-                "own shards of the average. Sharded models are supported in the Transformers Trainer (DeepSpeed "
-                "ZeRO-3, or a model sharded with fully_shard), Lightning's ModelParallelStrategy and emakit's "
-                "Trainer(parallelism='fsdp')"
-            )
+    zero3 = next((name for name, param in model.named_parameters() if hasattr(param, "ds_status")), None)
+    if zero3 is not None:
+        raise ValueError(
+            f"prepare_ema does not support parameters partitioned by DeepSpeed ZeRO-3 (parameter {zero3!r}): "
+            "save_state writes registered objects from the main process only, while each rank holds its own "
+            "partitions of the average. ZeRO-3 is supported in DeepSpeed's own loop and the Transformers Trainer"
+        )

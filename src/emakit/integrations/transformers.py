@@ -51,15 +51,13 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit._compat import dtensor_class
-from emakit.atomic import atomic_file
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
-from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.export import export_ema_weights
 from emakit.checkpoint.streaming import TensorEntry, write_safetensors
 from emakit.integrations.arguments import derived_signature, keyword
-from emakit.integrations.rank_states import state_to_load, state_to_save
+from emakit.integrations.rank_states import expected_states, read_state, state_to_load, state_to_save, write_state
 from emakit.parallel.ranks import get_rank, is_distributed
 from emakit.time import Time, TimeUnit
 
@@ -224,7 +222,7 @@ class AveragingCallback(TrainerCallback):
                 _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
         target = state_to_save(self.averager, folder, EMA_STATE_NAME, args.should_save)
         if target is not None:  # under ZeRO-3 every rank saves its partitions
-            _save_atomically(self.averager.state_dict(), target)
+            write_state(self.averager, target, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -239,7 +237,8 @@ class AveragingCallback(TrainerCallback):
                 self._load(saved)
             else:
                 warnings.warn(
-                    f"load_best_model_at_end: the best checkpoint {best} holds no {EMA_STATE_NAME}; the EMA keeps "
+                    f"load_best_model_at_end: the best checkpoint {best} holds no "
+                    f"{expected_states(self.averager, EMA_STATE_NAME)}; the EMA keeps "
                     "the average of the last step",
                     stacklevel=2,
                 )
@@ -270,7 +269,8 @@ class AveragingCallback(TrainerCallback):
         path = state_to_load(self.averager, folder, EMA_STATE_NAME)
         if path is None:
             warnings.warn(
-                f"resuming at step {global_step} from {folder}, which holds no {EMA_STATE_NAME}: the EMA starts a "
+                f"resuming at step {global_step} from {folder}, which holds no "
+                f"{expected_states(self.averager, EMA_STATE_NAME)}: the EMA starts a "
                 "fresh average from the current weights (its half-life and ema_start count from here)",
                 stacklevel=3,
             )
@@ -283,8 +283,7 @@ class AveragingCallback(TrainerCallback):
             )
 
     def _load(self, path: Path) -> None:
-        # emakit's checkpoint reader: weights_only, and a damaged file is named as such
-        self.averager.load_state_dict(read_checkpoint_file(path))
+        read_state(self.averager, path)
 
     def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
         """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""
@@ -436,11 +435,6 @@ def _write_averaged(averager: Averager, path: Path) -> None:
 def _partitioned(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are FSDP2 shards (DTensors) or DeepSpeed ZeRO-3 partitions."""
     return any(isinstance(p, dtensor_class()) or hasattr(p, "ds_status") for p in model.parameters())
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
-        torch.save(obj, f)
 
 
 def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> None:
