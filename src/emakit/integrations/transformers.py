@@ -467,7 +467,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
         raise ValueError(
             f"TrainingArguments.save_strategy={save_strategy!r} with a model sharded by fully_shard (parameter "
             f"{sharded!r} is a DTensor): the Trainer's checkpoints call save_model on the saving rank alone, which "
-            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint fails or "
-            "hangs. Set save_strategy='no'; the EMA still trains, evaluates and exports "
-            "(emakit.export_ema_weights(callback, path) on every rank)"
+            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint hangs (and "
+            "the saving rank would write its own shards of the optimizer's state alone). Set save_strategy='no'; "
+            "the EMA still trains, evaluates and exports (emakit.export_ema_weights(callback, path) on every rank)"
         )
