@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _launch import finish
 from torch import nn
 
 from emakit import EMA, export_ema_weights
@@ -188,10 +189,7 @@ def main() -> None:
     record["resumed_ema"] = local(ema.state_dict()["ema"])
     record["resumed_training"] = local(dict(module(model).named_parameters()))
 
-    torch.save(record, out / f"{mode}_rank{rank}.pt")
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish(record, out / f"{mode}_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ results go to ``OUT/<mode>_rank<r>.pt``; a final barrier, then a hard exit.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from _launch import finish
 from _zero_worker import SMOOTHING, STEPS, Adapted, config, train_step, whole_weights
 
 from emakit import EMA, SWA, export_ema_weights
@@ -64,10 +64,7 @@ def main() -> None:
     for name, averager in averagers.items():
         export_ema_weights(averager, out / f"{mode}_{name}.safetensors", overwrite=True)
     record["n_averaged"] = {name: averager.n_averaged for name, averager in averagers.items()}
-    torch.save(record, out / f"{mode}_rank{rank}.pt")
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish(record, out / f"{mode}_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ the one its warning about processes training alone points to. (``accelerate laun
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
@@ -50,11 +48,7 @@ os._exit(0)
 @pytest.mark.parametrize("how", ["cpu", "device", "gloo"])
 def test_accelerate_deepspeed_plugin_on_two_cpu_ranks(tmp_path: Path, how: str) -> None:
     (tmp_path / "probe.py").write_text(SCRIPT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "probe.py"]
-    result = subprocess.run(
-        [*command, str(tmp_path), how], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=deepspeed_env()
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    torchrun("probe.py", str(tmp_path), how, env=deepspeed_env(), cwd=tmp_path, timeout=300)
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
     for rank, (index, world, kind, processes, main, whole, held) in enumerate(ranks):
         assert (int(index), int(world)) == (rank, 2)

@@ -11,9 +11,7 @@ what Accelerate's own ``save_state`` does with a model sharded before ``prepare`
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from emakit._compat import FSDP2_TORCH, TORCH_VERSION
 
 pytest.importorskip("accelerate")
 from _accelerate_worker import SAVE_AT, SMOOTHING, STEPS, eval_inputs, plain_model
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
 from _hf_common import ema_reference
@@ -35,12 +33,8 @@ pytestmark = pytest.mark.slow
 
 
 def launch(out: Path, mode: str) -> dict[str, Any]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
     env = deepspeed_env() if mode == "zero3" else {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    result = subprocess.run([*command, str(out), mode], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    print(f"Accelerate {mode} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    torchrun(str(WORKER), str(out), mode, env=env, what=f"Accelerate {mode}")
     return {
         "out": out,
         "mode": mode,

@@ -8,15 +8,13 @@ the same EMA oracle (the update then reads the parameter partitions, the master 
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 
 pytest.importorskip("deepspeed")
 from _zero_variants_worker import SMOOTHING, STEPS, SWA_START
@@ -32,13 +30,7 @@ pytestmark = pytest.mark.slow
 def launch(out: Path, mode: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    start = time.perf_counter()
-    result = subprocess.run(
-        [*command, str(out), mode], capture_output=True, text=True, timeout=600, env=deepspeed_env(), cwd=WORKER.parent
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    print(f"ZeRO-3 {mode} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    torchrun(str(WORKER), str(out), mode, env=deepspeed_env(), what=f"ZeRO-3 {mode}")
     ranks = [torch.load(out / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
     exported = {p.stem.removeprefix(f"{mode}_"): load_file(str(p)) for p in out.glob(f"{mode}_*.safetensors")}
     return {"ranks": ranks, "exported": exported}
