@@ -4,7 +4,7 @@ reading it.
 Under DeepSpeed ZeRO-3 (:mod:`emakit.parallel.zero`) and FSDP2 (DTensor parameters) an averager's state holds
 this rank's partitions or shards of the average only, so every rank writes its own file,
 ``emakit_ema_rank{r}.pt``, and resumes from it; any other state is whole and one file, written by the saving
-rank. A folder written by another number of ranks is refused before anything is loaded: the parts would not
+rank. A folder written by another number of ranks is refused before the EMA loads anything: the parts would not
 fit. The Transformers callback names its files with :func:`state_to_save`/:func:`state_to_load`; a loop of
 your own (DeepSpeed's, Accelerate's) calls :func:`save_ema_state`/:func:`load_ema_state` on every rank.
 """
