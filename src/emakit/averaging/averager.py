@@ -387,10 +387,10 @@ class Averager(ABC):
         As ``torch.optim.swa_utils.update_bn``: the running statistics are reset and accumulated with momentum
         None (an equal-weight mean over the batches), the model in train mode, and stored in the average, so
         evaluation, ``ema_model``, checkpoints and exports all use them; the training weights, and the random
-        state of the loader and of torch, are left as they were. ``forward(model, batch)`` runs a batch
-        (default: the model on the batch's first element when it is a list or tuple, else on the batch).
-        """
+        state of the loader and of torch, are left as they were. ``forward(model, batch)`` runs a batch (default:
+        the model on the first element of a list or tuple batch, else on the batch). BEMA refuses (see its error)."""
         target = self.model if model is None else model
+        self._rule.refuse_update_bn(type(self).__name__)
         self.require_started()
         with self.average_parameters(target):
             batchnorm.recompute(target, loader, forward, self._evaluated(), self._tracked)
