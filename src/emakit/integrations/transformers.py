@@ -52,16 +52,14 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit._compat import dtensor_class
-from emakit.atomic import atomic_file
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
-from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.export import export_ema_weights
 from emakit.checkpoint.streaming import TensorEntry, write_safetensors
 from emakit.integrations.amounts import trainer_counting_refusal
 from emakit.integrations.arguments import derived_signature, keyword
-from emakit.integrations.rank_states import state_to_load, state_to_save
+from emakit.integrations.rank_states import expected_states, read_state, state_to_load, state_to_save, write_state
 from emakit.parallel.ranks import get_rank, is_distributed
 from emakit.time import Time, TimeUnit
 
@@ -239,7 +237,7 @@ class AveragingCallback(TrainerCallback):
                 _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
         target = state_to_save(self.averager, folder, EMA_STATE_NAME, args.should_save)
         if target is not None:  # under ZeRO-3 every rank saves its partitions
-            _save_atomically(self.averager.state_dict(), target)
+            write_state(self.averager, target, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -254,7 +252,8 @@ class AveragingCallback(TrainerCallback):
                 self._load(saved)
             else:
                 warnings.warn(
-                    f"load_best_model_at_end: the best checkpoint {best} holds no {EMA_STATE_NAME}; the EMA keeps "
+                    f"load_best_model_at_end: the best checkpoint {best} holds no "
+                    f"{expected_states(self.averager, EMA_STATE_NAME)}; the EMA keeps "
                     "the average of the last step",
                     stacklevel=2,
                 )
@@ -285,7 +284,8 @@ class AveragingCallback(TrainerCallback):
         path = state_to_load(self.averager, folder, EMA_STATE_NAME)
         if path is None:
             warnings.warn(
-                f"resuming at step {global_step} from {folder}, which holds no {EMA_STATE_NAME}: the EMA starts a "
+                f"resuming at step {global_step} from {folder}, which holds no "
+                f"{expected_states(self.averager, EMA_STATE_NAME)}: the EMA starts a "
                 "fresh average from the current weights (its half-life and ema_start count from here)",
                 stacklevel=3,
             )
@@ -298,8 +298,7 @@ class AveragingCallback(TrainerCallback):
             )
 
     def _load(self, path: Path) -> None:
-        # emakit's checkpoint reader: weights_only, and a damaged file is named as such
-        self.averager.load_state_dict(read_checkpoint_file(path))
+        read_state(self.averager, path)
 
     def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
         """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""
@@ -453,11 +452,6 @@ def _partitioned(model: nn.Module) -> bool:
     return any(isinstance(p, dtensor_class()) or hasattr(p, "ds_status") for p in model.parameters())
 
 
-def _save_atomically(obj: Any, path: Path) -> None:
-    with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
-        torch.save(obj, f)
-
-
 def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> None:
     """Refuse, before training, the configurations whose EMA this callback would get wrong.
 
@@ -488,7 +482,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
         raise ValueError(
             f"TrainingArguments.save_strategy={save_strategy!r} with a model sharded by fully_shard (parameter "
             f"{sharded!r} is a DTensor): the Trainer's checkpoints call save_model on the saving rank alone, which "
-            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint fails or "
-            "hangs. Set save_strategy='no'; the EMA still trains, evaluates and exports "
-            "(emakit.export_ema_weights(callback, path) on every rank)"
+            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint hangs (and "
+            "the saving rank would write its own shards of the optimizer's state alone). Set save_strategy='no'; "
+            "the EMA still trains, evaluates and exports (emakit.export_ema_weights(callback, path) on every rank)"
         )
