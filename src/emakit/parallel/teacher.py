@@ -7,8 +7,12 @@ gathers its own parameters before its forward and drops the gathered tensors aft
 (plus the root's) is whole at a time, as FSDP2 does for the student. Nothing needs gradients: the gathered
 tensors are plain tensors, and the teacher's parameters never require grad.
 
-Tensor parallelism (a DTensor parameter that FSDP2 does not manage alone) is refused: its layouts need the
-student's own parallel hooks. Buffers are never sharded by FSDP2 and are taken as given.
+Tensor parallelism (``parallelize_module``: DTensor parameters outside every FSDP unit) needs no gathering: the
+teacher's parameters keep the student's placements, and the copied modules keep the student's forward hooks
+(TP's input and output redistributions, which take the module as an argument and close over the mesh only), so
+the teacher runs the student's tensor-parallel forward on the average's shards. FSDP2 and TP on one parameter
+(a 2-D mesh) is refused: FSDP2's gather of such a parameter keeps its TP placement, which the teacher does not
+reproduce. Buffers are taken as given.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn
     """
     fsdp_module = fsdp_module_type()
     units = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
-    _refuse_tensor_parallel(model, units)
+    _refuse_fsdp_with_tensor_parallel(model, units)
     memo: dict[int, Any] = {}
     for name, original in _named_tensors(model):
         if name in tensors and id(original) not in memo:
@@ -69,21 +73,26 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return named + list(model.named_buffers(remove_duplicate=False))
 
 
-def _refuse_tensor_parallel(model: nn.Module, units: list[nn.Module]) -> None:
-    """RuntimeError for a DTensor parameter outside every FSDP unit or on a mesh FSDP does not own alone (TP)."""
+def _refuse_fsdp_with_tensor_parallel(model: nn.Module, units: list[nn.Module]) -> None:
+    """RuntimeError for a parameter FSDP2 shards over a mesh that also carries another parallelism (TP).
+
+    FSDP2 places its shard on the mesh's first dimension (HSDP: a replica dimension, then the shard) and appends
+    the parameter's TP placements: so a 1-D mesh, or a 2-D mesh starting with Replicate (HSDP), is FSDP2's alone.
+    """
     dtensor = dtensor_type()
     managed = {id(p) for unit in units for p in unit.parameters()}
     for name, parameter in model.named_parameters():
-        if dtensor is None or not isinstance(parameter, dtensor):
+        if dtensor is None or not isinstance(parameter, dtensor) or id(parameter) not in managed:
             continue
-        placements = parameter.placements  # type: ignore[attr-defined]
-        sharded_dims = [p for p in placements if not p.is_replicate()]
-        if id(parameter) not in managed or len(sharded_dims) > 1:
+        placements = tuple(parameter.placements)  # type: ignore[attr-defined]
+        hsdp = len(placements) == 2 and placements[0].is_replicate()
+        if len(placements) > 1 and not hsdp:
             raise RuntimeError(
-                f"ema_model of a tensor-parallel model is not available (parameter {name!r} has placements "
-                f"{tuple(placements)}): its forward needs the student's parallel layouts. What works: ema_model "
-                "under FSDP2 or HSDP (fully_shard, data_parallel_size), and for tensor parallelism "
-                "`with ema.average_parameters():` to run the student itself on the EMA weights"
+                f"ema_model of a model sharded by FSDP2 and tensor parallelism on one mesh is not available "
+                f"(parameter {name!r} has placements {placements} over a {len(placements)}-D mesh): the teacher reproduces FSDP2's sharding alone (fully_shard, HSDP) or "
+                "tensor parallelism alone (parallelize_module), not both on one parameter. What works here: "
+                "`with ema.average_parameters():` to run the student itself on the EMA weights (its forward then "
+                "gathers as usual), or ema_model with only one of the two parallelisms"
             )
 
 
