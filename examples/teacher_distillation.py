@@ -173,7 +173,8 @@ def lightning_fit(tp: bool) -> float:
     trainer.fit(Distillation(), torch.utils.data.DataLoader(data, batch_size=None))
     loss = float(trainer.callback_metrics["loss"])
     if trainer.global_rank == 0:
-        print(f"Lightning ModelParallelStrategy on {world} rank(s){' (TP)' if tp else ''}: loss {loss:.4f} after {STEPS} steps")
+        label = f"Lightning ModelParallelStrategy on {world} rank(s){' (TP)' if tp else ''}"
+        print(f"{label}: loss {loss:.4f} after {STEPS} steps")
     return loss
 
 

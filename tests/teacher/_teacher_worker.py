@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +141,15 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
     }
+
+
+def launch(worker: Path, out: Path) -> list[dict[str, Any]]:
+    """Run ``worker OUT`` on 2 ranks with torchrun; what each rank saved to ``OUT/rank{r}.pt``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    result = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def main(out: Path) -> None:

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _teacher_worker import BASE, STEPS, data, full_weights, train
 
 
-
 class TPNet(nn.Module):
     """A column-wise then row-wise pair (Megatron's MLP), a head and a frozen bias the EMA does not keep.
 

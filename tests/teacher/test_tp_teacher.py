@@ -7,9 +7,7 @@ recorded. The same launch tries ``ema_model`` with FSDP2 and TP on one 2-D mesh,
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import torch
 from emakit._compat import FSDP2_TORCH, TORCH_VERSION
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _teacher_worker import BASE, STEPS, cosine_oracle
+from _teacher_worker import BASE, STEPS, cosine_oracle, data, launch
 from _tp_teacher_worker import make_run, plain_steps, run
 
 WORKER = Path(__file__).with_name("_tp_teacher_worker.py")
@@ -36,12 +34,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("tp_teacher")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    result = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return launch(WORKER, tmp_path_factory.mktemp("tp_teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +132,7 @@ def test_teacher_parameters_never_get_gradients(ranks: list[dict[str, Any]], sin
 def test_fsdp_and_tp_on_one_mesh_is_refused_and_average_parameters_works(ranks: list[dict[str, Any]]) -> None:
     model, optimizer, ema = make_run()
     plain_steps(model, optimizer, ema)
-    _, _, probe = __import__("_teacher_worker").data()
+    _, _, probe = data()
     with torch.no_grad():
         expected, own = ema.ema_model(probe), model(probe)
     for rank in ranks:

@@ -1,4 +1,4 @@
-"""A module sharded like an FSDP2 model whose parameters are given shards: the EMA teacher of a sharded student.
+"""A module sharded like a DTensor model whose parameters are given shards: the EMA teacher of a sharded student.
 
 :func:`sharded_teacher` copies the structure of an FSDP2-sharded model (the original classes, without FSDP's
 state or hooks) and gives each parameter a DTensor wrapping a given local shard (the average's own storage, not
@@ -37,11 +37,15 @@ _COMPOSABLE_STATE = "__composable_api_state_key"
 
 
 def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model``'s structure (FSDP2-sharded, resharded) whose tensor ``name`` is ``tensors[name]``.
+    """A copy of ``model``'s structure (sharded by FSDP2, resharded, or tensor-parallel) whose tensor ``name`` is
+    ``tensors[name]``.
 
     ``tensors`` are local shards for DTensor parameters (wrapped as DTensors sharded like the model's, with no
     copy) and whole tensors for buffers. Parameters and buffers not in ``tensors`` are shared with ``model``.
     The copy is in eval mode and none of its parameters requires grad.
+
+    Raises:
+        RuntimeError: a parameter is sharded by FSDP2 and tensor parallelism at once (a 2-D mesh).
     """
     fsdp_module = fsdp_module_type()
     units = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
