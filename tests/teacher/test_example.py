@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from emakit._compat import FSDP2_TORCH, TORCH_VERSION
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "teacher_distillation.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -38,6 +40,11 @@ def test_two_ranks_own_loop_and_lightning_agree() -> None:
     assert own == pytest.approx(lightning, abs=2e-4)
 
 
+@pytest.mark.skipif(
+    TORCH_VERSION < FSDP2_TORCH,
+    reason="torch 2.4's gloo aborts the example at exit in about 1 run of 4 ('terminate called without an active "
+    "exception', after the loss is printed)",
+)
 def test_two_tensor_parallel_ranks_train_as_one_process() -> None:
     """Under tensor parallelism every rank sees the whole batch: own loop and Lightning train as one process."""
     pytest.importorskip("lightning")

@@ -92,9 +92,10 @@ def _refuse_fsdp_with_tensor_parallel(model: nn.Module, units: list[nn.Module]) 
         hsdp = len(placements) == 2 and placements[0].is_replicate()
         if len(placements) > 1 and not hsdp:
             raise RuntimeError(
-                f"ema_model of a model sharded by FSDP2 and tensor parallelism on one mesh is not available "
-                f"(parameter {name!r} has placements {placements} over a {len(placements)}-D mesh): the teacher reproduces FSDP2's sharding alone (fully_shard, HSDP) or "
-                "tensor parallelism alone (parallelize_module), not both on one parameter. What works here: "
+                "ema_model of a model sharded by FSDP2 and tensor parallelism on one mesh is not available "
+                f"(parameter {name!r} has placements {placements} over a {len(placements)}-D mesh): the teacher "
+                "reproduces FSDP2's sharding alone (fully_shard, HSDP) or tensor parallelism alone "
+                "(parallelize_module), not both on one parameter. What works here: "
                 "`with ema.average_parameters():` to run the student itself on the EMA weights (its forward then "
                 "gathers as usual), or ema_model with only one of the two parallelisms"
             )
