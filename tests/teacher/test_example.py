@@ -42,7 +42,7 @@ def test_two_ranks_own_loop_and_lightning_agree() -> None:
 
 @pytest.mark.skipif(
     TORCH_VERSION < FSDP2_TORCH,
-    reason="torch 2.4's gloo aborts the example at exit in about 1 run of 4 ('terminate called without an active "
+    reason="torch 2.4's gloo aborted the example at exit in 2 of 8 runs here ('terminate called without an active "
     "exception', after the loss is printed)",
 )
 def test_two_tensor_parallel_ranks_train_as_one_process() -> None:
