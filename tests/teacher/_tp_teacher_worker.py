@@ -5,9 +5,10 @@ student with ``parallelize_module`` over a 1-D mesh of the 2 ranks (``up`` colum
 ``Shard(0)``; ``down`` row-wise: weight ``Shard(1)``, bias ``Replicate()``; ``head`` column-wise with its output
 gathered, 11 rows as 6 + 5; a frozen bias left plain) and train on the same whole batches, with the teacher's outputs in the loss. Each rank
 records, after each EMA update, the student's whole weights, the average (gathered, and this rank's own shards)
-and the teacher's probe outputs; then it tries ``ema_model`` on a 2-D mesh (FSDP2 over a 1-rank data-parallel
-dimension and the same TP plan over 2 ranks), which emakit refuses. Each rank saves what it saw to
-``OUT/rank{r}.pt``. The tests run :func:`run` in one process (no parallelism) for the expectations.
+and the teacher's probe outputs. Then the same on the two 2-D meshes 2 ranks allow, FSDP2 and TP on each
+parameter: ``(dp=1, tp=2)`` (TP really splits, FSDP2's dimension is trivial) and ``(dp=2, tp=1)`` (FSDP2 really
+shards the batch and the weights, TP's dimension is trivial). Each rank saves what it saw to ``OUT/rank{r}.pt``.
+The tests run :func:`run` in one process (no parallelism) for the expectations.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from emakit.averaging.momentum import CosineMomentum
 from emakit.distributed import local_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _teacher_worker import BASE, STEPS, data, full_weights, train
+from _teacher_worker import BASE, STEPS, full_weights, train
 
 
 class TPNet(nn.Module):
@@ -91,9 +92,11 @@ def whole(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return shards.full_tensor()
 
 
-def run(mesh: Any = None) -> dict[str, Any]:
-    """Train all steps; per step the student's whole weights, the average gathered and this rank's shards."""
-    model, optimizer, ema = make_run(mesh)
+def run(mesh: Any = None, dp_mesh: Any = None) -> dict[str, Any]:
+    """Train all steps (each data-parallel rank on its share of the batches); per step the student's whole
+    weights, the average gathered and this rank's shards."""
+    model, optimizer, ema = make_run(mesh, dp_mesh)
+    dp_rank, dp_size = (0, 1) if dp_mesh is None else (dp_mesh.get_local_rank(), dp_mesh.size())
     record: dict[str, Any] = {"weights": {}, "ema": {}, "local": {}}
     named = dict(model.named_parameters())
 
@@ -102,7 +105,7 @@ def run(mesh: Any = None) -> dict[str, Any]:
         record["local"][step] = {n: t.detach().clone() for n, t in ema.ema_tensors.items()}  # this rank's shards
         record["ema"][step] = {n: plain(whole(t, named[n])) for n, t in ema.ema_tensors.items()}
 
-    seen = train(model, optimizer, ema, range(STEPS), after_step=after_step)  # every TP rank: the whole batches
+    seen = train(model, optimizer, ema, range(STEPS), dp_rank, dp_size, after_step)  # TP ranks: the same batches
     record["probe"] = {step: plain(out) for step, out in seen["probe"].items()}
     record["grads"] = seen["grads"]
     record["run"] = (model, optimizer, ema)
@@ -137,36 +140,16 @@ def structure(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA) -> d
     return {"parameters": facts, "hooks": hooks, "training": teacher.training, "same": ema.ema_model is teacher}
 
 
-def plain_steps(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, steps: int = 2) -> None:
-    """``steps`` optimizer steps and EMA updates with a loss that needs no teacher."""
-    x, _, _ = data()
-    for step in range(steps):
-        model(x[step]).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.step()
-
-
-def refused_on_2d_mesh(world: int) -> dict[str, Any]:
-    """FSDP2 over a 1-rank data-parallel dimension and TP over 2 ranks, after :func:`plain_steps`: ema_model's
-    error, and the student's output inside ``average_parameters`` (what the error offers) and outside it."""
+def two_d(shape: tuple[int, int]) -> dict[str, Any]:
+    """:func:`run` with FSDP2 and TP on each parameter, over a ``(dp, tp)`` mesh of ``shape``; the placements."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
-    model, optimizer, ema = make_run(mesh["tp"], mesh["dp"])
-    plain_steps(model, optimizer, ema)
-    found: dict[str, Any] = {"placements": {n: str(p.placements) for n, p in model.named_parameters()}}
-    try:
-        ema.ema_model  # noqa: B018
-        found["error"] = None
-    except RuntimeError as error:
-        found["error"] = str(error)
-    _, _, probe = data()
-    with torch.no_grad():
-        found["own"] = plain(model(probe))
-        with ema.average_parameters():
-            found["swapped"] = plain(model(probe))
-    return found
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+    record = run(mesh["tp"], mesh["dp"])
+    model, _, ema = record.pop("run")
+    teacher = dict(ema.ema_model.named_parameters())
+    record["placements"] = {n: (str(p.placements), str(teacher[n].placements)) for n, p in model.named_parameters()}
+    return record
 
 
 def main(out: Path) -> None:
@@ -176,7 +159,7 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     record = run(init_device_mesh("cpu", (world,)))
     record["structure"] = structure(*record.pop("run"))
-    record["2d"] = refused_on_2d_mesh(world)
+    record["2d"] = {shape: two_d(shape) for shape in ((1, world), (world, 1))}
     torch.save(record, out / f"rank{rank}.pt")
     dist.barrier()
     os._exit(0)

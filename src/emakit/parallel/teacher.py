@@ -11,8 +11,8 @@ Tensor parallelism (``parallelize_module``: DTensor parameters outside every FSD
 teacher's parameters keep the student's placements, and the copied modules keep the student's forward hooks
 (TP's input and output redistributions, which take the module as an argument and close over the mesh only), so
 the teacher runs the student's tensor-parallel forward on the average's shards. FSDP2 and TP on one parameter
-(a 2-D mesh) is refused: FSDP2's gather of such a parameter keeps its TP placement, which the teacher does not
-reproduce. Buffers are taken as given.
+(a 2-D mesh) is gathered as FSDP2 gathers it: over FSDP2's mesh dimensions only, into a DTensor on the TP
+submesh with the TP placements, which the TP hooks expect. Buffers are taken as given.
 """
 
 from __future__ import annotations
@@ -44,12 +44,9 @@ def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn
     copy) and whole tensors for buffers. Parameters and buffers not in ``tensors`` are shared with ``model``.
     The copy is in eval mode and none of its parameters requires grad.
 
-    Raises:
-        RuntimeError: a parameter is sharded by FSDP2 and tensor parallelism at once (a 2-D mesh).
     """
     fsdp_module = fsdp_module_type()
     units = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
-    _refuse_fsdp_with_tensor_parallel(model, units)
     memo: dict[int, Any] = {}
     for name, original in _named_tensors(model):
         if name in tensors and id(original) not in memo:
@@ -77,28 +74,30 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return named + list(model.named_buffers(remove_duplicate=False))
 
 
-def _refuse_fsdp_with_tensor_parallel(model: nn.Module, units: list[nn.Module]) -> None:
-    """RuntimeError for a parameter FSDP2 shards over a mesh that also carries another parallelism (TP).
+def _fsdp_dims(placements: tuple[Any, ...]) -> int:
+    """How many leading mesh dimensions of an FSDP2 parameter are FSDP2's: 2 for HSDP (a replica dimension,
+    then the shard), else 1. FSDP2 appends the parameter's TP placements after them."""
+    return 2 if len(placements) >= 2 and placements[0].is_replicate() else 1
 
-    FSDP2 places its shard on the mesh's first dimension (HSDP: a replica dimension, then the shard) and appends
-    the parameter's TP placements: so a 1-D mesh, or a 2-D mesh starting with Replicate (HSDP), is FSDP2's alone.
-    """
-    dtensor = dtensor_type()
-    managed = {id(p) for unit in units for p in unit.parameters()}
-    for name, parameter in model.named_parameters():
-        if dtensor is None or not isinstance(parameter, dtensor) or id(parameter) not in managed:
-            continue
-        placements = tuple(parameter.placements)  # type: ignore[attr-defined]
-        hsdp = len(placements) == 2 and placements[0].is_replicate()
-        if len(placements) > 1 and not hsdp:
-            raise RuntimeError(
-                "ema_model of a model sharded by FSDP2 and tensor parallelism on one mesh is not available "
-                f"(parameter {name!r} has placements {placements} over a {len(placements)}-D mesh): the teacher "
-                "reproduces FSDP2's sharding alone (fully_shard, HSDP) or tensor parallelism alone "
-                "(parallelize_module), not both on one parameter. What works here: "
-                "`with ema.average_parameters():` to run the student itself on the EMA weights (its forward then "
-                "gathers as usual), or ema_model with only one of the two parallelisms"
-            )
+
+def _unsharded(parameter: Any) -> torch.Tensor:
+    """``parameter`` as FSDP2 gathers it: whole, or under TP a DTensor on the TP submesh with the TP placements
+    (gathered over FSDP2's dimensions only)."""
+    placements = tuple(parameter.placements)
+    dims = _fsdp_dims(placements)
+    if len(placements) == dims:
+        return parameter.full_tensor()
+    try:
+        from torch.distributed.tensor import Replicate
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Replicate
+    mesh, tp = parameter.device_mesh, placements[dims:]
+    names = mesh.mesh_dim_names[dims:]  # FSDP2 finds the TP submesh by name too: a 2-D mesh has names
+    tp_mesh = mesh[names[0]] if len(names) == 1 else mesh[tuple(names)]
+    local = parameter.redistribute(mesh, [Replicate()] * dims + list(tp)).to_local()
+    return type(parameter).from_local(
+        local, tp_mesh, tp, run_check=False, shape=parameter.shape, stride=parameter.stride()
+    )
 
 
 def _plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -158,9 +157,9 @@ def _managed_slots(
 
 
 def _gather(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module, args: Any) -> None:
-    """Before the unit's forward: its parameters whole (one all-gather each; every rank runs it)."""
+    """Before the unit's forward: its parameters unsharded (one all-gather each; every rank runs it)."""
     with torch.no_grad():
-        whole = {id(p): p.full_tensor() for p in {id(p): p for _, _, p in slots}.values()}  # type: ignore[attr-defined]
+        whole: dict[int, Any] = {id(p): _unsharded(p) for p in {id(p): p for _, _, p in slots}.values()}
     for owner, key, parameter in slots:
         owner._parameters[key] = whole[id(parameter)]
 
