@@ -3,9 +3,11 @@
     python examples/teacher_distillation.py                        # one process, own loop
     torchrun --nproc_per_node=2 examples/teacher_distillation.py   # 2 ranks, FSDP2, own loop
     torchrun --nproc_per_node=2 examples/teacher_distillation.py --lightning   # ModelParallelStrategy(dp=2)
+    torchrun --nproc_per_node=2 examples/teacher_distillation.py --tp          # 2 ranks, tensor parallel
+    torchrun --nproc_per_node=2 examples/teacher_distillation.py --tp --lightning   # ModelParallelStrategy(tp=2)
 
 The teacher is ``ema.ema_model``: under FSDP2 a module sharded like the student over the average's own shards,
-run under ``torch.no_grad()`` every step; its momentum follows DINO's cosine ramp (:class:`CosineMomentum`),
+under tensor parallelism a module with the student's placements and TP hooks over them, run under ``torch.no_grad()`` every step; its momentum follows DINO's cosine ramp (:class:`CosineMomentum`),
 whose length comes from ``max_duration`` (own loop) or ``max_steps`` (Lightning). The centering buffer is
 ``'share'``: the teacher reads the live center, which is not averaged (see docs/guides/teacher.md).
 """
@@ -70,25 +72,37 @@ def shard(model: nn.Module, mesh: object = None) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def parallelize(model: Student, mesh: object) -> None:
+    """Megatron's MLP split: the first layer column-wise, the second row-wise; the head stays whole."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(model.backbone, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})  # type: ignore[arg-type]
+
+
 def make_ema() -> EMA:
     return EMA(schedule=CosineMomentum(base=0.9, final=1.0), buffers={"center": "share"})
 
 
-def own_loop() -> float:
+def own_loop(tp: bool) -> float:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(0)
     student = Student()
-    if world > 1:
+    if world > 1 and tp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        parallelize(student, init_device_mesh("cpu", (world,)))
+    elif world > 1:
         shard(student)
+    shards = 1 if tp else world  # tensor-parallel ranks all see the whole batch
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     ema = make_ema()
     ema.attach(student, max_duration=f"{STEPS}ba")
     loss = torch.zeros(())
     for step in range(STEPS):
-        a, b = views(step, rank, world)
+        a, b = views(step, rank % shards, shards)
         with torch.no_grad():
             teacher_out = (ema.ema_model if ema.started else student)(a)
         loss = dino_loss(student(b), teacher_out, student.center)
@@ -98,11 +112,11 @@ def own_loop() -> float:
         update_center(student.center, teacher_out)
         ema.step()
     if rank == 0:
-        print(f"own loop on {world} rank(s): loss {loss.item():.4f} after {STEPS} steps")
+        print(f"own loop on {world} rank(s){' (TP)' if tp else ''}: loss {loss.item():.4f} after {STEPS} steps")
     return loss.item()
 
 
-def lightning_fit() -> float:
+def lightning_fit(tp: bool) -> float:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -115,6 +129,9 @@ def lightning_fit() -> float:
             self.student = Student()
 
         def configure_model(self) -> None:
+            if tp:
+                parallelize(self.student, self.device_mesh["tensor_parallel"])
+                return
             shard(self.student, self.device_mesh["data_parallel"])
             from torch.distributed.fsdp import fully_shard
 
@@ -138,12 +155,13 @@ def lightning_fit() -> float:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    data = [views(step, rank, world) for step in range(STEPS)]
+    shards = 1 if tp else world  # tensor-parallel ranks all see the whole batch
+    data = [views(step, rank % shards, shards) for step in range(STEPS)]
     callback = EMACallback(schedule=CosineMomentum(base=0.9, final=1.0), buffers={"student.center": "share"})
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
-        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(data_parallel_size=shards, tensor_parallel_size=world // shards),
         max_steps=STEPS,
         callbacks=[callback],
         logger=False,
@@ -155,11 +173,14 @@ def lightning_fit() -> float:
     trainer.fit(Distillation(), torch.utils.data.DataLoader(data, batch_size=None))
     loss = float(trainer.callback_metrics["loss"])
     if trainer.global_rank == 0:
-        print(f"Lightning ModelParallelStrategy on {world} rank(s): loss {loss:.4f} after {STEPS} steps")
+        label = f"Lightning ModelParallelStrategy on {world} rank(s){' (TP)' if tp else ''}"
+        print(f"{label}: loss {loss:.4f} after {STEPS} steps")
     return loss
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lightning", action="store_true", help="Lightning ModelParallelStrategy instead")
-    lightning_fit() if parser.parse_args().lightning else own_loop()
+    parser.add_argument("--tp", action="store_true", help="tensor parallel over the ranks instead of FSDP2")
+    args = parser.parse_args()
+    lightning_fit(args.tp) if args.lightning else own_loop(args.tp)

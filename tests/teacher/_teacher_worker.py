@@ -8,8 +8,11 @@ the loss, uninterrupted and resumed mid-run, and saves what it saw to ``OUT/rank
 
 from __future__ import annotations
 
+import math
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return -(target * torch.log_softmax(student, dim=-1)).sum(-1).mean()
 
 
+def cosine_oracle(i: int, base: float, final: float, total: int) -> float:
+    """DINO's ``cosine_scheduler`` value at iteration ``i`` (0-based), held at ``final`` from ``total`` on."""
+    if i >= total:
+        return final
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / total))
+
+
 def make_run(sharded: bool) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
     model = make_net()
     if sharded:
@@ -92,9 +102,16 @@ def make_run(sharded: bool) -> tuple[nn.Module, torch.optim.Optimizer, EMA]:
 
 
 def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA, steps: range, rank: int = 0, world: int = 1
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA,
+    steps: range,
+    rank: int = 0,
+    world: int = 1,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``steps`` (global batches split over ``world`` ranks); the teacher's probe outputs after each."""
+    """Train ``steps`` (global batches split over ``world`` ranks); the teacher's probe outputs after each, and
+    ``after_step(step)`` called after each EMA update."""
     x, views, probe = data()
     per = GLOBAL_BATCH // world
     seen: dict[str, Any] = {"probe": {}, "grads": []}
@@ -107,6 +124,8 @@ def train(
         optimizer.step()
         optimizer.zero_grad()
         ema.step()
+        if after_step is not None:
+            after_step(step)
         teacher = ema.ema_model
         seen["probe"][step] = teacher(probe).detach().clone()
         seen["grads"].extend(p.grad is not None or p.requires_grad for p in teacher.parameters())
@@ -122,6 +141,15 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
     }
+
+
+def launch(worker: Path, out: Path) -> list[dict[str, Any]]:
+    """Run ``worker OUT`` on 2 ranks with torchrun; what each rank saved to ``OUT/rank{r}.pt``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    result = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
 def main(out: Path) -> None:

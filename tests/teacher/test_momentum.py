@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,7 @@ from emakit import EMA
 from emakit.averaging import CosineMomentum, MomentumFunction, batch_statistics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _teacher_worker import RESUME_AT, STEPS, clone, full_weights, make_run, train
-
-
-def cosine_oracle(i: int, base: float, final: float, total: int) -> float:
-    """DINO's ``cosine_scheduler`` value at iteration ``i`` (0-based), held at ``final`` from ``total`` on."""
-    if i >= total:
-        return final
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / total))
+from _teacher_worker import RESUME_AT, STEPS, clone, cosine_oracle, full_weights, make_run, train
 
 
 def oracle_run(ema: EMA, steps: int, momenta: list[float], **attach: Any) -> tuple[int, float]:

@@ -6,8 +6,6 @@ come from :func:`train` in one process (no sharding, the whole batches) and from
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _teacher_worker import RESUME_AT, STEPS, full_weights, make_run, train
+from _teacher_worker import RESUME_AT, STEPS, full_weights, launch, make_run, train
 
 WORKER = Path(__file__).with_name("_teacher_worker.py")
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -26,12 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("teacher")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    result = subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return launch(WORKER, tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")

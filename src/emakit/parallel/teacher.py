@@ -1,4 +1,4 @@
-"""A module sharded like an FSDP2 model whose parameters are given shards: the EMA teacher of a sharded student.
+"""A module sharded like a DTensor model whose parameters are given shards: the EMA teacher of a sharded student.
 
 :func:`sharded_teacher` copies the structure of an FSDP2-sharded model (the original classes, without FSDP's
 state or hooks) and gives each parameter a DTensor wrapping a given local shard (the average's own storage, not
@@ -7,8 +7,12 @@ gathers its own parameters before its forward and drops the gathered tensors aft
 (plus the root's) is whole at a time, as FSDP2 does for the student. Nothing needs gradients: the gathered
 tensors are plain tensors, and the teacher's parameters never require grad.
 
-Tensor parallelism (a DTensor parameter that FSDP2 does not manage alone) is refused: its layouts need the
-student's own parallel hooks. Buffers are never sharded by FSDP2 and are taken as given.
+Tensor parallelism (``parallelize_module``: DTensor parameters outside every FSDP unit) needs no gathering: the
+teacher's parameters keep the student's placements, and the copied modules keep the student's forward hooks
+(TP's input and output redistributions, which take the module as an argument and close over the mesh only), so
+the teacher runs the student's tensor-parallel forward on the average's shards. FSDP2 and TP on one parameter
+(a 2-D mesh) is gathered as FSDP2 gathers it: over FSDP2's mesh dimensions only, into a DTensor on the TP
+submesh with the TP placements, which the TP hooks expect. Buffers are taken as given.
 """
 
 from __future__ import annotations
@@ -33,15 +37,16 @@ _COMPOSABLE_STATE = "__composable_api_state_key"
 
 
 def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model``'s structure (FSDP2-sharded, resharded) whose tensor ``name`` is ``tensors[name]``.
+    """A copy of ``model``'s structure (sharded by FSDP2, resharded, or tensor-parallel) whose tensor ``name`` is
+    ``tensors[name]``.
 
     ``tensors`` are local shards for DTensor parameters (wrapped as DTensors sharded like the model's, with no
     copy) and whole tensors for buffers. Parameters and buffers not in ``tensors`` are shared with ``model``.
     The copy is in eval mode and none of its parameters requires grad.
+
     """
     fsdp_module = fsdp_module_type()
     units = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
-    _refuse_tensor_parallel(model, units)
     memo: dict[int, Any] = {}
     for name, original in _named_tensors(model):
         if name in tensors and id(original) not in memo:
@@ -69,22 +74,30 @@ def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return named + list(model.named_buffers(remove_duplicate=False))
 
 
-def _refuse_tensor_parallel(model: nn.Module, units: list[nn.Module]) -> None:
-    """RuntimeError for a DTensor parameter outside every FSDP unit or on a mesh FSDP does not own alone (TP)."""
-    dtensor = dtensor_type()
-    managed = {id(p) for unit in units for p in unit.parameters()}
-    for name, parameter in model.named_parameters():
-        if dtensor is None or not isinstance(parameter, dtensor):
-            continue
-        placements = parameter.placements  # type: ignore[attr-defined]
-        sharded_dims = [p for p in placements if not p.is_replicate()]
-        if id(parameter) not in managed or len(sharded_dims) > 1:
-            raise RuntimeError(
-                f"ema_model of a tensor-parallel model is not available (parameter {name!r} has placements "
-                f"{tuple(placements)}): its forward needs the student's parallel layouts. What works: ema_model "
-                "under FSDP2 or HSDP (fully_shard, data_parallel_size), and for tensor parallelism "
-                "`with ema.average_parameters():` to run the student itself on the EMA weights"
-            )
+def _fsdp_dims(placements: tuple[Any, ...]) -> int:
+    """How many leading mesh dimensions of an FSDP2 parameter are FSDP2's: 2 for HSDP (a replica dimension,
+    then the shard), else 1. FSDP2 appends the parameter's TP placements after them."""
+    return 2 if len(placements) >= 2 and placements[0].is_replicate() else 1
+
+
+def _unsharded(parameter: Any) -> torch.Tensor:
+    """``parameter`` as FSDP2 gathers it: whole, or under TP a DTensor on the TP submesh with the TP placements
+    (gathered over FSDP2's dimensions only)."""
+    placements = tuple(parameter.placements)
+    dims = _fsdp_dims(placements)
+    if len(placements) == dims:
+        return parameter.full_tensor()
+    try:
+        from torch.distributed.tensor import Replicate
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Replicate
+    mesh, tp = parameter.device_mesh, placements[dims:]
+    names = mesh.mesh_dim_names[dims:]  # FSDP2 finds the TP submesh by name too: a 2-D mesh has names
+    tp_mesh = mesh[names[0]] if len(names) == 1 else mesh[tuple(names)]
+    local = parameter.redistribute(mesh, [Replicate()] * dims + list(tp)).to_local()
+    return type(parameter).from_local(
+        local, tp_mesh, tp, run_check=False, shape=parameter.shape, stride=parameter.stride()
+    )
 
 
 def _plain_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -144,9 +157,9 @@ def _managed_slots(
 
 
 def _gather(slots: list[tuple[nn.Module, str, nn.Parameter]], module: nn.Module, args: Any) -> None:
-    """Before the unit's forward: its parameters whole (one all-gather each; every rank runs it)."""
+    """Before the unit's forward: its parameters unsharded (one all-gather each; every rank runs it)."""
     with torch.no_grad():
-        whole = {id(p): p.full_tensor() for p in {id(p): p for _, _, p in slots}.values()}  # type: ignore[attr-defined]
+        whole: dict[int, Any] = {id(p): _unsharded(p) for p in {id(p): p for _, _, p in slots}.values()}
     for owner, key, parameter in slots:
         owner._parameters[key] = whole[id(parameter)]
 
