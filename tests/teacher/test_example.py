@@ -33,6 +33,9 @@ def test_own_loop_one_process() -> None:
     assert run([sys.executable, str(EXAMPLE)]) > 0
 
 
+@pytest.mark.skipif(
+    TORCH_VERSION < FSDP2_TORCH, reason=f"fully_shard is public from torch {'.'.join(map(str, FSDP2_TORCH))} on"
+)
 def test_two_ranks_own_loop_and_lightning_agree() -> None:
     pytest.importorskip("lightning")
     own = run([*TORCHRUN, str(EXAMPLE)])

@@ -13,13 +13,20 @@ from typing import Any
 import pytest
 import torch
 
+from emakit._compat import FSDP2_TORCH, TORCH_VERSION
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _teacher_worker import RESUME_AT, STEPS, full_weights, launch, make_run, train
 
 WORKER = Path(__file__).with_name("_teacher_worker.py")
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        TORCH_VERSION < FSDP2_TORCH, reason=f"fully_shard is public from torch {'.'.join(map(str, FSDP2_TORCH))} on"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
