@@ -38,6 +38,7 @@ from typing import Any, Literal, final
 
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import default_bn_forward
+from emakit.averaging.replicated import RANK_KEY, own_training
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.integrations.arguments import derived_signature, keyword
@@ -394,6 +395,8 @@ class AveragingCallback(Callback):
         tensors = {"training": dict(training), "ema": ema_state["ema"]}
         if ema_state.get("more_averages"):
             tensors["more_averages"] = list(ema_state["more_averages"])
+        if ema_state.get(RANK_KEY):  # each rank's own replicated buffers (FSDP2), saved by each rank
+            tensors[RANK_KEY] = ema_state.pop(RANK_KEY)
         callbacks[self.state_key] = {"ema": {**ema_state, "ema": None, "more_averages": []}, _SHARDED_MARK: True}
         return tensors
 
@@ -434,8 +437,14 @@ class AveragingCallback(Callback):
         tensors = found.get("state_dict", {}).get(SHARDED_STATE_KEY)
         if not isinstance(tensors, Mapping) or not isinstance(tensors.get("training"), Mapping):
             raise ValueError(f"checkpoint {str(path)!r} holds no {SHARDED_STATE_KEY!r} entry in its state_dict")
-        pl_module.load_state_dict(tensors["training"], strict=pl_module.strict_loading)
-        state["ema"] = {**state["ema"], "ema": tensors.get("ema"), "more_averages": tensors.get("more_averages") or []}
+        ema_state = {**state["ema"], "ema": tensors.get("ema"), "more_averages": tensors.get("more_averages") or []}
+        if tensors.get(RANK_KEY):
+            ema_state[RANK_KEY] = tensors[RANK_KEY]
+        # the folder keeps one rank's replicated buffers (FSDP2's BatchNorm statistics): this rank's own instead
+        own = own_training(ema_state)
+        training = {key: own.get(canonical_name(key), value) for key, value in tensors["training"].items()}
+        pl_module.load_state_dict(training, strict=pl_module.strict_loading)
+        state["ema"] = ema_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._restoring_for_fit is False:  # evaluating a checkpoint: the live average stays as it is
