@@ -87,3 +87,9 @@ def test_resume_continues_every_ranks_own_buffers_bitwise(ranks: dict[str, Any])
             assert set(resumed[held]) == set(uninterrupted[held])
             for name, value in uninterrupted[held].items():
                 assert torch.equal(resumed[held][name], value), (rank, held, name)
+
+
+def test_state_dict_on_rank_0_alone_fails_within_the_timeout_naming_the_call(ranks: dict[str, Any]) -> None:
+    message = ranks["ranks"][0]["rank0_only"]
+    assert "only 1 of 2 ranks reached it within 2 s" in message
+    assert "BatchNorm buffers FSDP2 leaves unsynchronised" in message and "not inside `if rank == 0:`" in message

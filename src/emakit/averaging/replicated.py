@@ -23,10 +23,11 @@ import torch
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.naming import named_tensors, unwrap_model
 from emakit.engine.storage import FlatStorage
-from emakit.parallel.ranks import all_reduce_mean, get_rank, get_world_size
+from emakit.parallel.ranks import all_reduce_mean, get_rank, get_world_size, meet
 from emakit.parallel.sharding import local_tensor
 
 __all__ = [
+    "ARRIVAL_TIMEOUT_S",
     "RANK_KEY",
     "mean_over_ranks",
     "own_averages",
@@ -38,6 +39,8 @@ __all__ = [
 
 #: The averager state's entry holding each rank's own values of the replicated buffers.
 RANK_KEY = "rank_buffers"
+#: How long the ranks wait for each other before the mean (a call made on some ranks only fails, not hangs).
+ARRIVAL_TIMEOUT_S = 120.0
 
 
 def replicated_buffers(tracked: TrackedModel) -> list[str]:
@@ -57,12 +60,19 @@ def replicated_buffers(tracked: TrackedModel) -> list[str]:
 def mean_over_ranks(tensors: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """``tensors`` with each of ``names`` it holds replaced by its mean over the ranks (a new tensor, same dtype).
 
-    A collective (one all-reduce for all of them): every rank calls it with the same names. Summed in float64.
+    A collective (one all-reduce for all of them): every rank calls it with the same names, within
+    :data:`ARRIVAL_TIMEOUT_S` seconds of the others, or each gets an error naming the call. Summed in float64.
     """
     chosen = [name for name in names if name in tensors]
     out = dict(tensors)
     if not chosen:
         return out
+    meet(
+        "the mean over ranks of the BatchNorm buffers FSDP2 leaves unsynchronised (written by ema.state_dict(), "
+        "published_model_state, exports and snapshots)",
+        ARRIVAL_TIMEOUT_S,
+        hint="Under FSDP2 call these on every rank, not inside `if rank == 0:`",
+    )
     flat = torch.cat([tensors[name].detach().reshape(-1).to(torch.float64) for name in chosen])
     flat = all_reduce_mean(flat)
     offset = 0
