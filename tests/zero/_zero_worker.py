@@ -17,13 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
-
-import deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from _collectives import count_collectives

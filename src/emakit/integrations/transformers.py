@@ -10,8 +10,9 @@ evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write
 ``Trainer(...)`` (``on_init_end``)     unsupported configurations (the Trainer's ``fsdp=``, FSDP1) refused
 ``train()`` (``on_train_begin``)       a fresh EMA ``attach``-ed to the model, ``set_duration(max_steps ba)``;
                                        when resuming, its state loaded from the checkpoint folder
-``on_step_end``                        ``ema.step()``: once per optimizer step, after the last micro-batch of
-                                       each ``gradient_accumulation_steps`` and after ``optimizer.step()``
+``on_step_end``                        ``ema.step(num_tokens=...)``: once per optimizer step, after the last
+                                       micro-batch of each ``gradient_accumulation_steps`` and after
+                                       ``optimizer.step()``; tokens from ``state.num_input_tokens_seen``
 ``on_epoch_end``                       ``ema.epoch_end()`` for complete epochs (not the cut one at ``max_steps``)
 ``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the averaged tensors alone, for
                                        ``load_state_dict``; the whole model for partitioned or sharded models) and
@@ -56,6 +57,7 @@ from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.export import export_ema_weights
+from emakit.integrations.amounts import trainer_counting_refusal
 from emakit.integrations.arguments import derived_signature, keyword
 from emakit.integrations.rank_states import state_to_load, state_to_save
 from emakit.parallel.ranks import get_rank, is_distributed
@@ -94,8 +96,10 @@ class AveragingCallback(TrainerCallback):
     ``AveragingCallback(EMA(half_life="200ba"))`` or ``AveragingCallback(SWA(swa_start="2ep"))``; the
     :class:`EMACallback` and :class:`SWACallback` subclasses only build the averager from their arguments. Times
     count the Trainer's progress: ``'ba'`` counts optimizer steps (one per ``gradient_accumulation_steps``
-    micro-batches, like ``state.global_step``), ``'ep'`` epochs, and ``'dur'`` is a fraction of ``max_steps``
-    (the Trainer reports no sample counts, so ``'sp'`` times are refused). Post-hoc snapshots are written by
+    micro-batches, like ``state.global_step``), ``'ep'`` epochs, ``'tok'`` the Trainer's
+    ``state.num_input_tokens_seen`` (``TrainingArguments(include_num_input_tokens_seen=True)``, else refused when the
+    Trainer is built) and ``'dur'`` is a fraction of ``max_steps`` (the Trainer reports no sample counts, so
+    ``'sp'`` times are refused). Post-hoc snapshots are written by
     rank 0; resuming from a checkpoint drops the snapshots written after it, so the series has no gap or
     duplicate. The averager is :attr:`averager`.
 
@@ -135,6 +139,9 @@ class AveragingCallback(TrainerCallback):
                     f"{name}='{time}': the Trainer does not report how many samples each optimizer step saw; give "
                     f"{name} in 'ba' (optimizer steps), 'ep' or 'dur' (a fraction of max_steps)"
                 )
+        refusal = trainer_counting_refusal(type(self).__name__, schedule, True)  # samples: never known
+        if refusal is not None:
+            raise ValueError(refusal)
         for name, flag in (("save_ema_as_model", save_ema_as_model), ("eval_with_ema", eval_with_ema)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -148,6 +155,7 @@ class AveragingCallback(TrainerCallback):
         self._served_by_mixin = False
         self._resume_from: str | None = None
         self._attached = False
+        self._tokens_seen = 0  # state.num_input_tokens_seen at the last optimizer step
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.averager!r}, save_ema_as_model={self.save_ema_as_model})"
@@ -155,6 +163,11 @@ class AveragingCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         _refuse_unsupported(args, kwargs.get("model"))
+        refusal = trainer_counting_refusal(
+            type(self).__name__, self.averager.schedule, args.include_num_input_tokens_seen
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -164,7 +177,7 @@ class AveragingCallback(TrainerCallback):
             raise TypeError(
                 f"{type(self).__name__} needs the Trainer's model at on_train_begin, got {type(model).__name__}"
             )
-        _refuse_unsupported(args, model)
+        self.on_init_end(args, state, control, model=model)
         if state.is_hyper_param_search:
             raise ValueError(
                 f"{type(self).__name__} does not support hyperparameter search: its checkpoints go to per-trial folders "
@@ -188,6 +201,7 @@ class AveragingCallback(TrainerCallback):
             self.averager = self._unattached.renewed()
         self.averager.attach(model, max_duration=Time(state.max_steps, TimeUnit.BATCH) if state.max_steps > 0 else None)
         self._attached = True
+        self._tokens_seen = state.num_input_tokens_seen  # restored with the Trainer's state on a resume
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._resume(Path(folder), state.global_step)
@@ -199,7 +213,8 @@ class AveragingCallback(TrainerCallback):
             self.averager.set_duration(None, -(-len(loader) // accumulation))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.averager.step()
+        tokens, self._tokens_seen = state.num_input_tokens_seen - self._tokens_seen, state.num_input_tokens_seen
+        self.averager.step(num_tokens=tokens)
         self._finish_window(kwargs, end_of_training=False)
 
     def on_epoch_end(
