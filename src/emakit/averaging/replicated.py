@@ -101,7 +101,8 @@ def rank_entry(
         return None
     assert tracked.model is not None
     model = named_tensors(tracked.model)
-    training = {**{n: model[n] for n in names}, **{n: t for n, t in (backup or {}).items() if n in names}}
+    # copies: a loader filling the state in place (DCP) must not write them into the model's own buffers
+    training = {n: t.detach().clone() for n, t in {**model, **(backup or {})}.items() if n in names}
     averages = [storage.state_dict() for storage in storages or []]
     own = {
         "world_size": get_world_size(),
