@@ -55,10 +55,11 @@ def check_own_entries(ranks: dict[str, Any], saved: dict[str, Any]) -> None:
             assert torch.equal(own["training"][name], r["uninterrupted"]["weights"][name]), (rank, name)
 
 
-def check_resumed_bitwise(ranks: dict[str, Any], n_averaged: int) -> None:
-    """Every rank's resumed average and training tensors (buffers included) equal the uninterrupted run's."""
+def check_resumed_bitwise(ranks: dict[str, Any], n_averaged: int, prefix: str = "") -> None:
+    """Every rank's resumed average and training tensors (buffers included) equal the uninterrupted run's
+    (records ``{prefix}uninterrupted`` and ``{prefix}resumed``)."""
     for rank, r in enumerate(ranks["ranks"]):
-        uninterrupted, resumed = r["uninterrupted"], r["resumed"]
+        uninterrupted, resumed = r[f"{prefix}uninterrupted"], r[f"{prefix}resumed"]
         assert resumed["n_averaged"] == uninterrupted["n_averaged"] == n_averaged
         for held in ("ema", "weights"):
             assert set(resumed[held]) == set(uninterrupted[held])

@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --standalone --nproc_per_node=2 _fsdp_bn_worker.py OUT``: an uninterrupted
 2-epoch run (a DCP checkpoint every 2 batches, a sharded snapshot every 4, an export at the end) and the same
-run resumed from its mid-epoch checkpoint ``ep0-ba2``. FSDP2 leaves the BatchNorm buffers unsynchronised, so
+run resumed from its mid-epoch checkpoint ``ep0-ba2``; the same pair for a BEMA (whose evaluated weights read
+``theta_0``). FSDP2 leaves the BatchNorm buffers unsynchronised, so
 each rank's statistics and its average of them are its own. Each rank saves what it holds to ``OUT/rank{R}.pt``.
 """
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from emakit import EMA, Trainer
+from emakit import BEMA, EMA, Trainer
 from emakit.averaging import replicated
 from emakit.distributed import export_ema_weights, local_tensor
 
@@ -36,17 +37,14 @@ class BatchNormNet(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
-def make_trainer(out: Path, **kwargs: Any) -> tuple[Trainer, EMA, nn.Module]:
+def make_trainer(out: Path, bema: bool = False, **kwargs: Any) -> tuple[Trainer, EMA | BEMA, nn.Module]:
     torch.manual_seed(0)
     model = BatchNormNet()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 4, generator=g) * torch.tensor([1.0, 3.0, 0.5, 2.0]) + 1.0
     data = DataLoader(TensorDataset(x, torch.randint(0, 3, (32,), generator=g)), batch_size=4, shuffle=True)
-    ema = EMA(
-        half_life="2ba",
-        snapshot_folder=kwargs.pop("snapshot_folder", None),
-        snapshot_interval=kwargs.pop("snapshot_interval", None),
-    )
+    snapshots = {k: kwargs.pop(k, None) for k in ("snapshot_folder", "snapshot_interval")}
+    ema: EMA | BEMA = BEMA(update_interval="1ba") if bema else EMA(half_life="2ba", **snapshots)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = Trainer(
         model,
@@ -62,7 +60,7 @@ def make_trainer(out: Path, **kwargs: Any) -> tuple[Trainer, EMA, nn.Module]:
     return trainer, ema, model
 
 
-def held(trainer: Trainer, ema: EMA) -> dict[str, Any]:
+def held(trainer: Trainer, ema: EMA | BEMA) -> dict[str, Any]:
     """This rank's own average (every tensor, its shards) and training tensors (its shards, its buffers)."""
     return {
         "ema": {n: t.detach().clone() for n, t in ema.ema_tensors.items()},
@@ -82,6 +80,13 @@ def main(out: Path) -> None:
     resumed, resumed_ema, _ = make_trainer(out, load_path=out / "ckpt" / "ep0-ba2")
     resumed.fit()
     record["resumed"] = held(resumed, resumed_ema)
+    # BEMA's evaluated weights read theta_0 (the weights at its start), buffers included
+    bema, bema_ema, _ = make_trainer(out, bema=True, save_folder=out / "bema_ckpt", save_interval="2ba")
+    bema.fit()
+    record["bema_uninterrupted"] = held(bema, bema_ema)
+    bema, bema_ema, _ = make_trainer(out, bema=True, load_path=out / "bema_ckpt" / "ep0-ba2")
+    bema.fit()
+    record["bema_resumed"] = held(bema, bema_ema)
     rank = int(os.environ["RANK"])
     replicated.ARRIVAL_TIMEOUT_S = 2.0
     if rank == 0:  # the usual mistake: the EMA's state saved on rank 0 alone

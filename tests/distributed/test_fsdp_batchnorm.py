@@ -62,6 +62,11 @@ def test_resume_continues_every_ranks_own_buffers_bitwise(ranks: dict[str, Any])
     check_resumed_bitwise(ranks, n_averaged=8)
 
 
+def test_bema_resume_continues_every_ranks_own_theta_0_buffers_bitwise(ranks: dict[str, Any]) -> None:
+    """BEMA's evaluated weights read theta_0 (the weights at its start), which each rank keeps for its buffers."""
+    check_resumed_bitwise(ranks, n_averaged=8, prefix="bema_")
+
+
 def test_state_dict_on_rank_0_alone_fails_within_the_timeout_naming_the_call(ranks: dict[str, Any]) -> None:
     message = ranks["ranks"][0]["rank0_only"]
     assert "only 1 of 2 ranks reached it within 2 s" in message

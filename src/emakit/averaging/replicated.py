@@ -29,8 +29,10 @@ from emakit.parallel.sharding import local_tensor
 __all__ = [
     "ARRIVAL_TIMEOUT_S",
     "RANK_KEY",
+    "keep_own",
     "mean_over_ranks",
     "own_averages",
+    "own_kept",
     "own_training",
     "rank_entry",
     "replicated_buffers",
@@ -130,16 +132,36 @@ def own_averages(state: Mapping[str, Any], saved: list[dict[str, torch.Tensor]])
     owned = entry.get("averages")
     if not isinstance(owned, Sequence) or len(owned) != len(saved):
         raise ValueError(f"EMA state's {RANK_KEY!r} must hold one dict per average ({len(saved)}), got {owned!r}")
-    out = []
-    for average, own in zip(saved, owned, strict=True):
-        for name, tensor in own.items():
-            if name in average and tuple(tensor.shape) != tuple(average[name].shape):
-                raise ValueError(
-                    f"EMA state's {RANK_KEY!r}: buffer {name!r} has shape {tuple(tensor.shape)}, the average's "
-                    f"{tuple(average[name].shape)}"
-                )
-        out.append({**average, **{n: t for n, t in own.items() if n in average}})
-    return out
+    return [_substituted(average, own) for average, own in zip(saved, owned, strict=True)]
+
+
+def keep_own(
+    state: dict[str, Any], key: str, tensors: Mapping[str, torch.Tensor] | None, tracked: TrackedModel
+) -> None:
+    """Add this rank's own replicated buffers of ``tensors`` (a schedule's kept weights, such as BEMA's
+    ``theta_0``) to ``state``'s :data:`RANK_KEY` entry under ``key``; nothing if the state has no such entry."""
+    entries = state.get(RANK_KEY)
+    entry = entries.get(f"rank{get_rank()}") if isinstance(entries, dict) else None
+    if isinstance(entry, dict) and tensors is not None:
+        entry[key] = {n: tensors[n] for n in replicated_buffers(tracked) if n in tensors}
+
+
+def own_kept(state: Mapping[str, Any], key: str, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``saved`` (what :func:`keep_own` kept under ``key``, as read from the shared entry) with this rank's own
+    replicated buffers, when the state holds them for this rank at this world size."""
+    entry = _own(state)
+    own = entry.get(key) if entry is not None else None
+    return saved if not isinstance(own, Mapping) else _substituted(saved, own)
+
+
+def _substituted(saved: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for name, tensor in own.items():
+        if name in saved and tuple(tensor.shape) != tuple(saved[name].shape):
+            raise ValueError(
+                f"EMA state's {RANK_KEY!r}: buffer {name!r} has shape {tuple(tensor.shape)}, the average's "
+                f"{tuple(saved[name].shape)}"
+            )
+    return {**saved, **{n: t for n, t in own.items() if n in saved}}
 
 
 def own_training(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
