@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "emakit._version",
             "emakit._lazy",
             "emakit.atomic",
+            "emakit.safetensors_file",
             "emakit._compat",
             "emakit._cli_args",
             "emakit.time",

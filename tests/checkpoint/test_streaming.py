@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from emakit import EMA, export_ema_weights
-from emakit.checkpoint.streaming import TensorEntry, parse_size, plan_shards, write_safetensors
+from emakit.checkpoint.streaming import parse_size, plan_shards
+from emakit.safetensors_file import TensorEntry, write_safetensors
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

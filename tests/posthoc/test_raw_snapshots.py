@@ -22,8 +22,9 @@ from torch import nn
 from emakit import BEMA, EMA
 from emakit.posthoc.profiles import SIGMA_REL_MAX
 from emakit.posthoc.reconstruction import plan_reconstruction, reconstruct
-from emakit.posthoc.snapshots import METADATA_KEY, read_snapshot_index, write_safetensors, write_snapshot
+from emakit.posthoc.snapshots import METADATA_KEY, read_snapshot_index, write_snapshot
 from emakit.posthoc.targets import bema_kernel, parse_kernel
+from emakit.safetensors_file import tensor_entries, write_safetensors
 
 UPDATES = 240
 EVERY = 12  # 20 snapshots
@@ -304,9 +305,9 @@ def test_a_snapshot_of_an_unknown_version_or_raw_weights_in_version_1_is_refused
         folder.mkdir()
         metadata = {**source.metadata, "format_version": version}
         write_safetensors(
+            tensor_entries([*tensors.items(), *extra.items()]),
             folder / source.path.name,
-            [*tensors.items(), *extra.items()],
-            {METADATA_KEY: json.dumps(metadata)},
+            metadata={METADATA_KEY: json.dumps(metadata)},
             overwrite=False,
         )
         with pytest.raises(ValueError, match=message):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 
 from emakit.averaging import SWA, Averager
+from emakit.averaging.replicated import own_training
 from emakit.core.algorithm import Algorithm
 from emakit.core.batches import split_pair, to_device
 from emakit.core.event import Event
@@ -160,9 +161,11 @@ class Averaging(Algorithm):
         return self.averager.published_model_state(training)
 
     def restore_model_state(self, model_state: dict[str, Any], algorithm_state: dict[str, Any]) -> dict[str, Any]:
+        # a distributed checkpoint keeps one rank's replicated buffers (FSDP2's BatchNorm statistics): this rank's own
+        own = own_training(algorithm_state)
         training = algorithm_state.get("training_weights")
         if training is None:
-            return model_state
+            return {**model_state, **own}
         if not isinstance(training, Mapping):
             raise ValueError(f"{self.name} state's 'training_weights' must be a dict of tensors")
         unknown = [n for n in training if n not in model_state]
@@ -170,4 +173,4 @@ class Averaging(Algorithm):
             raise ValueError(
                 f"{self.name} state's training weights have a tensor {unknown[0]!r} the checkpoint's model lacks"
             )
-        return {**model_state, **training}
+        return {**model_state, **training, **own}

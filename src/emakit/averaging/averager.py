@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from emakit.averaging import batchnorm, epochs, momentum, states
+from emakit.averaging import batchnorm, epochs, momentum, replicated, states
 from emakit.averaging.averages import Averages
 from emakit.averaging.config import Options, check_at_attach, check_eval_average
 from emakit.averaging.guard import skipped_message, training_weights_finite
@@ -210,8 +210,7 @@ class Averager(ABC):
     def step(self, num_samples: int = 0, num_tokens: int = 0) -> bool:
         """Count one optimizer step (of ``num_samples`` samples and ``num_tokens`` tokens, for ``'sp'`` / ``'tok'``
         times); call it after each one. With ``'ba'`` units the average starts (as a copy of the weights) once the
-        schedule's start is reached and then blends every ``update_interval``. Returns whether it changed.
-        """
+        schedule's start is reached and then blends every ``update_interval``. Returns whether it changed."""
         self._swap.refuse_step()
         epochs.check_step(
             type(self).__name__, self.schedule, self.timestamp, self.batches_per_epoch, num_samples, num_tokens
@@ -454,6 +453,7 @@ class Averager(ABC):
             snapshot_run=self._snapshots.run,
             window_closed=self.window_closed,
             bn_updated=self.bn_updated,
+            rank_buffers=replicated.rank_entry(self._tracked, self._averages.storages, self._swap.training_backup()),
         )
         return self._rule.save(self.schedule, state, self._tracked)
 
@@ -495,6 +495,6 @@ class Averager(ABC):
         self._version += 1
 
     def _averages_as_model_tensors(self) -> list[dict[str, torch.Tensor]]:
-        """Every tracked average by name, as the model's tensors (DTensors for a sharded model)."""
+        """Every tracked average by name as written (a collective under FSDP2: :func:`.replicated.written`)."""
         assert self._averages.storages is not None
-        return [self._tracked.as_model_tensors(s.state_dict()) for s in self._averages.storages]
+        return replicated.written(self._tracked, [s.state_dict() for s in self._averages.storages])

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from emakit.averaging import replicated
 from emakit.averaging.correction import correction_for
 from emakit.averaging.schedules import PerAmount, Schedule
 from emakit.averaging.tracked import TrackedModel
@@ -83,6 +84,8 @@ class RuleState:
             state["amount_at_update"] = self.amount_at_update
         if self.correction is not None:
             state["theta_0"] = self.correction.state(tracked)
+            theta_0 = self.correction.theta_0
+            replicated.keep_own(state, "theta_0", None if theta_0 is None else theta_0.state_dict(), tracked)
         return state
 
     def read(
@@ -95,6 +98,8 @@ class RuleState:
         theta_0 = None
         if self.correction is not None:
             theta_0 = self.correction.read(state.get("theta_0"), tracked, bool(state.get("started")))
+            if theta_0 is not None:  # FSDP2: this rank's own replicated buffers (BatchNorm)
+                theta_0 = replicated.own_kept(state, "theta_0", theta_0)
         return int(amount), theta_0
 
     def restore(self, read: tuple[int, dict[str, torch.Tensor] | None], tracked: TrackedModel) -> None:

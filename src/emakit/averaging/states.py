@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from emakit.averaging import replicated
 from emakit.averaging.schedules import Schedule
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
@@ -47,12 +48,14 @@ def averager_state(
     snapshot_run: str | None,
     window_closed: bool,
     bn_updated: bool,
+    rank_buffers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The averager's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start).
+    """The averager's state dict; ``averages`` are the tracked averages as the model's tensors (none before the start),
+    ``rank_buffers`` this rank's own replicated buffers under FSDP2 (:mod:`.replicated`; left out when None).
 
     ``num_updates`` counts the blends after the start (``n_averaged - 1``), the key's meaning since the first release.
     """
-    return {
+    state = {
         "started": started,
         "start_count": start_count,
         "num_updates": max(n_averaged - 1, 0),
@@ -70,6 +73,9 @@ def averager_state(
         "window_closed": window_closed,
         "bn_updated": bn_updated,
     }
+    if rank_buffers is not None:
+        state[replicated.RANK_KEY] = rank_buffers
+    return state
 
 
 @dataclass
@@ -127,6 +133,7 @@ def read_state(state: Any, tracked: TrackedModel, schedule: Schedule, stacklevel
             check_state_matches(average, live, "EMA state", _selection_hint(average, live))
         if tracked.sharded:  # keep this rank's shards
             saved = [{name: local_tensor(t) for name, t in average.items()} for average in saved]
+            saved = replicated.own_averages(state, saved)  # FSDP2: this rank's own replicated buffers
             live = dict(zip(tracked.names, tracked.masters(tracked.live()), strict=True))  # ZeRO-3: as started
         saved_smoothing = state.get("smoothing")
         smoothing = schedule.smoothing
@@ -243,7 +250,8 @@ def published_model_state(
     tracked: TrackedModel, model_state: Mapping[str, Any], training_state: Mapping[str, Any], average: FlatStorage
 ) -> dict[str, Any]:
     """``training_state`` (:func:`training_model_state` of ``model_state``) with ``average``, in each tensor's
-    dtype, for the tracked tensors (found in ``model_state``, whose tensors are the model's own)."""
+    dtype, for the tracked tensors (found in ``model_state``, whose tensors are the model's own). Under FSDP2
+    the replicated floating buffers are their mean over the ranks (:mod:`.replicated`: a collective)."""
     state = dict(training_state)
     ema = tracked.as_model_tensors(
         {
@@ -253,4 +261,4 @@ def published_model_state(
     )
     for key, name in keys_of_tracked(tracked, model_state):
         state[key] = ema[name]
-    return state
+    return replicated.mean_over_ranks(state, replicated.replicated_buffers(tracked))

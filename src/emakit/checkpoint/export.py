@@ -29,17 +29,16 @@ from emakit.checkpoint.sharded import (
 )
 from emakit.checkpoint.streaming import (
     SINGLE_NAME,
-    TensorEntry,
     check_layout_target,
     clear_layout,
     parse_size,
-    write_safetensors,
     write_sharded_safetensors,
 )
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.parallel.ranks import barrier, get_rank, is_distributed, meet
 from emakit.parallel.sharding import gathered, reshard_model
 from emakit.parallel.zero import gather_partition, partition, zero3_parameters
+from emakit.safetensors_file import TensorEntry, write_safetensors
 
 __all__ = ["ARRIVAL_TIMEOUT_S", "export_ema_weights", "model_weights"]
 

@@ -1,38 +1,30 @@
-"""Writing weights in safetensors format one tensor at a time, as one file or as Transformers' sharded layout.
+"""Weights as Transformers' sharded safetensors layout, each file streamed by :mod:`emakit.safetensors_file`.
 
-A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's dtype,
-shape and byte range, then the bytes. Every shape and dtype is known before any tensor is read (from the
-DTensors, or a checkpoint's metadata), so the header is written first and each tensor is read, written and
-dropped in turn: memory holds one tensor, not the model. ``save_file`` from safetensors needs every tensor
-at once. The sharded layout is what ``transformers`` and ``accelerate`` load: ``model-00001-of-0000N.safetensors``
-files of at most ``max_shard_size`` bytes each (a larger tensor gets a file of its own) and
-``model.safetensors.index.json`` mapping each name to its file.
+Every shape and dtype is known before any tensor is read (from the DTensors, or a checkpoint's metadata), so
+each file's header is written first and each tensor read, written and dropped in turn: memory holds one tensor,
+not the model. The sharded layout is what ``transformers`` and ``accelerate`` load:
+``model-00001-of-0000N.safetensors`` files of at most ``max_shard_size`` bytes each (a larger tensor gets a
+file of its own) and ``model.safetensors.index.json`` mapping each name to its file.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from emakit.atomic import atomic_file, check_output_path, write_bytes
-from emakit.posthoc.snapshots.format import SAFETENSORS_CODES
+from emakit.atomic import check_output_path, write_bytes
+from emakit.safetensors_file import TensorEntry, write_safetensors
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
-    "TensorEntry",
     "check_layout_target",
     "clear_layout",
     "layout_files",
     "parse_size",
     "plan_shards",
-    "write_safetensors",
     "write_sharded_safetensors",
 ]
 
@@ -40,7 +32,6 @@ __all__ = [
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-_DTYPES = SAFETENSORS_CODES
 _UNITS = {
     "": 1,
     "b": 1,
@@ -53,21 +44,6 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """A tensor to write: its name, whole shape and dtype, and ``read()``, which returns it whole on this
-    process (for a DTensor a gather: a collective, so every rank reads the entries in the same order)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    read: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def parse_size(value: int | str, argument: str = "max_shard_size") -> int:
@@ -105,54 +81,6 @@ def plan_shards(entries: Sequence[TensorEntry], max_shard_size: int) -> list[lis
         shards[-1].append(entry)
         size += entry.nbytes
     return shards or [[]]
-
-
-def _header(entries: Sequence[TensorEntry]) -> bytes:
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry in entries:
-        if entry.dtype not in _DTYPES:
-            raise ValueError(f"tensor {entry.name!r} has dtype {entry.dtype}, which safetensors cannot hold")
-        if entry.name in header:
-            raise ValueError(f"tensor name {entry.name!r} appears twice")
-        header[entry.name] = {
-            "dtype": _DTYPES[entry.dtype],
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
-        }
-        offset += entry.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text
-
-
-def write_safetensors(
-    entries: Sequence[TensorEntry], path: Path, *, overwrite: bool, write: bool = True
-) -> Path | None:
-    """Write ``entries`` to the safetensors file ``path``, reading each only when its turn comes.
-
-    ``write=False`` reads every entry (taking part in the gathers) and writes nothing: the other ranks'
-    part. The file appears under its name only once complete (:func:`emakit.atomic.atomic_file`); an existing
-    ``path`` is replaced only with ``overwrite``.
-    """
-    if not write:
-        for entry in entries:
-            entry.read()
-        return None
-    header = _header(entries)
-    with atomic_file(path, overwrite=overwrite) as f:
-        f.write(header)
-        for entry in entries:
-            tensor = entry.read()
-            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-                raise RuntimeError(
-                    f"tensor {entry.name!r} read as {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"announced as {entry.shape} {entry.dtype}"
-                )
-            if tensor.numel():
-                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-    return path
 
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -39,7 +39,7 @@ import torch
 
 from emakit.checkpoint.files import CHECKPOINT_FORMAT, check_checkpoint_format, unreadable_checkpoint
 from emakit.checkpoint.sharded import is_sharded_checkpoint, read_sharded_checkpoint
-from emakit.posthoc.snapshots.format import SAFETENSORS_CODES
+from emakit.safetensors_file import SAFETENSORS_CODES
 
 __all__ = ["SAFETENSORS_DTYPES", "WHICH", "Piece", "TensorInfo", "WeightReader", "open_weights"]
 

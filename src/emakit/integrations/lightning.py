@@ -39,10 +39,11 @@ from typing import Any, Literal, final
 
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import default_bn_forward
-from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
+from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY
 from emakit.engine.naming import canonical_name, unwrap_model
 from emakit.integrations.amounts import BatchAmounts, Counter, check_counter
 from emakit.integrations.arguments import derived_signature, keyword
+from emakit.integrations.lightning_folders import MOVED_MARK, move_into_folder, read_from_folder
 from emakit.integrations.lightning_strategies import averaging_conflict, launcher_refusal, strategy_refusal
 from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
@@ -74,7 +75,6 @@ TRAINING_STATE_KEY = "training_state_dict"
 #: torch.distributed.checkpoint, every rank its shards) holding ``{"training": the training weights,
 #: "ema": the average, "more_averages": [...]}``: sharded tensors cannot go to the rank-0 metadata file.
 SHARDED_STATE_KEY = LIGHTNING_EMA_KEY
-_SHARDED_MARK = "tensors_in_state_dict"
 
 _WEIGHTS_AFTER_FIT = ("training", "ema")
 #: The callbacks' own keyword arguments, after the averager's.
@@ -375,25 +375,12 @@ class AveragingCallback(Callback):
             return
         published = _keyed_like(self.averager.published_model_state(canonical), keys, model_state)
         if isinstance(trainer.strategy, ModelParallelStrategy):
-            published[SHARDED_STATE_KEY] = self._sharded_tensors(checkpoint, training)
+            callbacks = checkpoint.setdefault("callbacks", {})
+            moved = move_into_folder(callbacks.get(self.state_key, self.state_dict())["ema"], training, self.state_key)
+            published[SHARDED_STATE_KEY], callbacks[self.state_key] = moved[SHARDED_STATE_KEY], moved["callback"]
         else:
             checkpoint[TRAINING_STATE_KEY] = training
         checkpoint["state_dict"] = published
-
-    def _sharded_tensors(self, checkpoint: dict[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
-        """The training weights and the EMA's tensors (DTensors), moved out of the callback's state, which
-        Lightning writes to the rank-0 metadata file; they go into the checkpoint folder with the weights."""
-        if SHARDED_STATE_KEY in training:
-            raise ValueError(
-                f"the module has a tensor named {SHARDED_STATE_KEY!r}, the key {self.state_key} saves under"
-            )
-        callbacks = checkpoint.setdefault("callbacks", {})
-        ema_state = dict(callbacks.get(self.state_key, self.state_dict())["ema"])
-        tensors = {"training": dict(training), "ema": ema_state["ema"]}
-        if ema_state.get("more_averages"):
-            tensors["more_averages"] = list(ema_state["more_averages"])
-        callbacks[self.state_key] = {"ema": {**ema_state, "ema": None, "more_averages": []}, _SHARDED_MARK: True}
-        return tensors
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -404,8 +391,8 @@ class AveragingCallback(Callback):
             self._evaluating_checkpoint = True
             return
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if isinstance(state, dict) and state.get(_SHARDED_MARK):
-            self._load_sharded(trainer, pl_module, state)
+        if isinstance(state, dict) and state.get(MOVED_MARK):
+            read_from_folder(trainer.ckpt_path, pl_module, state, self.state_key, pl_module.strict_loading)
         training = checkpoint.get(TRAINING_STATE_KEY)
         if training is not None:
             trainer.strategy.load_model_state_dict({"state_dict": training}, strict=pl_module.strict_loading)
@@ -415,25 +402,6 @@ class AveragingCallback(Callback):
                 f"its clock ({self.averager.schedule.start_argument}, 'dur') counting from this resume",
                 stacklevel=2,
             )
-
-    def _load_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
-        """Read this rank's shards of the training weights and the EMA from the checkpoint folder (no collective):
-        the training weights into the module, the EMA's tensors back into ``state`` for :meth:`load_state_dict`."""
-        path = trainer.ckpt_path
-        if path is None or not is_sharded_checkpoint(path):
-            raise ValueError(
-                f"the {self.state_key} state says its tensors are in a distributed checkpoint folder, but {path!r} is "
-                "not one"
-            )
-        reshard_model(pl_module)
-        found = read_sharded_checkpoint(
-            path, pl_module, keep=lambda keys: keys[:2] == ("state_dict", SHARDED_STATE_KEY)
-        )
-        tensors = found.get("state_dict", {}).get(SHARDED_STATE_KEY)
-        if not isinstance(tensors, Mapping) or not isinstance(tensors.get("training"), Mapping):
-            raise ValueError(f"checkpoint {str(path)!r} holds no {SHARDED_STATE_KEY!r} entry in its state_dict")
-        pl_module.load_state_dict(tensors["training"], strict=pl_module.strict_loading)
-        state["ema"] = {**state["ema"], "ema": tensors.get("ema"), "more_averages": tensors.get("more_averages") or []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._restoring_for_fit is False:  # evaluating a checkpoint: the live average stays as it is

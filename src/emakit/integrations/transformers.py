@@ -41,7 +41,6 @@ import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
@@ -56,11 +55,11 @@ from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.export import export_ema_weights
-from emakit.checkpoint.streaming import TensorEntry, write_safetensors
 from emakit.integrations.amounts import trainer_counting_refusal
 from emakit.integrations.arguments import derived_signature, keyword
 from emakit.integrations.rank_states import expected_states, read_state, state_to_load, state_to_save, write_state
 from emakit.parallel.ranks import get_rank, is_distributed
+from emakit.safetensors_file import tensor_entries, write_safetensors
 from emakit.time import Time, TimeUnit
 
 __all__ = [
@@ -440,10 +439,7 @@ def _write_averaged(averager: Averager, path: Path) -> None:
     base (LoRA) is not copied into every checkpoint. Plain tensors (FSDP is refused), so rank 0 writes alone."""
     model_state = model_state_dict(averager.model)
     published = averager.published_model_state(model_state)
-    entries = []
-    for name in averager.tracked_keys(model_state):
-        tensor: torch.Tensor = published[name].detach()
-        entries.append(TensorEntry(name, tuple(tensor.shape), tensor.dtype, partial(torch.Tensor.detach, tensor)))
+    entries = tensor_entries((name, published[name]) for name in averager.tracked_keys(model_state))
     write_safetensors(entries, path, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
 

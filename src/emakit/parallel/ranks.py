@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "barrier", "get_rank", "get_world_size", "is_distributed", "meet"]
+__all__ = ["all_reduce_mean", "all_reduce_sum", "barrier", "get_rank", "get_world_size", "is_distributed", "meet"]
 
 
 def is_distributed() -> bool:
@@ -40,6 +40,14 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     return [float(v) for v in totals.tolist()]
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``tensor`` over the ranks, in place (``tensor`` itself without a process group)."""
+    if is_distributed() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= get_world_size()
+    return tensor
 
 
 _meetings = itertools.count()

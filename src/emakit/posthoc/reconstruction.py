@@ -38,7 +38,6 @@ from emakit.posthoc.snapshots import (
     SnapshotReader,
     missing_snapshot_indices,
     read_snapshot_index,
-    write_safetensors,
 )
 from emakit.posthoc.snapshots.reading import describe_indices
 from emakit.posthoc.targets import (
@@ -49,6 +48,7 @@ from emakit.posthoc.targets import (
     kernel_from_function,
     parse_kernel,
 )
+from emakit.safetensors_file import tensor_entries, write_safetensors
 
 __all__ = [
     "RECONSTRUCTION_METADATA_KEY",
@@ -374,9 +374,9 @@ def execute_plan(
     result = {name: result[name] for name in layout}  # the snapshots' order
     if out is not None:
         write_safetensors(
+            tensor_entries(result.items()),
             Path(out),
-            list(result.items()),
-            {RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))},
+            metadata={RECONSTRUCTION_METADATA_KEY: json.dumps(describe(plan))},
             overwrite=overwrite,
         )
     return result

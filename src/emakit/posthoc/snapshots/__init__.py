@@ -27,7 +27,7 @@ snapshot is replaced only with ``overwrite=True``. Floating tensors are stored i
 integer and bool tensors as they are.
 
 Modules: :mod:`~emakit.posthoc.snapshots.format` (names and codes), :mod:`~emakit.posthoc.snapshots.atomic`
-(the safetensors writer), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
+(tensors cast one at a time for :mod:`emakit.safetensors_file`, which writes every safetensors file), :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
 :mod:`~emakit.posthoc.snapshots.series` (the next index, the runs in a folder, moving a lost future aside into
 a hidden ``.discarded-<time>/`` sub-folder). Every public name is
 importable from here.
@@ -35,7 +35,7 @@ importable from here.
 
 from __future__ import annotations
 
-from emakit.posthoc.snapshots.atomic import DtypeOverflowError, write_safetensors
+from emakit.posthoc.snapshots.atomic import DtypeOverflowError
 from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -80,6 +80,5 @@ __all__ = [
     "read_snapshot_index",
     "snapshot_name",
     "snapshot_runs",
-    "write_safetensors",
     "write_snapshot",
 ]

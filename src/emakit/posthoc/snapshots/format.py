@@ -1,5 +1,5 @@
-"""The snapshot folder's names and codes: the format's constants, the dtype codes of safetensors, the names of
-snapshot files and directories and finding them in a folder, and the integer check of the public functions.
+"""The snapshot folder's names and codes: the format's constants, the names of snapshot files and directories
+and finding them in a folder, and the integer check of the public functions.
 
 Shared by :mod:`~emakit.posthoc.snapshots.writing`, :mod:`~emakit.posthoc.snapshots.reading` and
 :mod:`~emakit.posthoc.snapshots.series`; the format itself is described in :mod:`emakit.posthoc.snapshots`.
@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from emakit.safetensors_file import SAFETENSORS_CODES
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
     "RAW",
     "READABLE_VERSIONS",
-    "SAFETENSORS_CODES",
     "SHARDED_METADATA_FILE",
     "SNAPSHOT_DTYPES",
     "START",
@@ -48,25 +49,7 @@ SNAPSHOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FILE = re.compile(r"snapshot-(\d{6,})\.safetensors")
 _DIR = re.compile(r"snapshot-(\d{6,})")
 _DCP_METADATA = ".metadata"
-#: safetensors' dtype codes, the one table every safetensors writer and reader of emakit uses.
-SAFETENSORS_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
-}
+#: safetensors' dtype codes, for the readers of this package.
 _SAFETENSORS_DTYPES = SAFETENSORS_CODES
 
 

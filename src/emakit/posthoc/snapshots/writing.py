@@ -19,7 +19,7 @@ from emakit.atomic import install, shared_temporary_path
 from emakit.engine.naming import is_averaged
 from emakit.parallel.ranks import barrier, meet
 from emakit.posthoc.profiles import HalfLifeProfile, PowerProfile, Profile, profile_from_dict
-from emakit.posthoc.snapshots.atomic import _cast, _write_json, write_safetensors
+from emakit.posthoc.snapshots.atomic import _cast, _write_json, cast_entries
 from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -31,6 +31,7 @@ from emakit.posthoc.snapshots.format import (
     _check_int,
     snapshot_name,
 )
+from emakit.safetensors_file import write_safetensors
 
 __all__ = [
     "write_snapshot",
@@ -182,7 +183,9 @@ def write_snapshot(
     elif rank == 0:
         _refuse_existing(path, other, overwrite)
         folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, keys, {METADATA_KEY: json.dumps(metadata)}, float_dtype=dtype, overwrite=overwrite)
+        write_safetensors(
+            cast_entries(keys, dtype), path, metadata={METADATA_KEY: json.dumps(metadata)}, overwrite=overwrite
+        )
     if rank == 0 and overwrite:
         _remove(other)
     return path
