@@ -91,6 +91,7 @@ _positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positi
 
 _clock = time.perf_counter  # the command's wall clock; a test replaces it
 
+
 def _run_name(text: str) -> str:
     if not text or text in (".", "..") or "/" in text or "\\" in text:
         raise argparse.ArgumentTypeError(f"must be a plain folder name (no '/'), got {text!r}")

@@ -13,6 +13,7 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
+from emakit.averaging.tracked import TrackedModel
 from emakit.engine.blend import PreparedBlend, blend_averages_
 from emakit.engine.kernels import Held, hold_equal, nonfinite_positions, restore_equal
 from emakit.engine.naming import is_averaged, named_tensors
@@ -113,6 +114,11 @@ class Averages:
             self.create(live, fp32_ema)
         self.load(averages)
         return made
+
+    def as_model_tensors(self, tracked: TrackedModel) -> list[dict[str, torch.Tensor]]:
+        """Every average by name, as the model's tensors (DTensors for a sharded model), once started."""
+        assert self.storages is not None
+        return [tracked.as_model_tensors(s.state_dict()) for s in self.storages]
 
     def drop(self) -> None:
         """Forget the averages (a resumed state from before the start)."""
