@@ -205,7 +205,7 @@ class WriteBack:
     def _optimizer_after_copy(self, tracked: TrackedModel, written: set[str]) -> None:
         """Apply ``optimizer_state`` to the written parameters (the model's: DTensors under FSDP2, the keys of
         the optimizers' state)."""
-        params = {
+        params: dict[str, torch.Tensor] = {
             n: t
             for n, t in zip(tracked.names, tracked.model_tensors(), strict=True)
             if n in written and isinstance(t, torch.nn.Parameter)
