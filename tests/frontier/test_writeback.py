@@ -73,10 +73,7 @@ def oracle(
         average = {n: (1 - weight) * average[n] + weight * before[k][n] for n in average}
         lam = written(k)
         expected.append(
-            {
-                n: t + lam * (average[n] - t) if names is None or n in names else t
-                for n, t in before[k].items()
-            }
+            {n: t + lam * (average[n] - t) if names is None or n in names else t for n, t in before[k].items()}
         )
     return average, expected
 
@@ -110,6 +107,7 @@ def test_pull_after_every_update_follows_the_float64_oracle() -> None:
     error = worst(after, expected)
     print(f"pull 0.3: max |weights - oracle| = {error:.2e}")
     assert error < 1e-6
+    assert max((ema.ema_tensors[n].double() - average[n]).abs().max().item() for n in average) < 1e-6
     assert ema.writeback.num_pulls == 11  # every update after the start
     # the pull moved the weights: the run differs from one without write-back
     plain = EMA(half_life="4ba")
@@ -208,11 +206,15 @@ def test_resume_mid_run_is_bitwise() -> None:
         assert torch.equal(tensor, model_b.state_dict()[name]), name
     for name, tensor in ema.ema_tensors.items():
         assert torch.equal(tensor, resumed.ema_tensors[name]), name
-    assert resumed.state_dict()["write_back"] == ema.state_dict()["write_back"] == {
-        "last": 10,
-        "num_copies": 3,
-        "num_pulls": 8,
-    }
+    assert (
+        resumed.state_dict()["write_back"]
+        == ema.state_dict()["write_back"]
+        == {
+            "last": 10,
+            "num_copies": 3,
+            "num_pulls": 8,
+        }
+    )
 
 
 # ---------------------------------------------------------------------- the optimizer's state after a copy
