@@ -43,7 +43,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from emakit.averaging.schedules import UPDATE_UNITS, Schedule
 from emakit.averaging.tracked import TrackedModel
-from emakit.engine.kernels import lerp_tensors_
+from emakit.engine.kernels import grouped_pairs, lerp_grouped_
+from emakit.engine.memory import data_ptrs
+from emakit.engine.storage import FlatStorage
 from emakit.time import Time, TimeUnit
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ __all__ = ["OptimizerHook", "WriteBack", "optimizers_stepping"]
 #: ``optimizer_state=hook``: called after each copy with the written parameters by name and their optimizers.
 OptimizerHook = Callable[[dict[str, torch.Tensor], list[torch.optim.Optimizer]], None]
 OPTIMIZER_STATES = ("keep", "reset")
+#: The names written and the (training, average) pairs grouped into multi-tensor kernels.
+_Pairs = tuple[set[str], list[tuple[list[torch.Tensor], list[torch.Tensor]]]]
 
 _stepped: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 _watching = False
@@ -97,6 +101,8 @@ class WriteBack:
         self.last: int | None = None
         self.num_copies = 0
         self.num_pulls = 0
+        #: The last write's pairs (see :meth:`_pairs`): their key, the objects it names by id, the pairs.
+        self._kept: tuple[tuple[Any, ...], tuple[Any, ...], _Pairs] | None = None
 
     @property
     def active(self) -> bool:
@@ -194,13 +200,26 @@ class WriteBack:
         assert storages is not None
         index = averager.eval_average if self.average is None else self.average
         source = averager._rule.evaluated(storages[index], averager._swap.training_tensors, averager.n_averaged)
-        averaged = set(source.averaged) - set(tracked.copied)
         training = averager._swap.training_tensors()  # the backup while the average is swapped in
-        pairs = [(t, source.tensors[n]) for n, t in zip(tracked.names, training, strict=True) if n in averaged]
-        if pairs:
-            targets, sources = (list(column) for column in zip(*pairs, strict=True))
-            lerp_tensors_(targets, sources, weight)
-        return averaged
+        written, groups = self._pairs(tracked, source, training)
+        lerp_grouped_(groups, weight)
+        return written
+
+    def _pairs(self, tracked: TrackedModel, source: FlatStorage, training: list[torch.Tensor]) -> _Pairs:
+        """The written names and the (training, average) pairs grouped into multi-tensor kernels.
+
+        Kept while the same tensors hold the same memory in the same dtypes: pairing and grouping many small
+        tensors costs more than their kernels. The kept entry holds every object its key names by id, so no
+        other object can take one of those ids while it is kept."""
+        pointers = data_ptrs(training)
+        held = (source, tracked.names, tracked.copied, training)
+        key = (tuple(map(id, held[:3])), tuple(map(id, training)), tuple(t.dtype for t in training), pointers)
+        if pointers is None or self._kept is None or self._kept[0] != key:
+            written = set(source.averaged) - set(tracked.copied)
+            pairs = [(t, source.tensors[n]) for n, t in zip(tracked.names, training, strict=True) if n in written]
+            targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
+            self._kept = (key, held, (written, grouped_pairs(targets, sources)))
+        return self._kept[2]
 
     def _optimizer_after_copy(self, tracked: TrackedModel, written: set[str]) -> None:
         """Apply ``optimizer_state`` to the written parameters (the model's: DTensors under FSDP2, the keys of
