@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_bema import bema_oracle, corrected
 from torch import nn
 
 import emakit.averaging.tracked
-from emakit import EMA, SWA
+from emakit import BEMA, EMA, SWA
 from emakit.averaging import Averager
 
 Weights = dict[str, torch.Tensor]
@@ -135,6 +136,20 @@ def test_several_averages_write_back_the_one_named() -> None:
     _, fast = oracle(before, 1 - 2 ** (-1 / 2), lambda k: 1.0 if k % 5 == 0 else 0.0)
     assert worst(after, fast) > 1e-4  # not the evaluated average 0
     assert ema.eval_average == 0
+
+
+def test_bema_writes_back_its_bias_corrected_weights() -> None:
+    bema = BEMA(rho=5.0, gamma=1.5, kappa=0.6, eta=0.3, update_interval="1ba").write_back(every="3ba")
+    model, optimizer = setup(bema)
+    before, after = run(bema, model, optimizer, range(8))
+    recorded = [before[0], *before]  # recorded[step]: the weights the step's update saw (step 1 starts)
+    states = bema_oracle(recorded, 5.0, 1.5, 0.6, 0.3, start=1, every=1)
+    for k in range(8):
+        state = states[k + 1]
+        assert state is not None
+        expected = corrected(state, before[k]) if k in (3, 6) else before[k]  # copies at steps 4 and 7
+        assert max((after[k][n] - expected[n]).abs().max().item() for n in expected) < 2e-6, k
+    assert bema.writeback.num_copies == 2
 
 
 def test_only_the_tracked_averaged_tensors_are_written() -> None:
