@@ -43,18 +43,23 @@ def run(
     ``epoch_end()`` every ``epoch_length`` steps)."""
     before, after = [], []
     for step in steps:
-        g = torch.Generator().manual_seed(1000 + step)
-        x = torch.randn(8, 4, generator=g)
-        loss = (model(x) - x[:, :3].sin()).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, step)
         before.append(floating(model))
         averager.step()
         if epoch_length is not None and (step + 1) % epoch_length == 0:
             averager.epoch_end()
         after.append(floating(model))
     return before, after
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """One optimizer step on the step's own batch of a fixed regression task."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, 4, generator=g)
+    loss = (model(x) - x[:, :3].sin()).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
 
 
 def setup(averager: Averager, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -239,12 +244,7 @@ def adam_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
 
 def step_once(averager: Averager, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Any:
     """One training step; returns the optimizer's state just before ``averager.step()``."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(8, 4, generator=g)
-    loss = (model(x) - x[:, :3].sin()).pow(2).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    train_step(model, optimizer, step)
     state = adam_state(optimizer)
     averager.step()
     return state
