@@ -127,3 +127,27 @@ def test_the_lightning_callback_writes_back_and_resets_lightnings_optimizer() ->
     assert callback.averager.writeback.num_copies == 3
     # SGD's momentum buffers: one per parameter after the epoch's steps, none left after each copy's reset
     assert before.momentum == [6, 6, 6] and after.momentum == [0, 0, 0]
+
+
+def test_accelerates_prepared_optimizer_is_found_for_a_reset() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+
+    from emakit.integrations.accelerate import prepare_ema
+
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = prepare_ema(accelerator, model, EMA(half_life="4ba").write_back(every="2ba", optimizer_state="reset"))
+    sizes = []
+    for x, y in make_loader(n=24):
+        loss = nn.functional.cross_entropy(model(x), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step()
+        sizes.append(sum(len(s) for s in optimizer.optimizer.state.values()))
+    # Adam's three entries for each of 6 parameters, dropped at the copies after steps 3 (start 1 + 2)
+    assert sizes == [18, 18, 0] and ema.writeback.num_copies == 1
+    assert all(torch.equal(p, ema.ema_tensors[n]) for n, p in model.named_parameters())
