@@ -229,7 +229,7 @@ class Averager(ABC):
         return self.tick(TimeUnit.EPOCH)
 
     def tick(self, unit: TimeUnit) -> bool:
-        """Start, blend or close the average if due at the clock's current time in ``unit``.
+        """Start, blend or close the average if due at the clock's time in ``unit``, then write it back if due.
 
         :meth:`step` and :meth:`epoch_end` call this after advancing the clock; a trainer that keeps the
         clock itself (sets :attr:`timestamp`) calls it directly. Returns whether the average changed.
