@@ -53,9 +53,9 @@ def run(
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """One optimizer step on the step's own batch of a fixed regression task."""
+    """One optimizer step on the step's own batch of a fixed regression task (in the model's dtype)."""
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(8, 4, generator=g)
+    x = torch.randn(8, 4, generator=g).to(next(model.parameters()).dtype)
     loss = (model(x) - x[:, :3].sin()).pow(2).mean()
     optimizer.zero_grad()
     loss.backward()
@@ -129,6 +129,28 @@ def test_copies_at_epoch_ends_with_updates_every_step() -> None:
     _, expected = oracle(before, WEIGHT, lambda k: 1.0 if (k + 1) % 4 == 0 else 0.0)
     assert worst(after, expected) < 1e-6
     assert ema.writeback.num_copies == 3
+
+
+def test_a_bf16_model_gets_its_fp32_average_rounded_once() -> None:
+    model = make_model().to(torch.bfloat16)
+    ema = EMA(half_life="4ba").write_back(every="3ba", pull=0.3)  # the average is kept in fp32
+    ema.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(7):
+        train_step(model, optimizer, step)
+        before = {n: t.detach().clone() for n, t in model.state_dict().items() if t.is_floating_point()}
+        ema.step()
+        average = ema.ema_tensors
+        for name, theta in before.items():
+            got = model.state_dict()[name]
+            assert got.dtype == torch.bfloat16 and average[name].dtype == torch.float32
+            if step in (3, 6):  # the copies: the fp32 average rounded to bf16
+                assert torch.equal(got, average[name].to(torch.bfloat16)), name
+            elif step > 0:  # the pulls, within bf16 rounding (8 significant bits) of the float64 value
+                exact = theta.double() + 0.3 * (average[name].double() - theta.double())
+                scale = torch.maximum(theta.double().abs(), average[name].double().abs())
+                assert ((got.double() - exact).abs() <= 2**-7 * scale + 1e-6).all(), name
+    assert ema.writeback.num_copies == 2 and ema.writeback.num_pulls == 4
 
 
 def test_several_averages_write_back_the_one_named() -> None:
