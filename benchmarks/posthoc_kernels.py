@@ -1,6 +1,9 @@
 """Post-hoc kernels and the metric sweep on the demo's model (digits CNN): printed, never asserted.
 
-python benchmarks/posthoc_kernels.py [--epochs 5] [--seed 0] [--fraction 0.2] [--keep DIR]
+python benchmarks/posthoc_kernels.py [--epochs 5] [--seed 0] [--fraction 0.2] [--keep DIR] [--json FILE]
+
+``--json docs/posthoc_kernels.json`` writes the numbers docs/posthoc.md quotes (its closing note; a test checks the
+page against the file).
 
 1. Decay emulation (WSM): the demo's model is trained twice from the same seed and batches, once at the demo's
    constant learning rate with an EMA snapshotting sigma_rel 0.05, 0.10 and 1/sqrt(12) about 30 times, and once
@@ -9,9 +12,11 @@ python benchmarks/posthoc_kernels.py [--epochs 5] [--seed 0] [--fraction 0.2] [-
    weights, beside the constant run's final weights: distances and validation accuracy/loss. On a quadratic the
    merge provably lands nearer (tests/posthoc/test_targets.py); a CNN with BatchNorm at a large rate is no
    quadratic, so this only shows what happens here.
-2. The sweep (emakit.posthoc.sweep) over 15 sigma_rel values, decay kernels, windows and the tracked averages,
-   in a fresh process: its wall time, and its peak resident memory (VmHWM) against the process's resident memory
-   just before it (after imports, data and one evaluation model), with the model's size for scale.
+2. The fit error of every named kernel (BEMA's included: the snapshots hold the raw weights, ``snapshot_raw=True``)
+   at the end of the constant run, and the disk cost of the raw weights per snapshot (read from the files).
+3. The sweep (emakit.posthoc.sweep) over 15 sigma_rel values, decay kernels, windows, BEMA, the raw weights and the
+   tracked averages, in a fresh process: its wall time, and its peak resident memory (VmHWM) against the process's
+   resident memory just before it (after imports, data and one evaluation model), with the model's size for scale.
 """
 
 from __future__ import annotations
@@ -63,7 +68,12 @@ def train(epochs: int, seed: int, folder: Path | None, decay: str | None, fracti
     ema = None
     if folder is not None:
         interval = max(1, math.ceil(total / 30))
-        ema = EMA(sigma_rel=[0.05, 0.10, SIGMA_REL_MAX], snapshot_interval=f"{interval}ba", snapshot_folder=folder)
+        ema = EMA(
+            sigma_rel=[0.05, 0.10, SIGMA_REL_MAX],
+            snapshot_interval=f"{interval}ba",
+            snapshot_folder=folder,
+            snapshot_raw=True,
+        )
         ema.attach(model)
     step = 0
     for _ in range(epochs):
@@ -134,18 +144,63 @@ def decay_emulation(args: argparse.Namespace, folder: Path) -> None:
         )
 
 
+KERNEL_TABLE = [
+    *(f"{shape}:{f}" for shape in SHAPES for f in (0.1, 0.2, 0.3)),
+    "power:0.07",
+    "ema:50",
+    "uniform:0.2",
+    "bema",
+    "bema:1,1,0.5,0.2",
+    "raw",
+]
+
+
+def fit_errors_and_disk(folder: Path) -> dict[str, Any]:
+    """The fit error of each named kernel at the last snapshot, and what the raw weights cost on disk."""
+    import struct
+
+    from emakit.posthoc import plan_reconstruction, read_snapshot_index
+
+    print(f"\n{'kernel':<20}{'fit error':>10}")
+    errors = {}
+    for spec in KERNEL_TABLE:
+        errors[spec] = plan_reconstruction(folder, kernel=spec).fit_error
+        print(f"{spec:<20}{100 * errors[spec]:>9.3g}%")
+    index = read_snapshot_index(folder)
+    sizes: dict[str, int] = {"averages": 0, "raw": 0, "start": 0}
+    for info in index:
+        with info.path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                part = key.partition("/")[0]
+                sizes[part if part in sizes else "averages"] += entry["data_offsets"][1] - entry["data_offsets"][0]
+    files = sum(info.path.stat().st_size for info in index)
+    n = len(index)
+    print(
+        f"\n{n} snapshots, {files / 2**20:.2f} MiB: per snapshot {sizes['averages'] / n / 1024:.1f} KiB of averages "
+        f"({len(index[0].profiles)}), +{sizes['raw'] / n / 1024:.1f} KiB of raw weights "
+        f"(+{100 * sizes['raw'] / sizes['averages']:.0f}%), theta_0 once {sizes['start'] / 1024:.1f} KiB"
+    )
+    return {"fit_errors": errors, "snapshots": n, "bytes": {**sizes, "files": files}, "t": index[-1].t}
+
+
 def sweep_child(folder: str, seed: int) -> None:
     """Runs in a fresh process: the sweep's time and memory, as JSON on stdout."""
     import torch
 
-    from emakit.posthoc import reconstruct
+    from emakit.posthoc import read_snapshot_index, reconstruct
     from emakit.posthoc.sweep import sigma_rel_grid, sweep
 
     evaluate = evaluator(seed)
     candidates = [f"power:{s!r}" for s in sigma_rel_grid(0.02, 0.25, 15)]
+    last = read_snapshot_index(folder)[-1].t
     candidates += [f"{shape}:{f}" for shape in SHAPES for f in (0.1, 0.2, 0.3)] + [
         "uniform:0.1",
         "uniform:0.2",
+        f"window:{last // 2}:{last}",
+        "bema",
+        "raw",
         "tracked",
     ]
     with tempfile.TemporaryDirectory() as out:
@@ -185,6 +240,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--keep", metavar="DIR", help="keep the snapshots here")
+    parser.add_argument("--json", metavar="FILE", help="write the numbers here (docs/posthoc_kernels.json)")
     parser.add_argument("--sweep-child", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sweep_child:
@@ -196,6 +252,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp) / "snapshots"
         decay_emulation(args, folder)
+        numbers = fit_errors_and_disk(folder)
         child = subprocess.run(
             [sys.executable, __file__, "--sweep-child", str(folder), "--seed", str(args.seed)],
             check=True,
@@ -210,6 +267,9 @@ def main() -> None:
         f"resident memory before the sweep {report['rss_before'] / mib:.1f} MiB, peak (VmHWM) "
         f"{report['vmhwm'] / mib:.1f} MiB: +{(report['vmhwm'] - report['rss_before']) / mib:.1f} MiB"
     )
+    if args.json:
+        numbers.update(sweep=report, epochs=args.epochs, seed=args.seed)
+        Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,30 @@ def torchtitan_decay(half_life_fraction: float, num_updates: int) -> float:
 
 def ln2() -> float:
     return math.log(2.0)
+
+
+def bema_oracle(
+    recorded: Sequence[Weights], rho: float, gamma: float, kappa: float, eta: float, start: int, every: int
+) -> list[tuple[Weights, Weights, float] | None]:
+    """BEMA (Block & Zhang 2025), the paper's recursion over recorded weights: after each step, (EMA, theta_0,
+    alpha), or None before the start."""
+    out: list[tuple[Weights, Weights, float] | None] = [None] * len(recorded)
+    theta_0 = {k: v.clone() for k, v in recorded[start].items()}
+    ema = {k: v.clone() for k, v in theta_0.items()}
+    alpha, t = rho**-eta, 0
+    out[start] = (ema, theta_0, alpha)
+    for step in range(start + 1, len(recorded)):
+        if step % every == 0:
+            t += every
+            beta = (rho + gamma * t) ** -kappa
+            ema = {k: (1 - beta) * ema[k] + beta * recorded[step][k] for k in ema}
+            alpha = (rho + gamma * t) ** -eta
+        out[step] = (ema, theta_0, alpha)
+    return out
+
+
+def corrected(state: tuple[Weights, Weights, float] | None, now: Weights) -> Weights:
+    """BEMA's evaluated weights ``alpha (theta_now - theta_0) + EMA``."""
+    assert state is not None, "BEMA has not started at that step"
+    ema, theta_0, alpha = state
+    return {k: alpha * (now[k] - theta_0[k]) + ema[k] for k in ema}

@@ -7,32 +7,10 @@ import copy
 
 import pytest
 import torch
-from _oracle import Weights, max_error, record, tiny_model, train
+from _oracle import bema_oracle, corrected, max_error, record, tiny_model, train
 from torch import nn
 
 from emakit import BEMA
-
-
-def bema_oracle(recorded: list[Weights], rho: float, gamma: float, kappa: float, eta: float, start: int, every: int):
-    """The paper's recursion over recorded weights: after each step, (EMA, theta_0, alpha) or None before the start."""
-    out: list[tuple[Weights, Weights, float] | None] = [None] * len(recorded)
-    theta_0 = {k: v.clone() for k, v in recorded[start].items()}
-    ema = {k: v.clone() for k, v in theta_0.items()}
-    alpha, t = rho**-eta, 0
-    out[start] = (ema, theta_0, alpha)
-    for step in range(start + 1, len(recorded)):
-        if step % every == 0:
-            t += every
-            beta = (rho + gamma * t) ** -kappa
-            ema = {k: (1 - beta) * ema[k] + beta * recorded[step][k] for k in ema}
-            alpha = (rho + gamma * t) ** -eta
-        out[step] = (ema, theta_0, alpha)
-    return out
-
-
-def corrected(state: tuple[Weights, Weights, float], now: Weights) -> Weights:
-    ema, theta_0, alpha = state
-    return {k: alpha * (now[k] - theta_0[k]) + ema[k] for k in ema}
 
 
 @pytest.mark.parametrize(("start", "every"), [(0, 1), (4, 2), (3, 3)])
@@ -158,3 +136,33 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"bema_start cannot be negative"):
         BEMA(bema_start="-1ba")
     assert isinstance(BEMA(), nn.Module) is False
+
+
+def test_update_bn_is_refused_and_a_copy_of_ema_model_takes_torchs_update_bn() -> None:
+    """BEMA's evaluated weights are rebuilt from the average and the training weights at every read, so statistics
+    recomputed into them would be lost at the next read (they were, silently): update_bn refuses, naming the way
+    that works, which gives the statistics torch's update_bn measures on the corrected weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    bema = BEMA(update_interval="1ba")
+    bema.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    for x in data:
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        bema.step()
+    with pytest.raises(ValueError, match=r"BEMA: update_bn cannot keep BatchNorm statistics .* copy\.deepcopy\(bema"):
+        bema.update_bn([(x,) for x in data])
+    assert bema.finish_window([(x,) for x in data], end_of_training=True) is False  # bn_update is off for BEMA
+
+    evaluated = copy.deepcopy(bema.ema_model)
+    torch.optim.swa_utils.update_bn([(x,) for x in data], evaluated)
+    # by hand: the corrected weights' first layer, then the equal-weight mean of the batch statistics
+    w, b = bema.ema_tensors["0.weight"].double(), bema.ema_tensors["0.bias"].double()
+    hidden = [x.double() @ w.T + b for x in data]
+    mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+    var = torch.stack([h.var(0, unbiased=True) for h in hidden]).mean(0)
+    assert torch.allclose(evaluated[1].running_mean.double(), mean, atol=1e-6)
+    assert torch.allclose(evaluated[1].running_var.double(), var, atol=1e-5)

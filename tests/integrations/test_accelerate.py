@@ -164,11 +164,6 @@ def test_prepare_ema_default_and_bad_arguments() -> None:
     [
         ("FSDP", None, "does not support distributed_type=FSDP"),
         ("MEGATRON_LM", None, "does not support distributed_type=MEGATRON_LM"),
-        (
-            "DEEPSPEED",
-            3,
-            "does not support DeepSpeed ZeRO stage 3 yet.*DeepSpeed's own loop.*TrainingArguments.deepspeed",
-        ),
     ],
 )
 def test_prepare_ema_refuses_sharded_setups(distributed_type: str, zero_stage: int | None, match: str) -> None:
@@ -232,3 +227,37 @@ def test_example_under_torchrun_ddp_resumes_exactly(tmp_path: Path) -> None:
         assert_same(params, {n: t for n, t in ranks[0]["full"]["ema"].items() if n not in buffers})
     assert_same(ranks[0]["resumed"]["ema"], ranks[0]["full"]["ema"])  # rank 0's EMA is the one checkpointed
     assert_same(ranks[1]["full"]["weights"], ranks[0]["full"]["weights"])
+
+
+def test_a_partitioned_ema_is_saved_and_loaded_per_rank_by_save_state_hooks(tmp_path: Path) -> None:
+    # One rank holding whole ZeRO-3 partitions (the attributes DeepSpeed gives its parameters); the 2-rank runs
+    # with Accelerate's DeepSpeed plugin are tests/zero/test_accelerate_sharded.py.
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = nn.Linear(3, 2)
+        for p in model.parameters():
+            p.ds_tensor = p.detach().reshape(-1).clone()  # type: ignore[attr-defined]
+            p.ds_shape, p.ds_numel = p.shape, p.numel()  # type: ignore[attr-defined]
+        accelerator = Accelerator(cpu=True)
+        ema = prepare_ema(accelerator, model, EMA(smoothing=0.5))
+        assert not any(o is ema for o in accelerator._custom_objects)
+        with pytest.raises(ValueError, match="prepare_ema was already called with this EMA"):
+            prepare_ema(accelerator, model, ema)
+        for _ in range(2):
+            model.weight.ds_tensor.add_(1.0)  # type: ignore[attr-defined]
+            ema.step()
+        saved = {n: t.clone() for n, t in ema.state_dict()["ema"].items()}
+        accelerator.save_state(str(tmp_path / "ckpt"))
+        assert (tmp_path / "ckpt" / "emakit_ema_rank0.pt").is_file()
+        assert not list((tmp_path / "ckpt").glob("custom_checkpoint_*"))
+        ema.step()
+        accelerator.load_state(str(tmp_path / "ckpt"))
+        assert ema.n_averaged == 2
+        for name, value in ema.state_dict()["ema"].items():
+            assert torch.equal(value, saved[name]), name
+        (tmp_path / "empty").mkdir()
+        with pytest.warns(UserWarning, match=r"holds no emakit_ema_rank0\.pt \(one per rank, ZeRO-3\)"):
+            accelerator.load_state(str(tmp_path / "empty"))
+    finally:
+        torch.distributed.destroy_process_group()

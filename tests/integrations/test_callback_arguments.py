@@ -20,7 +20,7 @@ from emakit.posthoc import read_snapshot_index
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OWN = {
-    "lightning": {"weights_after_fit"},
+    "lightning": {"weights_after_fit", "count_samples", "count_tokens"},
     "transformers": {"save_ema_as_model", "eval_with_ema"},
 }
 

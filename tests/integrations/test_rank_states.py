@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from emakit import EMA
-from emakit.integrations.rank_states import partition_state_name, state_to_load, state_to_save
+from emakit.integrations.rank_states import (
+    load_ema_state,
+    partition_state_name,
+    save_ema_state,
+    state_to_load,
+    state_to_save,
+)
 
 
 @pytest.fixture
@@ -96,3 +102,41 @@ def test_the_trainer_refuses_a_checkpoint_of_two_ranks_before_any_step(tmp_path:
     with pytest.raises(ValueError, match=r"partitions of 2 rank\(s\).*but this run has 1"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 2
+
+
+def test_resuming_from_a_folder_without_the_per_rank_states_names_them(tmp_path: Path, one_rank: None) -> None:
+    pytest.importorskip("transformers")
+    from emakit.integrations.transformers import EMACallback
+
+    callback = EMACallback()
+    callback.averager = attached(zero3=True)
+    with pytest.warns(UserWarning, match=r"which holds no emakit_ema_rank0\.pt \(one per rank, ZeRO-3\)"):
+        callback._resume(tmp_path, 3)
+    callback.averager = attached()
+    with pytest.warns(UserWarning, match=r"which holds no emakit_ema\.pt: the EMA starts a fresh average"):
+        callback._resume(tmp_path, 3)
+
+
+def test_save_and_load_ema_state_round_trip_a_whole_average(tmp_path: Path) -> None:
+    ema = attached()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in ema.model.parameters():
+                p.add_(1.0)
+        ema.step()
+    assert save_ema_state(ema, tmp_path / "ckpt") == tmp_path / "ckpt" / "emakit_ema.pt"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_ema_state(ema, tmp_path / "ckpt")
+    resumed = EMA()
+    resumed.attach(ema.model)
+    assert load_ema_state(resumed, tmp_path / "ckpt") == tmp_path / "ckpt" / "emakit_ema.pt"
+    assert resumed.n_averaged == ema.n_averaged == 3
+    for (name, mine), theirs in zip(resumed.state_dict()["ema"].items(), ema.state_dict()["ema"].values(), strict=True):
+        assert torch.equal(mine, theirs), name
+
+
+def test_load_ema_state_names_the_files_it_expects(tmp_path: Path, one_rank: None) -> None:
+    with pytest.raises(FileNotFoundError, match=r"holds no EMA state: expected emakit_ema\.pt, as save_ema_state"):
+        load_ema_state(attached(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"expected emakit_ema_rank0\.pt \(one per rank, ZeRO-3\)"):
+        load_ema_state(attached(zero3=True), tmp_path)

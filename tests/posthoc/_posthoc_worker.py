@@ -4,7 +4,8 @@ Trains a small model sharded with FSDP2 (gloo, CPU). Each rank keeps two power-p
 parameter shards (blend_averages_ on local tensors, no communication) and every few updates writes them as
 a sharded snapshot (DTensors over the local averages: each rank writes its shards) into ``OUT/sharded``.
 For the comparison it also gathers the same averages and has rank 0 write them unsharded into
-``OUT/gathered``. :func:`train` is shared with the test, which runs it in one process without FSDP.
+``OUT/gathered``. :func:`train` is shared with the test, which runs it in one process without FSDP. Then
+emakit's EMA on the sharded model writes its snapshots, with the raw weights, into ``OUT/ema``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
 
     model = make_net()
     fully_shard(model)
-    ema = EMA(sigma_rel=[p.sigma_rel for p in PROFILES], snapshot_interval=f"{EVERY}ba", snapshot_folder=out / "ema")
+    ema = EMA(
+        sigma_rel=[p.sigma_rel for p in PROFILES],
+        snapshot_interval=f"{EVERY}ba",
+        snapshot_folder=out / "ema",
+        snapshot_raw=True,
+    )
     ema.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     for _ in range(UPDATES):
@@ -143,6 +149,9 @@ def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
         ema.step()
+    final = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in model.state_dict().items()}
+    if torch.distributed.get_rank() == 0:
+        torch.save(final, out / "ema_final_weights.pt")
     storage = ema.storage
     assert storage is not None
     numel = sum(b.numel() for b in storage.buffers.values())  # this rank's part of one average

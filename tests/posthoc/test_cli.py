@@ -203,7 +203,8 @@ def test_list_kernels_names_each_kernel(capsys: pytest.CaptureFixture[str]) -> N
 
     assert main(["--list-kernels"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"{name}:{param}" in printed for name, (param, _) in KERNELS.items())
+    assert all(f"{name}:{param}" in printed for name, (param, _) in KERNELS.items() if param)
+    assert "bema:RHO,GAMMA,KAPPA,ETA" in printed and "\n  raw " in printed
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])

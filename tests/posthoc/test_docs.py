@@ -57,3 +57,33 @@ def test_the_page_quotes_the_figures_numbers() -> None:
     summary = json.loads(FIGURE_NUMBERS.read_text())
     missing = [q for q in quoted(summary) if q not in text]
     assert not missing, f"docs/posthoc.md does not quote docs/posthoc_sweep.json: {missing}"
+
+
+KERNEL_NUMBERS = DOC.parent / "posthoc_kernels.json"
+
+
+def test_the_page_quotes_the_kernel_benchmark() -> None:
+    """docs/posthoc_kernels.json comes from benchmarks/posthoc_kernels.py; the closing note must match it."""
+    text = " ".join(DOC.read_text().split())
+    numbers = json.loads(KERNEL_NUMBERS.read_text())
+    errors, sweep, sizes = numbers["fit_errors"], numbers["sweep"], numbers["bytes"]
+
+    def pct(spec: str) -> str:
+        return f"`{spec}` {100 * errors[spec]:.2g}%"
+
+    quoted_kernels = ["cosine:0.1", "cosine:0.2", "cosine:0.3", "linear:0.2", "uniform:0.2", "1-sqrt:0.2"]
+    quoted_kernels += ["power:0.07", "ema:50", "bema", "bema:1,1,0.5,0.2"]
+    quotes = [pct(s) for s in quoted_kernels]
+    quotes += [
+        f"{numbers['t']} updates, {numbers['snapshots']} snapshots",
+        f"cost {sizes['raw'] / numbers['snapshots'] / 1024:.1f} KiB per snapshot (the model's {sweep['model_bytes']} bytes",
+        f"the {sizes['averages'] / numbers['snapshots'] / 1024:.1f} KiB of the three averages",
+        f"A sweep of {sweep['candidates']} candidates",
+        f"took {sweep['seconds']:.1f} s",
+        f"by {(sweep['vmhwm'] - sweep['rss_before']) / 2**20:.1f} MiB over the {sweep['rss_before'] / 2**20:.1f} MiB",
+        f"The best was `{sweep['best']}`",
+        f"(validation loss {sweep['best_loss']:.4f})",
+    ]
+    assert errors["raw"] == 0.0 and sizes["raw"] == numbers["snapshots"] * sweep["model_bytes"]
+    missing = [q for q in quotes if q not in text]
+    assert not missing, f"docs/posthoc.md does not quote docs/posthoc_kernels.json: {missing}"

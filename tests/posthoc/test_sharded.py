@@ -14,7 +14,7 @@ import torch
 from _posthoc_worker import EVERY, PROFILES, UPDATES, data, make_net, train
 
 from emakit._compat import FSDP2_TORCH, TORCH_VERSION
-from emakit.posthoc.reconstruction import reconstruct
+from emakit.posthoc.reconstruction import plan_reconstruction, reconstruct
 from emakit.posthoc.snapshots import read_snapshot_index, write_snapshot
 
 WORKER = Path(__file__).with_name("_posthoc_worker.py")
@@ -115,3 +115,16 @@ def test_the_ema_on_an_fsdp2_model_keeps_local_shards_and_snapshots_like_the_ker
         expected = reconstruct(launch / "sharded", sigma_rel=sigma_rel)
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_raw_weights_of_an_fsdp2_model_are_written_as_shards_and_read_whole(launch: Path) -> None:
+    """EMA(snapshot_raw=True) on the sharded model: each snapshot directory holds the raw weights (and the first
+    theta_0) as shards; read in one process they are the final weights the ranks gathered."""
+    index = read_snapshot_index(launch / "ema")
+    assert all(info.sharded and info.raw for info in index) and index[0].start and not index[1].start
+    final = torch.load(launch / "ema_final_weights.pt", weights_only=True)
+    got = reconstruct(launch / "ema", kernel="raw")
+    for name, value in final.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    assert plan_reconstruction(launch / "ema", kernel="bema").fit_error < 0.05

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _runs import probe
 from safetensors.torch import load_file
-from torch import nn
 
 from emakit import EMA
 from emakit.posthoc.cli import main
@@ -28,14 +28,11 @@ CANDIDATES = ["power:0.05", "cosine:0.05", "cosine:0.2", "linear:0.5", "uniform:
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-parameter model holding e_k after update k: an average of it is the weight it gives each update."""
     out = tmp_path_factory.mktemp("sweep")
-    model = nn.Module()
-    model.w = nn.Parameter(torch.zeros(UPDATES))
+    model, step = probe(UPDATES)
     ema = EMA(sigma_rel=[0.05, 0.10, SIGMA_REL_MAX], snapshot_interval="10ba", snapshot_folder=out)
     ema.attach(model)
-    for k in range(UPDATES):
-        with torch.no_grad():
-            model.w.zero_()
-            model.w[k] = 1.0
+    for k in range(1, UPDATES + 1):
+        step(k)
         ema.step()
     return out
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _runs import noisy_mlp
+from _runs import probe as probe_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -19,7 +21,7 @@ from torch import nn
 from emakit import EMA
 from emakit.posthoc.profiles import SIGMA_REL_MAX, PowerProfile
 from emakit.posthoc.reconstruction import plan_reconstruction, reconstruct
-from emakit.posthoc.targets import KERNELS, Kernel, decay_kernel, kernel_from_function, parse_kernel
+from emakit.posthoc.targets import KERNELS, Kernel, RawTarget, decay_kernel, kernel_from_function, parse_kernel
 
 UPDATES = 240
 EVERY = 12  # 20 snapshots
@@ -80,14 +82,7 @@ def record_run(model: nn.Module, folder: Path, step: Any) -> list[dict[str, torc
 def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, torch.Tensor]]]:
     """A model of one parameter that holds e_k after update k: its average is the weight each update was given."""
     folder = tmp_path_factory.mktemp("probe")
-    model = nn.Module()
-    model.w = nn.Parameter(torch.zeros(UPDATES))
-
-    def step(k: int) -> None:
-        with torch.no_grad():
-            model.w.zero_()
-            model.w[k - 1] = 1.0
-
+    model, step = probe_run(UPDATES)
     return folder, record_run(model, folder, step)
 
 
@@ -95,19 +90,7 @@ def probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
 def training(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, torch.Tensor]]]:
     """A tiny MLP trained by noisy SGD."""
     folder = tmp_path_factory.mktemp("training")
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    x = torch.randn(256, 6)
-    y = torch.sin(x @ torch.randn(6, 1))
-
-    def step(k: int) -> None:
-        batch = torch.randint(0, len(x), (8,))
-        loss = nn.functional.mse_loss(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    model, step = noisy_mlp()
     return folder, record_run(model, folder, step)
 
 
@@ -222,6 +205,8 @@ _VALID = {
     "power": st.floats(1e-4, SIGMA_REL_MAX),
     "ema": st.floats(1e-3, 1e9),
     "uniform": st.floats(1e-6, 1.0),
+    "bema": st.tuples(*[st.floats(0.0, 1e6)] * 4),
+    "raw": st.just(None),
 }
 
 
@@ -229,6 +214,12 @@ _VALID = {
 @given(data=st.data(), name=st.sampled_from(sorted(KERNELS)))
 def test_parse_kernel_reads_every_named_kernel(data: st.DataObject, name: str) -> None:
     value = data.draw(_VALID[name])
+    if name in ("bema", "raw"):
+        text = name if value is None else f"bema:{','.join(map(repr, value))}"
+        target = parse_kernel(text)["kernel"]
+        assert isinstance(target, RawTarget) and target.name == name and target.params == (value or ())
+        assert parse_kernel(str(target))["kernel"] == target  # str() is the spec back
+        return
     parsed = parse_kernel(f"{name}:{value!r}")
     if name in ("cosine", "linear", "1-sqrt"):
         kernel = parsed["kernel"]

@@ -1,4 +1,5 @@
-"""The environment of a DeepSpeed launch on 2 CPU ranks, with DeepSpeed's CPU communication op built once.
+"""Launching 2 CPU ranks under torchrun for tests/zero: the environment of a DeepSpeed launch (its CPU
+communication op built once), the launch itself, and how a worker ends.
 
 (Not a conftest.py: the tests import ``conftest`` by that name, which a second one here would shadow.)
 """
@@ -9,6 +10,9 @@ import functools
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
 
 
 @functools.cache
@@ -24,3 +28,26 @@ def deepspeed_env() -> dict[str, str]:
     result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return env
+
+
+def torchrun(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: int = 600, what: str = "") -> str:
+    """Run ``python -m torch.distributed.run --standalone --nproc_per_node=2 *args``; its standard output, once
+    it exited with 0 (else the test fails with the end of both outputs). Prints the wall time, labelled ``what``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    print(f"{what or args[0]} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    return result.stdout
+
+
+def finish(record: Any, path: Path) -> NoReturn:
+    """End a worker: its results to ``path``, a final barrier, then a hard exit (a teardown abort, about one run
+    in 15 here, must not fail the test)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.save(record, path)
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _launch import finish
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
@@ -153,10 +154,7 @@ def main() -> None:
             record["saving"] = None
         except ValueError as error:
             record["saving"] = str(error)
-    torch.save(record, out / f"{mode}_rank{rank}.pt")
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish(record, out / f"{mode}_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from _launch import finish
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 from deepspeed.utils import safe_get_local_fp32_param
 from torch import nn
-
-import deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from _collectives import count_collectives
@@ -137,7 +137,7 @@ def persistent_runs(out: Path, rank: int) -> None:
                     record["on_ema"] = engine(record["x"])
                 engine.train()
         record[with_eval] = {"weights": weights, "ema": partitions_of(ema), "training": partitions(engine)}
-    torch.save(record, out / f"persistent_rank{rank}.pt")
+    finish(record, out / f"persistent_rank{rank}.pt")
 
 
 def partitions_of(ema: EMA) -> dict[str, torch.Tensor]:
@@ -148,8 +148,6 @@ def main() -> None:
     out, stage, bf16 = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["bf16"]
     if sys.argv[3:] == ["persistent"]:
         persistent_runs(out, int(os.environ["RANK"]))
-        dist.barrier()
-        os._exit(0)
     engine = make_engine(stage, bf16)
     rank = dist.get_rank()
     record: dict = {"stage": stage, "layout": {}}
@@ -188,9 +186,7 @@ def main() -> None:
             torch.save(ema.state_dict(), out / f"ema_mid_rank{rank}.pt")
     if bf16:
         record.update(masters=masters, bf16_parts=bf16_parts, ema=dict(ema.state_dict()["ema"]))
-        torch.save(record, out / f"bf16_rank{rank}.pt")
-        dist.barrier()
-        os._exit(0)
+        finish(record, out / f"bf16_rank{rank}.pt")
     record["guarded"] = {"skipped": guarded.num_skipped_nonfinite, "ema": partitions_of(guarded)}
     try:
         ema.ema_model  # noqa: B018
@@ -248,10 +244,7 @@ def main() -> None:
             record["other_world"] = None
         except ValueError as error:
             record["other_world"] = str(error)
-    torch.save(record, out / f"stage{stage}_rank{rank}.pt")
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)
+    finish(record, out / f"stage{stage}_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,35 @@
-"""docs/guides/deepspeed.md: its ZeRO-3 script runs as written on 2 CPU ranks, then again, resuming.
+"""The ZeRO-3 scripts of docs/guides/deepspeed.md (DeepSpeed's loop, the Transformers Trainer) and
+docs/guides/accelerate.md (Accelerate's DeepSpeed plugin) run as written on 2 CPU ranks, then again, resuming.
 
 Expectations: the validation loss each run prints equals the loss of the exported file loaded into the plain
-module by hand; the second run resumed (its step count continues the first's) and its EMA moved on.
+module by hand; the second run resumed (its step count continues the first's) and its EMA moved on; the
+checkpoint holds one EMA file per rank.
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 from torch import nn
 
 from docs._blocks import code_blocks
 
 pytest.importorskip("deepspeed")
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "guides" / "deepspeed.md"
+GUIDES = Path(__file__).resolve().parents[2] / "docs" / "guides"
+PAGE = GUIDES / "deepspeed.md"
 
 pytestmark = pytest.mark.slow
 
 
-def script() -> str:
-    (block,) = [b for b in code_blocks(PAGE) if b.first_line.startswith("# train_zero3.py")]
+def script(first_line: str, page: Path = PAGE) -> str:
+    (block,) = [b for b in code_blocks(page) if b.first_line.startswith(first_line)]
     assert block.not_run is not None and "tests/zero/test_deepspeed_docs.py" in block.not_run
     return block.code
 
@@ -42,25 +44,37 @@ def loss_of_export(path: Path) -> float:
         return F.cross_entropy(model(x_val), (x_val[:, 0] > 0).long()).item()
 
 
-def test_zero3_script_trains_evaluates_resumes_and_exports(tmp_path: Path) -> None:
-    (tmp_path / "train_zero3.py").write_text(script())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_zero3.py"]
+def run_twice(
+    tmp_path: Path, name: str, code: str, loss_of: Callable[[Path], float], timeout: int = 300
+) -> list[tuple[int, float]]:
+    """Run the script ``code`` as ``name`` twice on 2 ranks in ``tmp_path``: each run's (step, printed loss),
+    the loss checked against ``loss_of`` the export that run wrote."""
+    (tmp_path / name).write_text(code)
     printed = []
     for _ in range(2):
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=deepspeed_env())
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-        (line,) = re.findall(r"step (\d+): validation loss on the EMA ([\d.]+)", result.stdout)
+        stdout = torchrun(name, env=deepspeed_env(), cwd=tmp_path, timeout=timeout)
+        (line,) = re.findall(r"step (\d+): validation loss on the EMA ([\d.]+)", stdout)
         printed.append((int(line[0]), float(line[1])))
-        assert printed[-1][1] == pytest.approx(loss_of_export(tmp_path / "ema.safetensors"), abs=2e-6)
-        assert sorted(p.name for p in (tmp_path / "ckpt").glob("ema_rank*.pt")) == ["ema_rank0.pt", "ema_rank1.pt"]
+        assert printed[-1][1] == pytest.approx(loss_of(tmp_path / "ema.safetensors"), abs=2e-6)
+    return printed
+
+
+def test_zero3_script_trains_evaluates_resumes_and_exports(tmp_path: Path) -> None:
+    printed = run_twice(tmp_path, "train_zero3.py", script("# train_zero3.py"), loss_of_export)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ema_rank*.pt")) == ["ema_rank0.pt", "ema_rank1.pt"]
     assert [step for step, _ in printed] == [30, 60]
     assert printed[0][1] != printed[1][1]
 
 
-def trainer_script() -> str:
-    (block,) = [b for b in code_blocks(PAGE) if b.first_line.startswith("# train_trainer_zero3.py")]
-    assert block.not_run is not None and "tests/zero/test_deepspeed_docs.py" in block.not_run
-    return block.code
+def test_accelerate_zero3_script_trains_evaluates_resumes_and_exports(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    code = script("# train_accelerate_zero3.py", GUIDES / "accelerate.md")
+    printed = run_twice(tmp_path, "train_accelerate_zero3.py", code, loss_of_export)
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"emakit_ema_rank0.pt", "emakit_ema_rank1.pt"} <= names  # written by save_state's hooks
+    assert not any(name.startswith("custom_checkpoint") for name in names)
+    assert [step for step, _ in printed] == [30, 60]
+    assert printed[0][1] != printed[1][1]
 
 
 def trainer_loss_of_export(path: Path) -> float:
@@ -80,22 +94,8 @@ def trainer_loss_of_export(path: Path) -> float:
 
 def test_trainer_zero3_script_trains_evaluates_resumes_and_exports(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    (tmp_path / "train_trainer_zero3.py").write_text(trainer_script())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    printed = []
-    for _ in range(2):
-        result = subprocess.run(
-            [*command, "train_trainer_zero3.py"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=deepspeed_env(),
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-        (line,) = re.findall(r"step (\d+): validation loss on the EMA ([\d.]+)", result.stdout)
-        printed.append((int(line[0]), float(line[1])))
-        assert printed[-1][1] == pytest.approx(trainer_loss_of_export(tmp_path / "ema.safetensors"), abs=2e-6)
+    code = script("# train_trainer_zero3.py")
+    printed = run_twice(tmp_path, "train_trainer_zero3.py", code, trainer_loss_of_export, timeout=600)
     assert [step for step, _ in printed] == [10, 20]
     assert printed[0][1] != printed[1][1]
     for step in (10, 20):

@@ -8,15 +8,12 @@ resumed from a DeepSpeed checkpoint and the per-rank EMA states against the unin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 
 pytest.importorskip("deepspeed")
 from _zero_worker import HALF_LIVES, SAVE_AT, SMOOTHING, STEPS, Adapted
@@ -28,13 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_stage(out: Path, stage: int, env: dict[str, str], *extra: str) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    start = time.perf_counter()
-    result = subprocess.run(
-        [*command, str(out), str(stage), *extra], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    print(f"ZeRO-{stage} {' '.join(extra)} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    torchrun(str(WORKER), str(out), str(stage), *extra, env=env, timeout=300, what=f"ZeRO-{stage} {' '.join(extra)}")
     name = extra[0] if extra else f"stage{stage}"
     return [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
 

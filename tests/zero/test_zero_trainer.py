@@ -8,16 +8,14 @@ bit, and a checkpoint saved by another number of ranks refused before training.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _launch import deepspeed_env
+from _launch import deepspeed_env, torchrun
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -31,13 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def launch(out: Path, mode: str) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER)]
-    start = time.perf_counter()
-    result = subprocess.run(
-        [*command, str(out), mode], capture_output=True, text=True, timeout=600, env=deepspeed_env()
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    print(f"EMATrainer {mode} 2-rank launch: {time.perf_counter() - start:.1f} s")
+    torchrun(str(WORKER), str(out), mode, env=deepspeed_env(), what=f"EMATrainer {mode}")
     return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -74,11 +74,10 @@ class Averager(ABC):
         #: The window has closed (the average no longer moves), and BatchNorm was recomputed since.
         self.window_closed = False
         self.bn_updated = False
-
         self._tracked = TrackedModel(selection)
         self._averages = Averages(schedule.num_averages)
         self._swap = Swap(self._tracked)
-        self._snapshots = SnapshotSeries()
+        self._snapshots = SnapshotSeries(options.snapshot_raw)  # raw: the training weights too
         self._rule = RuleState(schedule)  # what the schedule keeps beyond n: amounts seen, BEMA's theta_0
         #: Writing the average back into the training weights (:meth:`write_back`); by default nothing is.
         self.writeback = WriteBack()
@@ -160,7 +159,7 @@ class Averager(ABC):
         if self._tracked.model is not None:
             raise RuntimeError(f"renewed() copies a {type(self).__name__} that follows no model yet")
         fresh = copy.deepcopy(self)
-        fresh._snapshots = SnapshotSeries()
+        fresh._snapshots = SnapshotSeries(self._snapshots.raw)
         return fresh
 
     # ------------------------------------------------------------------ following a model
@@ -285,6 +284,7 @@ class Averager(ABC):
         """Start (or restart) every average as a copy of the training weights, at ``count``."""
         self.wait()
         sources = dict(zip(self._tracked.names, self._swap.training_tensors(), strict=True))
+        self._snapshots.started(self._tracked.as_model_tensors(sources))
         if self._averages.start(sources, self.fp32_ema):
             self._swap.forget_ema_model()
         self._rule.start(self.schedule, sources, self.timestamp)
@@ -317,8 +317,7 @@ class Averager(ABC):
             self._averages.setup_overlap(self._tracked.model, self._tracked.names, self._tracked.live())
 
     def write_snapshot(self) -> Path:
-        """Write every tracked average to ``snapshot_folder`` now, as the next snapshot of the series (:meth:`step`
-        calls this every ``snapshot_interval``). Under FSDP every rank writes its shards; otherwise rank 0 one file."""
+        """Write the averages (and, with ``snapshot_raw``, the weights) as the series' next snapshot (:mod:`.snapshots`)."""
         self.require_started()
         if self.snapshot_folder is None:
             raise RuntimeError(
@@ -334,7 +333,8 @@ class Averager(ABC):
             step=self.timestamp.batch,
             update_interval=self.update_interval,
             dtype=self.snapshot_dtype,
-        )
+            raw=self._swap.training_model_tensors,
+        )  # step() calls this every snapshot_interval; under FSDP every rank writes its shards, else rank 0 one file
 
     # ------------------------------------------------------------------ swapping weights
     def get_ema_model(self, model: nn.Module) -> nn.Module:
@@ -391,10 +391,10 @@ class Averager(ABC):
         As ``torch.optim.swa_utils.update_bn``: the running statistics are reset and accumulated with momentum
         None (an equal-weight mean over the batches), the model in train mode, and stored in the average, so
         evaluation, ``ema_model``, checkpoints and exports all use them; the training weights, and the random
-        state of the loader and of torch, are left as they were. ``forward(model, batch)`` runs a batch
-        (default: the model on the batch's first element when it is a list or tuple, else on the batch).
-        """
+        state of the loader and of torch, are left as they were. ``forward(model, batch)`` runs a batch (default:
+        the model on the first element of a list or tuple batch, else on the batch). BEMA refuses (see its error)."""
         target = self.model if model is None else model
+        self._rule.refuse_update_bn(type(self).__name__)
         self.require_started()
         with self.average_parameters(target):
             batchnorm.recompute(target, loader, forward, self._evaluated(), self._tracked)

@@ -61,6 +61,7 @@ class Options:
     snapshot_folder: Path | None = None
     snapshot_dtype: torch.dtype = torch.float32
     eval_average: int = 0
+    snapshot_raw: bool = False
 
 
 def check_eval_average(index: Any, num_averages: int) -> int:
@@ -192,6 +193,7 @@ def parse_options(
     snapshot_folder: str | os.PathLike[str] | None = None,
     snapshot_dtype: torch.dtype = torch.float32,
     eval_average: int = 0,
+    snapshot_raw: bool = False,
 ) -> Options:
     """Check the arguments every averager shares (same meaning as :class:`~emakit.averaging.EMA`'s)."""
     for name, flag in (
@@ -199,6 +201,7 @@ def parse_options(
         ("skip_nonfinite", skip_nonfinite),
         ("flatten_model", flatten_model),
         ("overlap", overlap),
+        ("snapshot_raw", snapshot_raw),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -213,6 +216,8 @@ def parse_options(
             f"snapshot_folder: post-hoc reconstruction needs averages of a known profile (half_life in 'ba'/'ep', "
             f"sigma_rel or SWA), got {schedule.describe()}: give snapshot_folder or this averaging, not both"
         )
+    if snapshot_raw and snapshot_folder is None:
+        raise ValueError("snapshot_raw=True writes the raw weights into the snapshots: give snapshot_folder too")
     return Options(
         fp32_ema=fp32_ema,
         skip_nonfinite=skip_nonfinite,
@@ -222,6 +227,7 @@ def parse_options(
         snapshot_folder=Path(snapshot_folder) if snapshot_folder is not None else None,
         snapshot_dtype=snapshot_dtype,
         eval_average=eval_average,
+        snapshot_raw=snapshot_raw,
     )
 
 

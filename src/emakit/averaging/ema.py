@@ -79,6 +79,9 @@ class EMA(Averager):
             sharded models).
         snapshot_dtype: dtype of the snapshots' floating tensors: ``torch.float32`` (default) or
             ``torch.float16`` / ``torch.bfloat16`` to halve the disk.
+        snapshot_raw: also write the training weights into each snapshot, and the weights at the start
+            (``theta_0``) into the first: one more model per snapshot, for the post-hoc kernels that weigh the raw
+            weights (BEMA's; the raw weights as a sweep candidate). See docs/posthoc.md for the disk cost.
         eval_average: which tracked average :meth:`average_parameters`, :attr:`ema_model`, checkpoints
             and exports use (an index into the averages, default 0).
         params: the parameters averaged: ``'trainable'`` (default; those requiring grad when the average
@@ -115,6 +118,7 @@ class EMA(Averager):
         snapshot_folder: str | os.PathLike[str] | None = None,
         snapshot_dtype: torch.dtype = torch.float32,
         eval_average: int = 0,
+        snapshot_raw: bool = False,
         params: ParamSelection = "trainable",
         buffers: BufferPolicy = "average",
         warmup: bool | Warmup = False,
@@ -157,6 +161,7 @@ class EMA(Averager):
             snapshot_interval=snapshot_interval,
             snapshot_folder=snapshot_folder,
             snapshot_dtype=snapshot_dtype,
+            snapshot_raw=snapshot_raw,
             eval_average=eval_average,
         )
         self._configure(schedule, options, parse_selection(params, buffers), bn_update=False)

@@ -60,6 +60,18 @@ class RuleState:
             return average
         return self.correction.evaluated(average, training(), n)
 
+    def refuse_update_bn(self, averager: str) -> None:
+        """ValueError for BEMA: its evaluated weights are rebuilt from the average and the training weights at every
+        read, so BatchNorm statistics recomputed into them would be lost at the next read."""
+        if self.correction is not None:
+            raise ValueError(
+                f"{averager}: update_bn cannot keep BatchNorm statistics for BEMA: its evaluated weights, "
+                "EMA + alpha * (theta_t - theta_0), are rebuilt from the average and the training weights at every "
+                "read (the running statistics too, corrected like the weights with buffers='average'). To measure "
+                f"statistics on the evaluated weights, run them on a copy: model = copy.deepcopy({averager.lower()}"
+                ".ema_model); torch.optim.swa_utils.update_bn(loader, model)"
+            )
+
     def drop(self) -> None:
         """The averages were dropped: so is what was kept for them."""
         if self.correction is not None:

@@ -5,6 +5,11 @@ as :func:`emakit.averaging.clock.update_due` decides; the file format is :mod:`e
 Each series carries a run id, kept in the EMA's state and in every snapshot, so that a new run never
 writes into (and mixes with) another run's folder. On resume it moves the snapshots written after the
 resumed point aside (their updates will be redone), so that the series has neither a gap nor a duplicate.
+
+With ``raw`` (``EMA(..., snapshot_raw=True)``) each snapshot also holds the training weights after its update, and
+the first one the weights at the start (``theta_0``): a copy of them is kept from the start until that first
+snapshot is written (one model's tensors, on their device), then dropped. A run resumed before its first snapshot
+has lost that copy: its first snapshot then holds no ``theta_0`` (the kernels that need it say so).
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ def check_snapshot_folder_writable(folder: Path) -> None:
 class SnapshotSeries:
     """The index of the next snapshot in the series, its run id, and writing or resuming it in a folder."""
 
-    def __init__(self) -> None:
+    def __init__(self, raw: bool = False) -> None:
         self.index = 0
+        #: Whether snapshots hold the raw training weights (and the first one ``theta_0``).
+        self.raw = raw
+        self._start: dict[str, torch.Tensor] | None = None
         #: Identifies this run's snapshots (None: a resumed legacy run whose snapshots carry no id).
         self.run: str | None = uuid.uuid4().hex
         #: Whether the folder was checked for another run's snapshots (before the first write).
@@ -83,6 +91,11 @@ class SnapshotSeries:
         if not self.folder_checked:
             self.check_folder(folder, self.run, device())
 
+    def started(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """The averages (re)started from ``weights``: with ``raw``, keep a copy as ``theta_0`` for the first snapshot."""
+        if self.raw and self.index == 0:
+            self._start = {name: tensor.detach().clone() for name, tensor in weights.items()}
+
     def write(
         self,
         folder: Path,
@@ -93,8 +106,10 @@ class SnapshotSeries:
         step: int,
         update_interval: Time,
         dtype: torch.dtype,
+        raw: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Write ``averages`` to ``folder`` as the next snapshot: after update ``t`` (1-based, counting the start).
+        """Write ``averages`` to ``folder`` as the next snapshot: after update ``t`` (1-based, counting the start);
+        with :attr:`raw`, also ``raw()`` (the training weights now) and, in the first, the kept ``theta_0``.
 
         A weight beyond a 16-bit ``dtype``'s range does not end the run: that snapshot is written in float32
         (readers accept a series of mixed dtypes), with a warning the first time.
@@ -111,6 +126,10 @@ class SnapshotSeries:
             update_interval=interval if update_interval.unit == TimeUnit.BATCH else 1,
             run=self.run,
         )
+        if self.raw and raw is not None:
+            args["raw"] = raw()
+            if self.index == 0 and self._start is not None:
+                args["start"] = self._start
         try:
             path = write_snapshot(dtype=dtype, **args)  # type: ignore[arg-type]
         except FileExistsError as e:
@@ -127,6 +146,7 @@ class SnapshotSeries:
                 self._overflow_warned = True
             path = write_snapshot(dtype=torch.float32, **args)  # type: ignore[arg-type]
         self.index += 1
+        self._start = None
         return path
 
     def _shared_folder(self, folder: Path) -> str:

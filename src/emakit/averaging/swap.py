@@ -134,6 +134,10 @@ class Swap:
             return self._tracked.masters(self.backup.views())  # ZeRO-3: masters are never swapped
         return self._tracked.masters(self._tracked.live())
 
+    def training_model_tensors(self) -> dict[str, torch.Tensor]:
+        """:meth:`training_tensors` by name, as the model's tensors (DTensors for a sharded model)."""
+        return self._tracked.as_model_tensors(dict(zip(self._tracked.names, self.training_tensors(), strict=True)))
+
     def training_backup(self) -> dict[str, torch.Tensor] | None:
         """The followed model's training weights by name while the EMA's are in it; None otherwise."""
         if self.backup is not None and self.swapped is not None and self._tracked.is_own(self.swapped):

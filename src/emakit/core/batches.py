@@ -7,7 +7,7 @@ the samples, and a dict's ``attention_mask`` (else ``input_ids``) the tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -53,8 +53,9 @@ def batch_size(batch: Any) -> int:
 
 def batch_tokens(batch: Any) -> int:
     """The tokens in ``batch``: the sum of its ``attention_mask`` (padding left out) or the size of its
-    ``input_ids``, for a dict batch (Hugging Face's); 0 when it has neither (then a count in tokens needs one)."""
-    if isinstance(batch, dict):
+    ``input_ids``, for a dict batch (Hugging Face's, ``BatchEncoding`` too); 0 when it has neither (then a count
+    in tokens needs one)."""
+    if isinstance(batch, Mapping):
         mask, ids = batch.get("attention_mask"), batch.get("input_ids")
         if isinstance(mask, torch.Tensor):
             return int(mask.sum().item())

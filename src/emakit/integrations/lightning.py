@@ -10,8 +10,9 @@ from their arguments (the averager's own, plus the callback's keyword-only ones)
                                                     the EMA state a resumed checkpoint carried
 ``on_train_start``                                  ``ema.set_duration(...)`` from ``max_steps`` or ``max_epochs``
                                                     (in batches that step: manual optimization may step twice)
-``on_train_batch_end``, if ``global_step`` grew     ``ema.step()``: one per optimizer step, not per micro-batch,
-                                                    then ``finish_window`` (BatchNorm once a window closed)
+``on_train_batch_start``                            the batch's samples / tokens counted (``'sp'`` / ``'tok'``)
+``on_train_batch_end``, if ``global_step`` grew     ``ema.step(samples, tokens)``: one per optimizer step, not per
+                                                    micro-batch, then ``finish_window`` (BatchNorm once it closed)
 ``on_train_epoch_end``                              ``ema.epoch_end()``, then ``finish_window``
 ``on_{validation,test,predict}_start`` / ``_end``   ``ema.average_parameters()`` entered / left (no swap before the
                                                     average has started; training weights back bit for bit)
@@ -40,8 +41,9 @@ from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import default_bn_forward
 from emakit.checkpoint.sharded import LIGHTNING_EMA_KEY, is_sharded_checkpoint, read_sharded_checkpoint
 from emakit.engine.naming import canonical_name, unwrap_model
+from emakit.integrations.amounts import BatchAmounts, Counter, check_counter
 from emakit.integrations.arguments import derived_signature, keyword
-from emakit.integrations.lightning_strategies import launcher_refusal, strategy_refusal
+from emakit.integrations.lightning_strategies import averaging_conflict, launcher_refusal, strategy_refusal
 from emakit.parallel.sharding import reshard_model
 from emakit.time import Time, TimeUnit
 
@@ -75,8 +77,9 @@ SHARDED_STATE_KEY = LIGHTNING_EMA_KEY
 _SHARDED_MARK = "tensors_in_state_dict"
 
 _WEIGHTS_AFTER_FIT = ("training", "ema")
-#: Lightning's own weight averaging, which swaps weights and rewrites checkpoints as these callbacks do.
-_LIGHTNING_AVERAGING = ("WeightAveraging", "EMAWeightAveraging", "StochasticWeightAveraging")
+#: The callbacks' own keyword arguments, after the averager's.
+_AFTER_FIT = keyword("weights_after_fit", "training", Literal["training", "ema"])
+_COUNTERS = [keyword("count_samples", None), keyword("count_tokens", None)]
 
 
 def _keyed_like(values: Mapping[str, Any], keys: Mapping[str, str], like: Mapping[str, Any]) -> OrderedDict[str, Any]:
@@ -94,8 +97,9 @@ class AveragingCallback(Callback):
     ``AveragingCallback(EMA(half_life="2000ba"))`` or ``AveragingCallback(SWA(swa_start="3ep"))``; the
     :class:`EMACallback` and :class:`SWACallback` subclasses only build the averager from their arguments. Its
     times count Lightning's progress: ``'ba'`` counts optimizer steps (with ``accumulate_grad_batches=N``, one per
-    N batches), ``'ep'`` epochs, ``'sp'`` samples (of every data-parallel replica) and ``'dur'`` a fraction of
-    ``max_steps`` (if set) or else ``max_epochs``. The averager is :attr:`averager`.
+    N batches), ``'ep'`` epochs, ``'sp'`` samples and ``'tok'`` tokens (of every data-parallel replica, counted from
+    each batch: :mod:`emakit.integrations.amounts`) and ``'dur'`` a fraction of ``max_steps`` (if set) or else
+    ``max_epochs``. The averager is :attr:`averager`.
 
     What it guarantees:
 
@@ -123,6 +127,9 @@ class AveragingCallback(Callback):
             ``EMAWeightAveraging`` does), for code that uses ``model`` right after ``fit``; the training
             weights are then only in the checkpoints.
         bn_forward: runs one training batch for the BatchNorm pass (see above).
+        count_samples: ``count_samples(batch)``, a batch's samples, for ``'sp'`` times (the default rule and the
+            refusals: :mod:`emakit.integrations.amounts`).
+        count_tokens: ``count_tokens(batch)``, a batch's tokens, for ``'tok'`` times (likewise).
 
     Strategies: one device and ``strategy="ddp"`` (each rank keeps an identical average, no communication),
     and ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` and/or tensor parallelism in ``configure_model``):
@@ -140,6 +147,8 @@ class AveragingCallback(Callback):
         *,
         weights_after_fit: Literal["training", "ema"] = "training",
         bn_forward: Callable[[Any, Any], Any] | None = None,
+        count_samples: Counter | None = None,
+        count_tokens: Counter | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(averager, Averager):
@@ -150,12 +159,13 @@ class AveragingCallback(Callback):
             raise ValueError(f"weights_after_fit must be 'training' or 'ema', got {weights_after_fit!r}")
         self.weights_after_fit = weights_after_fit
         self.bn_forward = bn_forward
+        counters = (check_counter("count_samples", count_samples), check_counter("count_tokens", count_tokens))
+        self._amounts = BatchAmounts(type(self).__name__, averager.schedule, *counters, extract_batch_size)
         self._attached = False
         #: on_fit_start has run in this fit (ModelParallelStrategy restores checkpoints after it, DDP before).
         self._fit_started = False
         self._last_global_step = 0
         self._max_steps: int | None = None  # max_steps, when it sets the training length
-        self._samples = 0
         #: State read from a checkpoint before the model is ready (Lightning restores callbacks before
         #: it moves the model to its device); loaded at on_fit_start, after attach.
         self._pending_state: Mapping[str, Any] | None = None
@@ -175,13 +185,9 @@ class AveragingCallback(Callback):
         return f"{type(self.averager).__name__}Callback"
 
     def __getstate__(self) -> dict[str, Any]:
-        """Refuse, in the calling process, to be sent to the children of a spawn launcher.
-
-        Lightning calls no callback hook before its launcher starts processes; with ``strategy='ddp_spawn'``
-        it pickles the Trainer, callbacks included, for each child, so this is the first point in the main
-        process that sees it (``setup`` runs in the children, where the error would come back buried in
-        their tracebacks). A forking launcher pickles nothing: there ``setup`` refuses, in the children.
-        """
+        """Refuse, in the calling process, to be pickled for a spawn launcher's children (``strategy='ddp_spawn'``):
+        no hook runs before the launcher, and ``setup`` would fail in the children with the error buried in their
+        tracebacks. A forking launcher pickles nothing: there ``setup`` refuses, in the children."""
         if multiprocessing.context.get_spawning_popen() is not None:
             raise ValueError(launcher_refusal("DDPStrategy"))
         return self.__dict__.copy()
@@ -191,20 +197,10 @@ class AveragingCallback(Callback):
         refusal = strategy_refusal(trainer.strategy)
         if refusal is not None:
             raise ValueError(refusal)
-        mine = type(self).__name__
+        conflict = averaging_conflict(self, trainer.callbacks, AveragingCallback)  # type: ignore[attr-defined]
+        if conflict is not None:
+            raise ValueError(conflict)
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            name = type(callback).__name__
-            if name in _LIGHTNING_AVERAGING:
-                raise ValueError(
-                    f"{mine} and Lightning's {name} both swap weights at validation and rewrite checkpoints; use one"
-                )
-            if callback is not self and isinstance(callback, AveragingCallback):
-                kinds = {type(self.averager).__name__, type(callback.averager).__name__}
-                why = "EMA and SWA do not compose" if len(kinds) > 1 else "one averaging callback per Trainer"
-                raise ValueError(
-                    f"{why}: {mine} and {name} would each put their own average into the module for validation and "
-                    "checkpoints; use one (several EMAs in one pass: EMACallback(half_life=[...]))"
-                )
             if stage == "fit" and isinstance(callback, ModelCheckpoint) and callback.save_weights_only:
                 warnings.warn(
                     "ModelCheckpoint(save_weights_only=True) writes the module's weights without calling "
@@ -223,7 +219,7 @@ class AveragingCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
-        self._samples = 0
+        self._amounts.reset()
         max_duration, batches_per_epoch = self._training_length(trainer)
         self._max_steps = trainer.max_steps if max_duration is not None and max_duration.endswith("ba") else None
         # after a resume, also counts the end of an epoch whose last batch the checkpoint was written at
@@ -255,19 +251,21 @@ class AveragingCallback(Callback):
         return None, per_epoch
 
     # ------------------------------------------------------------------ training
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._amounts.add(batch)  # before the forward: an uncountable batch is refused before any step
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.averager.schedule.counts_samples():
-            # data-parallel replicas only: tensor-parallel ranks share their batch
-            replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-            self._samples += extract_batch_size(batch) * int(replicas.get("num_replicas", trainer.world_size))
         # global_step counts optimizer steps: it stays put while gradients accumulate, and under manual
         # optimization a batch that steps several optimizers is one update of the average.
         if trainer.global_step > self._last_global_step:
             steps = trainer.global_step - self._last_global_step
             self._last_global_step = trainer.global_step
-            samples, self._samples = self._samples, 0
+            replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas")
+            samples, tokens = self._amounts.take(trainer.world_size, replicas)
             if steps > 1 and self._max_steps is not None:
                 # max_steps counts optimizer steps, the EMA's clock batches that stepped: the length in batches
                 left = -(-(self._max_steps - trainer.global_step) // steps)
@@ -275,7 +273,7 @@ class AveragingCallback(Callback):
                 start = self.averager.schedule.start
                 if not (start.unit == TimeUnit.BATCH and start > length):
                     self.averager.set_duration(length)
-            self.averager.step(samples)
+            self.averager.step(samples, tokens)
             self._finish_window(trainer, pl_module, end_of_training=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -455,13 +453,24 @@ class AveragingCallback(Callback):
 
 @final
 class EMACallback(AveragingCallback):
-    """An :class:`AveragingCallback` driving ``EMA(...)``: every argument but ``weights_after_fit`` is
-    :class:`emakit.EMA`'s, under the same name, with its default and its checks. Post-hoc snapshots are written
-    by rank 0 and continued without gap or duplicate on resume. The EMA is :attr:`averager`."""
+    """An :class:`AveragingCallback` driving ``EMA(...)``: every argument but the callback's own (``weights_after_fit``,
+    ``count_samples``, ``count_tokens``) is :class:`emakit.EMA`'s, under the same name, with its default and its
+    checks. Post-hoc snapshots are written by rank 0 and continued without gap or duplicate on resume. The EMA is
+    :attr:`averager`."""
 
-    @derived_signature(EMA, [keyword("weights_after_fit", "training", Literal["training", "ema"])])
-    def __init__(self, *args: Any, weights_after_fit: Literal["training", "ema"] = "training", **kwargs: Any) -> None:
-        super().__init__(EMA(*args, **kwargs), weights_after_fit=weights_after_fit)
+    @derived_signature(EMA, [_AFTER_FIT, *_COUNTERS])
+    def __init__(
+        self,
+        *args: Any,
+        weights_after_fit: Literal["training", "ema"] = "training",
+        count_samples: Counter | None = None,
+        count_tokens: Counter | None = None,
+        **kwargs: Any,
+    ) -> None:
+        ema = EMA(*args, **kwargs)
+        super().__init__(
+            ema, weights_after_fit=weights_after_fit, count_samples=count_samples, count_tokens=count_tokens
+        )
 
 
 @final
@@ -470,15 +479,14 @@ class SWACallback(AveragingCallback):
     ``weights_after_fit`` is :class:`emakit.SWA`'s. Lightning's own learning-rate schedulers stay in charge of
     the rate: for torch's ``SWALR``, return it from ``configure_optimizers``. The SWA is :attr:`averager`."""
 
-    @derived_signature(
-        SWA,
-        [keyword("bn_forward", None), keyword("weights_after_fit", "training", Literal["training", "ema"])],
-    )
+    @derived_signature(SWA, [keyword("bn_forward", None), _AFTER_FIT, *_COUNTERS])
     def __init__(
         self,
         *args: Any,
         bn_forward: Callable[[Any, Any], Any] | None = None,
         weights_after_fit: Literal["training", "ema"] = "training",
+        count_samples: Counter | None = None,
+        count_tokens: Counter | None = None,
         **kwargs: Any,
     ) -> None:
         swa = SWA(*args, **kwargs)
@@ -487,4 +495,5 @@ class SWACallback(AveragingCallback):
                 f"SWACallback(swa_lr={swa.swa_lr!r}): swa_lr is the learning rate emakit's Trainer sets; under "
                 "Lightning the schedulers you return from configure_optimizers set it (torch's SWALR for SWA's)"
             )
-        super().__init__(swa, weights_after_fit=weights_after_fit, bn_forward=bn_forward)
+        super().__init__(swa, weights_after_fit=weights_after_fit, bn_forward=bn_forward, count_samples=count_samples,
+                         count_tokens=count_tokens)  # fmt: skip

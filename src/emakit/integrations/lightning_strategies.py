@@ -31,7 +31,30 @@ except ImportError:  # pragma: no cover - the standalone package of the same cod
             "emakit.integrations.lightning needs Lightning 2.x: pip install 'emakit[lightning]' (or lightning>=2.6)"
         ) from error
 
-__all__ = ["launcher_refusal", "strategy_refusal"]
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["averaging_conflict", "launcher_refusal", "strategy_refusal"]
+
+#: Lightning's own weight averaging, which swaps weights and rewrites checkpoints as emakit's callbacks do.
+_LIGHTNING_AVERAGING = ("WeightAveraging", "EMAWeightAveraging", "StochasticWeightAveraging")
+
+
+def averaging_conflict(mine: Any, callbacks: Iterable[Any], averaging: type) -> str | None:
+    """Why the averaging callback ``mine`` cannot run beside one of ``callbacks`` (Lightning's weight averaging,
+    or another ``averaging`` callback), or None."""
+    for callback in callbacks:
+        name = type(callback).__name__
+        if name in _LIGHTNING_AVERAGING:
+            return f"{type(mine).__name__} and Lightning's {name} both swap weights at validation and rewrite checkpoints; use one"
+        if callback is not mine and isinstance(callback, averaging):
+            kinds = {type(mine.averager).__name__, type(callback.averager).__name__}  # type: ignore[attr-defined]
+            why = "EMA and SWA do not compose" if len(kinds) > 1 else "one averaging callback per Trainer"
+            return (
+                f"{why}: {type(mine).__name__} and {name} would each put their own average into the module for "
+                "validation and checkpoints; use one (several EMAs in one pass: EMACallback(half_life=[...]))"
+            )
+    return None
 
 
 def strategy_refusal(strategy: Strategy) -> str | None:

@@ -10,8 +10,9 @@ evaluation or a save: run ``evaluate()``/``predict()`` on the EMA weights, write
 ``Trainer(...)`` (``on_init_end``)     unsupported configurations (the Trainer's ``fsdp=``, FSDP1) refused
 ``train()`` (``on_train_begin``)       a fresh EMA ``attach``-ed to the model, ``set_duration(max_steps ba)``;
                                        when resuming, its state loaded from the checkpoint folder
-``on_step_end``                        ``ema.step()``: once per optimizer step, after the last micro-batch of
-                                       each ``gradient_accumulation_steps`` and after ``optimizer.step()``
+``on_step_end``                        ``ema.step(num_tokens=...)``: once per optimizer step, after the last
+                                       micro-batch of each ``gradient_accumulation_steps`` and after
+                                       ``optimizer.step()``; tokens from ``state.num_input_tokens_seen``
 ``on_epoch_end``                       ``ema.epoch_end()`` for complete epochs (not the cut one at ``max_steps``)
 ``on_save``                            ``checkpoint-N/ema_weights.safetensors`` (the averaged tensors alone, for
                                        ``load_state_dict``; the whole model for partitioned or sharded models) and
@@ -51,15 +52,14 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from emakit._compat import dtensor_class
-from emakit.atomic import atomic_file
 from emakit.averaging import EMA, SWA, Averager
 from emakit.averaging.batchnorm import FixedOrder, default_bn_forward
-from emakit.checkpoint import read_checkpoint_file
 from emakit.checkpoint.contents import model_state_dict
 from emakit.checkpoint.export import export_ema_weights
 from emakit.checkpoint.streaming import TensorEntry, write_safetensors
+from emakit.integrations.amounts import trainer_counting_refusal
 from emakit.integrations.arguments import derived_signature, keyword
-from emakit.integrations.rank_states import state_to_load, state_to_save
+from emakit.integrations.rank_states import expected_states, read_state, state_to_load, state_to_save, write_state
 from emakit.parallel.ranks import get_rank, is_distributed
 from emakit.time import Time, TimeUnit
 
@@ -95,8 +95,10 @@ class AveragingCallback(TrainerCallback):
     ``AveragingCallback(EMA(half_life="200ba"))`` or ``AveragingCallback(SWA(swa_start="2ep"))``; the
     :class:`EMACallback` and :class:`SWACallback` subclasses only build the averager from their arguments. Times
     count the Trainer's progress: ``'ba'`` counts optimizer steps (one per ``gradient_accumulation_steps``
-    micro-batches, like ``state.global_step``), ``'ep'`` epochs, and ``'dur'`` is a fraction of ``max_steps``
-    (the Trainer reports no sample counts, so ``'sp'`` times are refused). Post-hoc snapshots are written by
+    micro-batches, like ``state.global_step``), ``'ep'`` epochs, ``'tok'`` the Trainer's
+    ``state.num_input_tokens_seen`` (``TrainingArguments(include_num_input_tokens_seen=True)``, else refused when the
+    Trainer is built) and ``'dur'`` is a fraction of ``max_steps`` (the Trainer reports no sample counts, so
+    ``'sp'`` times are refused). Post-hoc snapshots are written by
     rank 0; resuming from a checkpoint drops the snapshots written after it, so the series has no gap or
     duplicate. The averager is :attr:`averager`.
 
@@ -136,6 +138,9 @@ class AveragingCallback(TrainerCallback):
                     f"{name}='{time}': the Trainer does not report how many samples each optimizer step saw; give "
                     f"{name} in 'ba' (optimizer steps), 'ep' or 'dur' (a fraction of max_steps)"
                 )
+        refusal = trainer_counting_refusal(type(self).__name__, schedule, True)  # samples: never known
+        if refusal is not None:
+            raise ValueError(refusal)
         for name, flag in (("save_ema_as_model", save_ema_as_model), ("eval_with_ema", eval_with_ema)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -149,6 +154,7 @@ class AveragingCallback(TrainerCallback):
         self._served_by_mixin = False
         self._resume_from: str | None = None
         self._attached = False
+        self._tokens_seen = 0  # state.num_input_tokens_seen at the last optimizer step
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.averager!r}, save_ema_as_model={self.save_ema_as_model})"
@@ -156,6 +162,11 @@ class AveragingCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         _refuse_unsupported(args, kwargs.get("model"))
+        refusal = trainer_counting_refusal(
+            type(self).__name__, self.averager.schedule, args.include_num_input_tokens_seen
+        )
+        if refusal is not None:
+            raise ValueError(refusal)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -165,7 +176,7 @@ class AveragingCallback(TrainerCallback):
             raise TypeError(
                 f"{type(self).__name__} needs the Trainer's model at on_train_begin, got {type(model).__name__}"
             )
-        _refuse_unsupported(args, model)
+        self.on_init_end(args, state, control, model=model)
         if state.is_hyper_param_search:
             raise ValueError(
                 f"{type(self).__name__} does not support hyperparameter search: its checkpoints go to per-trial folders "
@@ -189,6 +200,7 @@ class AveragingCallback(TrainerCallback):
             self.averager = self._unattached.renewed()
         self.averager.attach(model, max_duration=Time(state.max_steps, TimeUnit.BATCH) if state.max_steps > 0 else None)
         self._attached = True
+        self._tokens_seen = state.num_input_tokens_seen  # restored with the Trainer's state on a resume
         if state.global_step > 0:  # the Trainer restored its state from a checkpoint
             folder = resume_from or os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             self._resume(Path(folder), state.global_step)
@@ -200,7 +212,8 @@ class AveragingCallback(TrainerCallback):
             self.averager.set_duration(None, -(-len(loader) // accumulation))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.averager.step()
+        tokens, self._tokens_seen = state.num_input_tokens_seen - self._tokens_seen, state.num_input_tokens_seen
+        self.averager.step(num_tokens=tokens)
         self._finish_window(kwargs, end_of_training=False)
 
     def on_epoch_end(
@@ -224,7 +237,7 @@ class AveragingCallback(TrainerCallback):
                 _write_averaged(self.averager, folder / EMA_WEIGHTS_NAME)
         target = state_to_save(self.averager, folder, EMA_STATE_NAME, args.should_save)
         if target is not None:  # under ZeRO-3 every rank saves its partitions
-            _save_atomically(self.averager.state_dict(), target)
+            write_state(self.averager, target, overwrite=True)  # checkpoint-N/ is written again when a step is redone
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -239,7 +252,8 @@ class AveragingCallback(TrainerCallback):
                 self._load(saved)
             else:
                 warnings.warn(
-                    f"load_best_model_at_end: the best checkpoint {best} holds no {EMA_STATE_NAME}; the EMA keeps "
+                    f"load_best_model_at_end: the best checkpoint {best} holds no "
+                    f"{expected_states(self.averager, EMA_STATE_NAME)}; the EMA keeps "
                     "the average of the last step",
                     stacklevel=2,
                 )
@@ -270,7 +284,8 @@ class AveragingCallback(TrainerCallback):
         path = state_to_load(self.averager, folder, EMA_STATE_NAME)
         if path is None:
             warnings.warn(
-                f"resuming at step {global_step} from {folder}, which holds no {EMA_STATE_NAME}: the EMA starts a "
+                f"resuming at step {global_step} from {folder}, which holds no "
+                f"{expected_states(self.averager, EMA_STATE_NAME)}: the EMA starts a "
                 "fresh average from the current weights (its half-life and ema_start count from here)",
                 stacklevel=3,
             )
@@ -283,8 +298,7 @@ class AveragingCallback(TrainerCallback):
             )
 
     def _load(self, path: Path) -> None:
-        # emakit's checkpoint reader: weights_only, and a damaged file is named as such
-        self.averager.load_state_dict(read_checkpoint_file(path))
+        read_state(self.averager, path)
 
     def _weights_for_eval(self, model: nn.Module | None, always: bool = False) -> AbstractContextManager[Any]:
         """The EMA weights in ``model`` once the average has started (with ``eval_with_ema`` or ``always``)."""
@@ -438,11 +452,6 @@ def _partitioned(model: nn.Module) -> bool:
     return any(isinstance(p, dtensor_class()) or hasattr(p, "ds_status") for p in model.parameters())
 
 
-def _save_atomically(obj: Any, path: Path) -> None:
-    with atomic_file(path, overwrite=True) as f:  # checkpoint-N/ is written again when a step is redone
-        torch.save(obj, f)
-
-
 def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> None:
     """Refuse, before training, the configurations whose EMA this callback would get wrong.
 
@@ -473,7 +482,7 @@ def _refuse_unsupported(args: TrainingArguments, model: nn.Module | None) -> Non
         raise ValueError(
             f"TrainingArguments.save_strategy={save_strategy!r} with a model sharded by fully_shard (parameter "
             f"{sharded!r} is a DTensor): the Trainer's checkpoints call save_model on the saving rank alone, which "
-            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint fails or "
-            "hangs. Set save_strategy='no'; the EMA still trains, evaluates and exports "
-            "(emakit.export_ema_weights(callback, path) on every rank)"
+            "gathers the DTensors in a collective the other ranks never join, so the first checkpoint hangs (and "
+            "the saving rank would write its own shards of the optimizer's state alone). Set save_strategy='no'; "
+            "the EMA still trains, evaluates and exports (emakit.export_ema_weights(callback, path) on every rank)"
         )

@@ -11,7 +11,8 @@ The maths, in the terms every module here uses:
 - Snapshots ``i`` (profile ``p_i`` at ``t_i <= t*``) reconstruct a target ``p*`` at ``t*`` as ``sum_i x_i avg_i``,
   where ``x`` solves the least-squares problem ``<p_i, p_j> x = <p_i, p*>`` and is rescaled to sum to 1.
   Targets may be power profiles, constant half-lives, uniform windows, or any kernel over the updates
-  (:mod:`~emakit.posthoc.targets`: WSM's decay-emulating merges, Python functions).
+  (:mod:`~emakit.posthoc.targets`: WSM's decay-emulating merges, Python functions), and, from snapshots that
+  hold the raw training weights, BEMA's output or the raw weights themselves.
 
 Modules: :mod:`~emakit.posthoc.profiles` (the maths), :mod:`~emakit.engine.blend` (k averages updated
 with one read of the weights), :mod:`~emakit.posthoc.snapshots` (the folder format),
@@ -52,7 +53,15 @@ if TYPE_CHECKING:
         write_snapshot,
     )
     from emakit.posthoc.sweep import SweepError, SweepResult, sigma_rel_grid
-    from emakit.posthoc.targets import KERNELS, Kernel, decay_kernel, kernel_from_function, parse_kernel
+    from emakit.posthoc.targets import (
+        KERNELS,
+        Kernel,
+        RawTarget,
+        bema_kernel,
+        decay_kernel,
+        kernel_from_function,
+        parse_kernel,
+    )
 
 __all__ = [
     "KERNELS",
@@ -63,10 +72,12 @@ __all__ = [
     "Kernel",
     "PowerProfile",
     "Profile",
+    "RawTarget",
     "ReconstructionPlan",
     "SnapshotInfo",
     "SweepError",
     "SweepResult",
+    "bema_kernel",
     "blend_averages_",
     "decay_kernel",
     "discard_snapshots_after",
@@ -113,7 +124,8 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(["SweepError", "SweepResult", "sigma_rel_grid"], "emakit.posthoc.sweep"),
     **dict.fromkeys(
-        ["KERNELS", "Kernel", "decay_kernel", "kernel_from_function", "parse_kernel"], "emakit.posthoc.targets"
+        ["KERNELS", "Kernel", "RawTarget", "bema_kernel", "decay_kernel", "kernel_from_function", "parse_kernel"],
+        "emakit.posthoc.targets",
     ),
     **dict.fromkeys(
         ["SnapshotInfo", "discard_snapshots_after", "next_snapshot_index", "read_snapshot_index", "write_snapshot"],

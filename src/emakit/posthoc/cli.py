@@ -34,9 +34,10 @@ examples:
   emakit posthoc runs/x/snapshots --window 0.2 --out swa-last-20pct.safetensors
   emakit posthoc runs/x/snapshots --window 8000:10000 --out swa.safetensors
   emakit posthoc runs/x/snapshots --kernel cosine:0.2 --out merged.safetensors
+  emakit posthoc runs/x/snapshots --kernel bema:10,1,0.5,0.2 --out bema.safetensors   (raw snapshots)
   emakit posthoc --list-kernels
   emakit posthoc runs/x/snapshots --metric my_eval:loss --candidates tracked power:0.03 power:0.15
-      cosine:0.1 cosine:0.2 uniform:0.2 --table sweep/ --out best.safetensors
+      cosine:0.1 cosine:0.2 uniform:0.2 window:8000:10000 raw --table sweep/ --out best.safetensors
 
 choose by a metric (--metric): each candidate is reconstructed in turn and passed, as a dict of
 tensors by name, to FUNCTION of MODULE (importable from here, or path/to/file.py), which returns
@@ -106,7 +107,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--list-kernels", action="store_true", help="list the named kernels of --kernel and exit")
     choose = p.add_argument_group("choose by a metric")
     choose.add_argument("--metric", metavar="MODULE:FUNCTION", help="evaluate each candidate with this function")
-    choose.add_argument("--candidates", nargs="+", metavar="NAME:VALUE", help="targets to compare, or 'tracked'")
+    choose.add_argument(
+        "--candidates",
+        nargs="+",
+        metavar="NAME:VALUE",
+        help="targets to compare: NAME:VALUE, 'tracked', 'raw', 'window:T0:T1'",
+    )
     choose.add_argument("--select", metavar="NAME", help="the number (of those FUNCTION returns) to choose by")
     choose.add_argument("--maximize", action="store_true", help="the highest value wins (default: the lowest)")
     choose.add_argument("--table", metavar="DIR", help="write sweep.csv, sweep.json and sweep.png here")
@@ -124,10 +130,10 @@ def _kernel(text: str) -> dict[str, object]:
 
 
 def _kernel_list() -> str:
-    from emakit.posthoc.targets import KERNELS
+    from emakit.posthoc.targets import KERNELS, kernel_spec
 
     lines = ["named kernels of --kernel NAME:VALUE:"]
-    lines += [f"  {f'{name}:{param}':<10}  {what}" for name, (param, what) in KERNELS.items()]
+    lines += [f"  {kernel_spec(name):<10}  {what}" for name, (_, what) in KERNELS.items()]
     return "\n".join(lines)
 
 
@@ -176,7 +182,8 @@ def _list(folder: str) -> None:
         print(f"  {j}: {profile}")
     print(f"{'snapshot':<28}{'t':>10}{'step':>12}  dtype")
     for info in index:
-        print(f"{info.path.name:<28}{info.t:>10}{info.step:>12}  {info.dtype}")
+        held = " + raw weights" * info.raw + " + theta_0" * info.start
+        print(f"{info.path.name:<28}{info.t:>10}{info.step:>12}  {info.dtype}{held}")
     missing = missing_snapshot_indices(index)
     if missing:
         print(f"missing: {describe_indices(missing)} (deleted or lost?); a reconstruction uses the others")
@@ -258,15 +265,13 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def _choose(args: argparse.Namespace) -> None:
-    from emakit.posthoc.sweep import load_metric, sweep
-    from emakit.posthoc.targets import parse_kernel
+    from emakit.posthoc.sweep import check_candidate, load_metric, sweep
 
     for spec in args.candidates:
-        if spec != "tracked":
-            try:
-                parse_kernel(spec)
-            except ValueError as e:
-                raise ValueError(f"--candidates: {e}") from None
+        try:
+            check_candidate(spec)
+        except ValueError as e:
+            raise ValueError(f"--candidates: {e}") from None
     evaluate = load_metric(args.metric)
     result = sweep(
         args.snapshots,

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from emakit._version import __version__
@@ -30,7 +31,9 @@ from emakit.posthoc.profiles import (
     solve_coefficients,
 )
 from emakit.posthoc.snapshots import (
+    RAW,
     SNAPSHOT_DTYPES,
+    START,
     SnapshotInfo,
     SnapshotReader,
     missing_snapshot_indices,
@@ -38,7 +41,14 @@ from emakit.posthoc.snapshots import (
     write_safetensors,
 )
 from emakit.posthoc.snapshots.reading import describe_indices
-from emakit.posthoc.targets import Kernel, KernelFunction, kernel_fit, kernel_from_function, parse_kernel
+from emakit.posthoc.targets import (
+    Kernel,
+    KernelFunction,
+    RawTarget,
+    kernel_fit,
+    kernel_from_function,
+    parse_kernel,
+)
 
 __all__ = [
     "RECONSTRUCTION_METADATA_KEY",
@@ -55,16 +65,18 @@ __all__ = [
 #: Key of the safetensors header metadata of a reconstructed file (JSON: target, t, snapshots used, fit error).
 RECONSTRUCTION_METADATA_KEY = "emakit.posthoc.reconstruction"
 _BATCH_BYTES = 256 << 20
+#: A half-life so short that its average after update t is the weights of update t alone.
+_POINT = HalfLifeProfile(1e-9)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconstructionPlan:
     """What :func:`reconstruct` will sum: ``coefficient * snapshot[average]`` for each term."""
 
-    target: Profile | UniformWindow | Kernel
+    target: Profile | UniformWindow | Kernel | RawTarget
     t: int
-    #: (snapshot, average index, coefficient) with a non-zero coefficient, in snapshot order
-    terms: tuple[tuple[SnapshotInfo, int, float], ...]
+    #: (snapshot, average index or ``"raw"`` / ``"start"``, coefficient) with a non-zero coefficient
+    terms: tuple[tuple[SnapshotInfo, int | str, float], ...]
     #: relative L2 distance between the fitted and the target profile (0: exact)
     fit_error: float
     #: the snapshot the integer tensors come from: the latest at or before ``t``
@@ -95,7 +107,9 @@ def _kernel_arguments(kernel: object, others: dict[str, object]) -> dict[str, ob
         )
     if isinstance(kernel, str):
         return parse_kernel(kernel)
-    return {"kernel": kernel if isinstance(kernel, Kernel) else kernel_from_function(kernel)}  # type: ignore[arg-type]
+    if isinstance(kernel, (Kernel, RawTarget)):
+        return {"kernel": kernel}
+    return {"kernel": kernel_from_function(kernel)}  # type: ignore[arg-type]
 
 
 def plan_reconstruction(
@@ -105,7 +119,7 @@ def plan_reconstruction(
     half_life: float | None = None,
     t: int | None = None,
     window: float | tuple[int, int] | None = None,
-    kernel: str | Kernel | KernelFunction | None = None,
+    kernel: str | Kernel | RawTarget | KernelFunction | None = None,
 ) -> ReconstructionPlan:
     """The coefficients that reconstruct the target average from a snapshot folder (or its index).
 
@@ -115,13 +129,16 @@ def plan_reconstruction(
     ``(t0, t1)``, the updates after ``t0`` up to ``t1`` (then ``t`` is ``t1``). Windows are fitted best, and
     exactly at snapshots, when a uniform profile (``sigma_rel=1/sqrt(12)``) is among the tracked averages.
     Or ``kernel``: any weights over the updates (:mod:`~emakit.posthoc.targets`): a name such as
-    ``"cosine:0.2"``, a :class:`~emakit.posthoc.targets.Kernel`, or a function ``f(k, t)``.
+    ``"cosine:0.2"``, a :class:`~emakit.posthoc.targets.Kernel`, or a function ``f(k, t)``; or a target that
+    weighs the raw training weights (``"raw"``, ``"bema:RHO,GAMMA,KAPPA,ETA"``, a
+    :class:`~emakit.posthoc.targets.RawTarget`), at a ``t`` whose snapshot holds them.
 
     Raises:
         ValueError: not exactly one target, one out of range, or ``t`` not an integer >= 1, before the first
             snapshot or after the last one (each names the argument and the file); a target the snapshots
             cannot represent: none of those at or before ``t`` weighs any of its updates, or the best
-            combination is no closer to it than nothing (a profile fit error of 100% or more).
+            combination is no closer to it than nothing (a profile fit error of 100% or more); a target of the
+            raw weights from snapshots without them (at ``t``, or ``theta_0`` in the first).
     """
     if kernel is not None:
         targets = _kernel_arguments(kernel, {"sigma_rel": sigma_rel, "half_life": half_life, "window": window})
@@ -130,7 +147,7 @@ def plan_reconstruction(
     index = read_snapshot_index(snapshots) if isinstance(snapshots, (str, os.PathLike)) else list(snapshots)
     if not index:
         raise ValueError("snapshots is empty: at least one snapshot is needed to reconstruct an average")
-    target: Profile | UniformWindow | Kernel = (
+    target: Profile | UniformWindow | Kernel | RawTarget = (
         targets["kernel"] if kernel is not None else _target(sigma_rel, half_life, window)  # type: ignore[assignment]
     )
     first, last = index[0], index[-1]
@@ -151,7 +168,12 @@ def plan_reconstruction(
     if window is not None:
         target = _window(window, t)
     sources = [(profile, info.t) for info in index for profile in info.profiles]
-    if isinstance(target, Kernel):
+    pairs: list[tuple[SnapshotInfo, int | str]] = [(info, j) for info in index for j in range(len(info.profiles))]
+    if isinstance(target, RawTarget):
+        x, error, read = _raw_fit(index, sources, target, t)
+        pairs += [pair for pair, _ in read]
+        x = np.concatenate([x, [c for _, c in read]])
+    elif isinstance(target, Kernel):
         x, error = kernel_fit(sources, target, t)
     else:
         x = solve_coefficients(sources, target, t)  # 0 for snapshots after t
@@ -162,10 +184,59 @@ def plan_reconstruction(
             f"a profile fit error of {100 * error:.3g}%, no closer than nothing; reconstruct at a snapshot's t, or "
             "track (and snapshot) profiles nearer this target"
         )
-    pairs = [(info, j) for info in index for j in range(len(info.profiles))]
     terms = tuple((info, j, float(c)) for (info, j), c in zip(pairs, x, strict=True) if c != 0.0)
     latest = [info for info in index if info.t <= t][-1]
     return ReconstructionPlan(target, t, terms, error, latest, tuple(index))
+
+
+def _raw_fit(
+    index: Sequence[SnapshotInfo], sources: list[tuple[Profile, int]], target: RawTarget, t: int
+) -> tuple[np.ndarray, float, list[tuple[tuple[SnapshotInfo, str], float]]]:
+    """The averages' coefficients for ``target``'s fitted part, its fit error (relative to the whole target's
+    weights) and the raw terms read as they are: ``((snapshot, "raw" or "start"), coefficient)``.
+
+    Raises:
+        ValueError: the snapshots lack the raw weights at ``t`` or, for a target that weighs them, ``theta_0``.
+    """
+    folder = str(index[0].path.parent)
+    with_raw = [info for info in index if info.raw]
+    if not with_raw:
+        raise ValueError(
+            f"kernel {target} weighs the raw training weights, which the snapshots in {folder!r} do not hold (written "
+            "without them): write them with EMA(..., snapshot_raw=True), or choose a kernel of the averages "
+            "(emakit posthoc --list-kernels)"
+        )
+    now = next((info for info in with_raw if info.t == t), None)
+    if now is None:
+        shown = ", ".join(str(info.t) for info in with_raw[:8]) + (", ..." if len(with_raw) > 8 else "")
+        raise ValueError(
+            f"kernel {target} at t={t}: no snapshot in {folder!r} holds the raw weights after update {t}; those "
+            f"that hold raw weights are at t={shown}: reconstruct at one of them"
+        )
+    kernel, now_weight, start_weight = target.parts(t, now.update_interval)
+    read = [((now, RAW), now_weight)]
+    if start_weight:
+        if not index[0].start:
+            raise ValueError(
+                f"kernel {target} needs theta_0, the weights at the start, which the first snapshot "
+                f"{str(index[0].path)!r} does not hold (written without snapshot_raw=True, or by a run resumed before "
+                "its first snapshot)"
+            )
+        read.append(((index[0], START), start_weight))
+    if kernel is None:
+        return np.zeros(len(sources)), 0.0, read
+    # The raw weights after update t_i are the average of a vanishing half-life at t_i: they join the fit.
+    points = [info for info in with_raw if info.t <= t]
+    x, error = kernel_fit([*sources, *((_POINT, info.t) for info in points)], kernel, t)
+    merged: dict[tuple[int, str], tuple[tuple[SnapshotInfo, str], float]] = {
+        (i.index, j): ((i, j), c) for (i, j), c in read
+    }
+    for info, c in zip(points, x[len(sources) :], strict=True):
+        pair, before = merged.get((info.index, RAW), ((info, RAW), 0.0))
+        merged[info.index, RAW] = (pair, before + float(c))
+    w = target.weights(t, now.update_interval)
+    error *= float(np.linalg.norm(kernel.masses(t))) / float(np.linalg.norm(w))
+    return x[: len(sources)], error, list(merged.values())
 
 
 def _window_end(window: tuple[object, ...], t: object) -> int:
@@ -214,7 +285,7 @@ def reconstruct(
     *,
     batch_bytes: int = _BATCH_BYTES,
     window: float | tuple[int, int] | None = None,
-    kernel: str | Kernel | KernelFunction | None = None,
+    kernel: str | Kernel | RawTarget | KernelFunction | None = None,
     overwrite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The average with profile ``sigma_rel`` (power) or ``half_life`` (EMA updates) at ``t``, the uniform
@@ -285,7 +356,7 @@ def execute_plan(
     floating = [n for n, (_, dt) in layout.items() if dt.is_floating_point or dt.is_complex]
     copied = [n for n in layout if n not in set(floating)]
     result: dict[str, torch.Tensor] = {}
-    by_snapshot: dict[int, tuple[SnapshotInfo, list[tuple[int, float]]]] = {}
+    by_snapshot: dict[int, tuple[SnapshotInfo, list[tuple[int | str, float]]]] = {}
     for info, j, coefficient in plan.terms:
         by_snapshot.setdefault(info.index, (info, []))[1].append((j, coefficient))
     for batch in _batches(plan.latest, floating, batch_bytes):

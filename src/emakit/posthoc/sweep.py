@@ -4,11 +4,16 @@ user's function, keep a table, export the best.
 Candidates are what :func:`~emakit.posthoc.reconstruction.plan_reconstruction` accepts as a ``kernel``: ``NAME:VALUE``
 strings (``"power:0.05"``, ``"ema:500"``, ``"uniform:0.2"``, ``"cosine:0.2"``; see
 :data:`~emakit.posthoc.targets.KERNELS`), :class:`~emakit.posthoc.targets.Kernel` objects or functions ``f(k, t)``;
-``"tracked"`` stands for the averages the run tracked (exact at a snapshot's ``t``). Every candidate is planned
+``"tracked"`` stands for the averages the run tracked (exact at a snapshot's ``t``); ``"raw"`` for the raw training
+weights at ``t`` and ``"bema"`` / ``"bema:RHO,GAMMA,KAPPA,ETA"`` for BEMA's output (snapshots written with
+``snapshot_raw=True``); ``"window:T0:T1"`` or a ``(T0, T1)`` pair for the equal-weight average of the updates after
+``T0`` up to ``T1`` (at its own end ``T1``, whatever ``t``). Every candidate is planned
 before any is evaluated, so a target the snapshots cannot represent is refused before the first evaluation. Then
 one at a time: reconstruct (one model's tensors in memory), call ``evaluate(weights)``, append a row, rewrite the
 table (``sweep.csv`` and ``sweep.json``, atomically) and drop the weights. At the end: the plot (``sweep.png``)
-and, with ``export``, the best candidate reconstructed again and written there.
+and, with ``export``, the best candidate reconstructed again and written there. The plot is EDM2's figure: the
+metric against ``sigma_rel`` on a log axis for the power-profile candidates, the others as labelled horizontal
+lines; it needs matplotlib, and is left out, with a warning, when matplotlib is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,14 +41,16 @@ from emakit.posthoc import POOR_FIT
 from emakit.posthoc.profiles import HalfLifeProfile
 from emakit.posthoc.reconstruction import ReconstructionPlan, check_output, execute_plan, plan_reconstruction
 from emakit.posthoc.snapshots import SnapshotInfo, read_snapshot_index
-from emakit.posthoc.targets import Kernel
+from emakit.posthoc.targets import Kernel, RawTarget, parse_kernel
 
 __all__ = [
     "TABLE_FILES",
     "Evaluate",
     "SweepError",
     "SweepResult",
+    "check_candidate",
     "load_metric",
+    "plot_sweep",
     "sigma_rel_grid",
     "sweep",
 ]
@@ -94,19 +102,46 @@ def sigma_rel_grid(low: float, high: float, count: int) -> list[float]:
 def _label(candidate: object) -> str:
     if isinstance(candidate, str):
         return candidate
-    if isinstance(candidate, Kernel):
+    if isinstance(candidate, (Kernel, RawTarget)):
         return str(candidate)
     return str(getattr(candidate, "__qualname__", None) or candidate)
 
 
+def _window_pair(candidate: object) -> tuple[int, int] | None:
+    """A window candidate (``"window:T0:T1"`` or a ``(T0, T1)`` pair) as the pair; None for other candidates."""
+    if isinstance(candidate, str) and candidate.strip().lower().startswith("window:"):
+        parts = candidate.strip().split(":")[1:]
+        try:
+            pair = (int(parts[0]), int(parts[1])) if len(parts) == 2 else None
+        except ValueError:
+            pair = None
+    elif isinstance(candidate, tuple):
+        pair = candidate if len(candidate) == 2 and all(isinstance(v, int) for v in candidate) else None
+    else:
+        return None
+    if pair is None or not 0 <= pair[0] < pair[1] or isinstance(pair[0], bool) or isinstance(pair[1], bool):
+        raise ValueError(
+            f"a window candidate is 'window:T0:T1' or (T0, T1) with 0 <= T0 < T1 updates, got {candidate!r}"
+        )
+    return pair
+
+
+def check_candidate(text: str) -> None:
+    """ValueError naming what is accepted if ``text`` is not a candidate: ``tracked``, ``window:T0:T1`` or a named
+    kernel (:func:`~emakit.posthoc.targets.parse_kernel`); what the snapshots hold is checked by :func:`sweep`."""
+    if text != "tracked" and _window_pair(text) is None:
+        parse_kernel(text)
+
+
 def _expand(candidates: Sequence[object], index: Sequence[SnapshotInfo]) -> list[tuple[str, object]]:
-    """(label, kernel argument) per candidate; ``"tracked"`` becomes the tracked profiles."""
+    """(label, kernel argument or window pair) per candidate; ``"tracked"`` becomes the tracked profiles."""
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
         raise ValueError(
             f"candidates must be a non-empty list of targets ('power:0.05', 'cosine:0.2', ...), got {candidates!r}"
         )
     out: list[tuple[str, object]] = []
     for candidate in candidates:
+        pair = _window_pair(candidate)
         if candidate == "tracked":
             for profile in index[-1].profiles:
                 spec = (
@@ -115,6 +150,8 @@ def _expand(candidates: Sequence[object], index: Sequence[SnapshotInfo]) -> list
                     else f"power:{profile.sigma_rel!r}"
                 )
                 out.append((f"tracked {spec}", spec))
+        elif pair is not None:
+            out.append((f"window:{pair[0]}:{pair[1]}", pair))
         else:
             out.append((_label(candidate), candidate))
     return out
@@ -126,7 +163,10 @@ def _plan_all(
     plans, refused = [], []
     for label, kernel in expanded:
         try:
-            plans.append(plan_reconstruction(index, kernel=kernel, t=t))  # type: ignore[arg-type]
+            if isinstance(kernel, tuple):
+                plans.append(plan_reconstruction(index, window=kernel))  # at its own end
+            else:
+                plans.append(plan_reconstruction(index, kernel=kernel, t=t))  # type: ignore[arg-type]
         except (ValueError, TypeError) as e:
             refused.append(f"{label}: {e}")
     if refused:
@@ -271,36 +311,80 @@ def sweep(
         poor = " (poor fit)" if plan.fit_error > POOR_FIT else ""
         say(f"[{i}/{len(plans)}] {label}: {chosen} {values[chosen]:.6g}, fit error {100 * plan.fit_error:.3g}%{poor}")
     if folder is not None and plot:
-        result.files["plot"] = plot_sweep(result, folder / TABLE_FILES["plot"])
+        try:
+            result.files["plot"] = plot_sweep(result, folder / TABLE_FILES["plot"])
+        except ImportError:
+            warnings.warn(
+                f"matplotlib is not installed: the sweep wrote its table to {str(folder)!r} but no "
+                f"{TABLE_FILES['plot']} (pip install matplotlib, or pass plot=False)",
+                stacklevel=2,
+            )
     if export is not None and best_plan is not None:
         execute_plan(best_plan, out=export, dtype=dtype, overwrite=overwrite)
         result.files["export"] = Path(export)
     return result
 
 
+def _sigma_rel(row: Mapping[str, Any]) -> float | None:
+    target = row.get("target")
+    return float(target["sigma_rel"]) if isinstance(target, Mapping) and target.get("kind") == "power" else None
+
+
 def plot_sweep(result: SweepResult, path: Path) -> Path:
-    """The metric against the candidates (in the order given), the best starred; hollow dots: fit error > 5%."""
+    """EDM2's figure: the metric against ``sigma_rel`` (log axis) for the power-profile candidates, each other
+    candidate a labelled horizontal line; without power candidates, the metric against the candidates in order.
+    The best is starred; hollow dots: a fit error above :data:`~emakit.posthoc.POOR_FIT`.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = [r for r in result.rows if result.metric in r]
-    labels = [r["candidate"] for r in rows]
-    values = [r[result.metric] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), constrained_layout=True)
-    ax.plot(range(len(rows)), values, color="#1f5fa8", lw=1, zorder=1)
-    for x, (r, v) in enumerate(zip(rows, values, strict=True)):
-        good = r["fit_error"] <= POOR_FIT
-        ax.scatter([x], [v], s=36, zorder=2, color="#1f5fa8" if good else "white", edgecolors="#1f5fa8")
+    powers = sorted(((s, r) for r in rows if (s := _sigma_rel(r)) is not None), key=lambda pair: pair[0])
+    others = [r for r in rows if _sigma_rel(r) is None]
+    blue = "#1f5fa8"
+    if powers:
+        fig, ax = plt.subplots(figsize=(7.0, 4.4), constrained_layout=True)
+        xs, ys = [s for s, _ in powers], [r[result.metric] for _, r in powers]
+        ax.plot(xs, ys, color=blue, lw=1.2, zorder=1, label="power profiles")
+        for x, (_, r) in zip(xs, powers, strict=True):
+            good = r["fit_error"] <= POOR_FIT
+            ax.scatter([x], [r[result.metric]], s=36, zorder=2, color=blue if good else "white", edgecolors=blue)
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)  # a margin, and a range even for one sigma_rel
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("sigma_rel (log scale)")
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, r in enumerate(others):
+            style = "--" if r["fit_error"] <= POOR_FIT else ":"
+            ax.axhline(r[result.metric], ls=style, lw=1, color=colors[(i + 1) % len(colors)], label=r["candidate"])
+        if result.best is not None and (best := _sigma_rel(result.best)) is not None:
+            ax.scatter([best], [result.best[result.metric]], marker="*", s=260, color="#2a9d3a", zorder=3)
+        title = "post-hoc candidates against sigma_rel\nlines: the other candidates"
+    else:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2), constrained_layout=True)
+        ax.plot(range(len(rows)), [r[result.metric] for r in rows], color=blue, lw=1, zorder=1)
+        for x, r in enumerate(rows):
+            good = r["fit_error"] <= POOR_FIT
+            ax.scatter([x], [r[result.metric]], s=36, zorder=2, color=blue if good else "white", edgecolors=blue)
+        if result.best is not None:
+            x = rows.index(result.best)
+            ax.scatter([x], [rows[x][result.metric]], marker="*", s=260, color="#2a9d3a", zorder=3)
+        ax.set_xticks(range(len(rows)), [r["candidate"] for r in rows], rotation=60, ha="right", fontsize=8)
+        title = "post-hoc candidates"
     if result.best is not None:
-        x = rows.index(result.best)
-        ax.scatter([x], [values[x]], marker="*", s=260, color="#2a9d3a", zorder=3, label=f"best: {labels[x]}")
-        ax.legend(fontsize=8)
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+        ax.plot([], [], "*", color="#2a9d3a", ms=12, label=f"best: {result.best['candidate']}")
+    ax.legend(fontsize=8)
     ax.set_ylabel(f"{result.metric} ({'lower' if result.goal == 'min' else 'higher'} is better)")
-    ax.set_title(f"post-hoc candidates; hollow: profile fit error above {POOR_FIT:.0%}", fontsize=9)
-    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title}; hollow or dotted: fit error above {POOR_FIT:.0%}", fontsize=9)
+    ax.grid(True, alpha=0.3, which="both")
     try:
         with atomic_file(path, overwrite=True) as f:
             fig.savefig(f, format="png", dpi=110)

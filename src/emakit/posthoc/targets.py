@@ -12,6 +12,12 @@ or a named kernel (:data:`KERNELS`, parsed from ``NAME:PARAMS`` by :func:`parse_
   ``1-sqrt`` ``a = 1 - sqrt(s)``.
 - ``power:S``, ``ema:H`` and ``uniform:F`` name the profiles of :mod:`~emakit.posthoc.profiles` (``sigma_rel``
   S, a half-life of H updates, the last fraction F of the updates) and are fitted exactly as those are.
+- Targets that weigh the raw training weights (:class:`RawTarget`), which only snapshots written with them hold
+  (``EMA(..., snapshot_raw=True)``): ``raw``, the training weights at ``t``; ``bema:RHO,GAMMA,KAPPA,ETA``, BEMA's
+  output (Block & Zhang, "EMA Without the Lag", 2025) ``EMA_t + alpha_t (theta_t - theta_1)``, its EMA weighing
+  update ``n >= 2`` by ``(rho + gamma s_n) ** -kappa`` with ``s_n = (n - 1) x update_interval`` (steps since the
+  start; update 1 is the start copy, ``theta_1`` BEMA's ``theta_0``) and ``alpha_t = (rho + gamma s_t) ** -eta``.
+  The EMA part is a kernel fitted as above; the raw terms are read, not fitted.
 
 The fit works in the *per-update* measure: each snapshot ``i`` holds ``sum_k m_ik theta_k``, where ``m_ik`` is
 the exact weight the tracked average gives update ``k`` (a power profile: ``(k/t_i)**(g+1) - ((k-1)/t_i)**(g+1)``;
@@ -46,10 +52,14 @@ from emakit.posthoc.profiles import (
 )
 
 __all__ = [
+    "BEMA_DEFAULTS",
     "CHUNK",
     "KERNELS",
+    "RAW_WEIGHTS",
     "Kernel",
     "KernelFunction",
+    "RawTarget",
+    "bema_kernel",
     "decay_kernel",
     "kernel_fit",
     "kernel_from_function",
@@ -152,8 +162,75 @@ def _fraction(value: object, name: str) -> float:
 
 
 _DECAYS = ("cosine", "linear", "1-sqrt")
+#: BEMA's parameters (rho, gamma, kappa, eta) in the paper (and emakit's :class:`~emakit.averaging.BEMA`).
+BEMA_DEFAULTS = (10.0, 1.0, 0.5, 0.2)
 
-#: Named kernels: name -> (parameter, what it accepts, what the kernel is).
+
+@dataclasses.dataclass(frozen=True)
+class RawTarget:
+    """A target that weighs the raw training weights: ``raw`` (those at ``t``) or ``bema`` (BEMA's output).
+
+    :meth:`parts` splits it into what is fitted from the averages and what is read from the snapshots.
+    """
+
+    name: str
+    params: tuple[float, ...] = ()
+
+    def parts(self, t: int, update_interval: int) -> tuple[Kernel | None, float, float]:
+        """(the kernel fitted from the averages or None, the weight of the raw weights at ``t``, the weight of
+        ``theta_1``, those at the start), for a target at update ``t`` with ``update_interval`` steps per update.
+
+        Raises:
+            ValueError: BEMA's first update would weigh more than 1 (``rho + gamma * update_interval < 1``).
+        """
+        if self.name == "raw":
+            return None, 1.0, 0.0
+        rho, gamma, kappa, eta = self.params
+        phi = float(update_interval)
+        if kappa > 0 and t > 1 and rho + gamma * phi < 1:
+            raise ValueError(
+                f"kernel {self}: rho + gamma * update_interval must be 1 or more (the first update's weight "
+                f"(rho + gamma * s) ** -kappa would exceed 1), got update_interval={update_interval} in the snapshots"
+            )
+
+        def ema(k: np.ndarray, t: int) -> np.ndarray:
+            w = np.where(k == 1.0, 1.0, (rho + gamma * (k - 1.0) * phi) ** -kappa)
+            with np.errstate(divide="ignore"):
+                keep = np.log1p(-np.minimum(w, 1.0))  # -inf for an update that replaces the average
+            later = np.concatenate([np.cumsum(keep[::-1])[::-1][1:], [0.0]])  # sum over the updates after k
+            return w * np.exp(later)
+
+        alpha = (rho + gamma * (t - 1) * phi) ** -eta
+        return Kernel("bema-ema", ema, (rho, gamma, kappa)), alpha, -alpha
+
+    def weights(self, t: int, update_interval: int) -> np.ndarray:
+        """The weight of every update 1..t in the target (float64; BEMA's first is negative)."""
+        kernel, now, start = self.parts(t, update_interval)
+        w = kernel.masses(t) if kernel is not None else np.zeros(t)
+        w[t - 1] += now
+        w[0] += start
+        return w
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description, as stored in a reconstruction's metadata."""
+        return {"kind": self.name, "params": list(self.params)}
+
+    def __str__(self) -> str:
+        return f"{self.name}:{','.join(repr(p) for p in self.params)}" if self.params else self.name
+
+
+def bema_kernel(rho: float = 10.0, gamma: float = 1.0, kappa: float = 0.5, eta: float = 0.2) -> RawTarget:
+    """BEMA's output at ``t`` as a post-hoc target (the paper's parameters; see the module's docstring)."""
+    for name, value in (("rho", rho), ("gamma", gamma), ("kappa", kappa), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < math.inf:
+            raise ValueError(f"kernel bema: {name} must be a finite number of 0 or more, got {value!r}")
+    return RawTarget("bema", (float(rho), float(gamma), float(kappa), float(eta)))
+
+
+#: The raw training weights at ``t`` as a target (snapshots written with ``snapshot_raw=True``).
+RAW_WEIGHTS = RawTarget("raw")
+
+#: Named kernels: name -> (parameters, what it accepts, what the kernel is).
 KERNELS: dict[str, tuple[str, str]] = {
     "cosine": ("F", "WSM merge emulating a cosine learning-rate decay to 0 over the last fraction F in (0, 1]"),
     "linear": ("F", "WSM merge emulating a linear decay to 0 over the last fraction F (a uniform window there)"),
@@ -161,15 +238,26 @@ KERNELS: dict[str, tuple[str, str]] = {
     "power": ("S", f"the power profile of width sigma_rel S in (0, 1/sqrt(12) = {SIGMA_REL_MAX:.4f}] (--sigma-rel)"),
     "ema": ("H", "a classic EMA with a half-life of H > 0 updates (--half-life)"),
     "uniform": ("F", "the equal-weight average of the last fraction F in (0, 1] of the updates (--window F)"),
+    "bema": (
+        "RHO,GAMMA,KAPPA,ETA",
+        "BEMA's output (each finite and >= 0; 'bema' alone: the paper's 10,1,0.5,0.2); needs raw snapshots",
+    ),
+    "raw": ("", "the raw training weights at t (no parameter); needs snapshots written with snapshot_raw=True"),
 }
 
-_SPEC = re.compile(r"(?P<name>[a-z0-9-]+):(?P<value>[^:,\s]+)")
+_SPEC = re.compile(r"(?P<name>[a-z0-9-]+)(?::(?P<value>[^:\s]+))?")
+
+
+def kernel_spec(name: str) -> str:
+    """How a named kernel is written: ``NAME:PARAMS``, or ``NAME`` for one without parameters."""
+    return f"{name}:{KERNELS[name][0]}" if KERNELS[name][0] else name
 
 
 def parse_kernel(text: str) -> dict[str, Any]:
     """The target ``NAME:VALUE`` names (:data:`KERNELS`), as keyword arguments of
     :func:`~emakit.posthoc.reconstruction.plan_reconstruction`: ``{"kernel": Kernel}`` for a decay,
-    ``{"sigma_rel": S}``, ``{"half_life": H}`` or ``{"window": F}`` for the profiles.
+    ``{"kernel": RawTarget}`` for ``raw`` and ``bema``, ``{"sigma_rel": S}``, ``{"half_life": H}`` or
+    ``{"window": F}`` for the profiles.
 
     Raises:
         ValueError: an unknown name, a missing or malformed value, or one out of its range (the message lists
@@ -178,17 +266,29 @@ def parse_kernel(text: str) -> dict[str, Any]:
     if not isinstance(text, str):
         raise TypeError(f"kernel must be a string NAME:VALUE, got {text!r}")
     match = _SPEC.fullmatch(text.strip().lower())
-    accepted = "; ".join(f"{n}:{p}" for n, (p, _) in KERNELS.items())
-    if match is None or match["name"] not in KERNELS:
+    accepted = "; ".join(kernel_spec(n) for n in KERNELS)
+    name = match["name"] if match is not None else None
+    if match is None or name not in KERNELS or (match["value"] is None and name not in ("bema", "raw")):
         raise ValueError(f"kernel must be NAME:VALUE with NAME one of {accepted}, got {text!r}")
-    name = match["name"]
+    parameters, what = KERNELS[name]
+    if name == "raw" or (name == "bema" and match["value"] is None):
+        if match["value"] is not None:
+            raise ValueError(f"kernel raw takes no parameter ({what}), got {text!r}")
+        return {"kernel": RAW_WEIGHTS if name == "raw" else bema_kernel(*BEMA_DEFAULTS)}
+    values = []
+    for part in match["value"].split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            values.append(math.nan)
+    if len(values) != len(parameters.split(",")) or not all(math.isfinite(v) for v in values):
+        raise ValueError(
+            f"kernel {name}: {parameters} must be {'numbers' if ',' in parameters else 'a number'} ({what}), got {text!r}"
+        )
+    value = values[0]
     try:
-        value = float(match["value"])
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"kernel {name}: {KERNELS[name][0]} must be a number ({KERNELS[name][1]}), got {text!r}")
-    try:
+        if name == "bema":
+            return {"kernel": bema_kernel(*values)}
         if name in _DECAYS:
             return {"kernel": decay_kernel(name, value)}
         if name == "power":
@@ -199,7 +299,7 @@ def parse_kernel(text: str) -> dict[str, Any]:
             return {"half_life": value}
         return {"window": _fraction(value, "uniform fraction")}
     except ValueError:
-        raise ValueError(f"kernel {name}: {KERNELS[name][1]}; got {text!r}") from None
+        raise ValueError(f"kernel {name}: {what}; got {text!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------- the fit

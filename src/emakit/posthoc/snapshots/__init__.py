@@ -16,6 +16,11 @@ that a folder mixing two runs is refused; absent in snapshots from before it was
 ``{"kind": "power", "sigma_rel": s, "gamma": g}`` or ``{"kind": "half_life", "half_life_updates": h}``; sharded
 snapshots add ``names``, the tensors' order (a safetensors file keeps it in its data offsets).
 
+Optionally (``EMA(..., snapshot_raw=True)``; format version 2, metadata ``raw`` / ``start`` true) a snapshot also
+holds the raw training weights after update ``t`` as ``"raw/{name}"``, and the first snapshot of the series the
+weights at the start of the averages, ``theta_0``, as ``"start/{name}"``: one model each, in the snapshot dtype.
+Version 1 (averages only) is what a snapshot without them is still written as, and what older folders hold.
+
 Writes are atomic (:mod:`emakit.atomic`): a hidden temporary is written, synced to disk and renamed into place,
 then the folder is synced; readers ignore temporaries, so a crash never leaves a partial snapshot. An existing
 snapshot is replaced only with ``overwrite=True``. Floating tensors are stored in float32 (default), float16 or bfloat16;
@@ -35,8 +40,11 @@ from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_KEY,
+    RAW,
+    READABLE_VERSIONS,
     SHARDED_METADATA_FILE,
     SNAPSHOT_DTYPES,
+    START,
     snapshot_name,
 )
 from emakit.posthoc.snapshots.reading import (
@@ -58,8 +66,11 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "RAW",
+    "READABLE_VERSIONS",
     "SHARDED_METADATA_FILE",
     "SNAPSHOT_DTYPES",
+    "START",
     "DtypeOverflowError",
     "SnapshotInfo",
     "SnapshotReader",

@@ -17,14 +17,27 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "RAW",
+    "READABLE_VERSIONS",
     "SAFETENSORS_CODES",
     "SHARDED_METADATA_FILE",
     "SNAPSHOT_DTYPES",
+    "START",
     "snapshot_name",
 ]
 
 FORMAT = "emakit.posthoc.snapshot"
-FORMAT_VERSION = 1
+#: The version written with raw weights (2); a snapshot of averages only is written as version 1, which emakit
+#: releases before raw weights read too.
+FORMAT_VERSION = 2
+#: The versions this emakit reads: 1 (averages only) and 2 (optionally the raw weights and ``theta_0``).
+READABLE_VERSIONS = (1, 2)
+#: The prefix of the raw training weights' tensors at the snapshot (``"raw/{name}"``), beside the averages'
+#: ``"{j}/{name}"``.
+RAW = "raw"
+#: The prefix of the training weights at the start of the averages (``theta_0``, ``"start/{name}"``), held by the
+#: first snapshot of a series written with raw weights.
+START = "start"
 #: Key of the safetensors header metadata that holds a snapshot's JSON metadata.
 METADATA_KEY = "emakit.posthoc"
 #: The metadata file inside a sharded snapshot's directory.

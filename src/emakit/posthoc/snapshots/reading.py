@@ -20,9 +20,11 @@ from emakit.posthoc.snapshots.format import (
     _DCP_METADATA,
     _SAFETENSORS_DTYPES,
     FORMAT,
-    FORMAT_VERSION,
     METADATA_KEY,
+    RAW,
+    READABLE_VERSIONS,
     SHARDED_METADATA_FILE,
+    START,
     _entries,
 )
 
@@ -51,6 +53,10 @@ class SnapshotInfo:
     metadata: Mapping[str, Any]
     #: The id of the run that wrote it (None: written before emakit recorded runs, one legacy run).
     run: str | None = None
+    #: Whether it holds the raw training weights after update ``t`` (``"raw/{name}"``).
+    raw: bool = False
+    #: Whether it holds the training weights at the start of the averages, ``theta_0`` (``"start/{name}"``).
+    start: bool = False
 
 
 def _check_folder(folder: str | os.PathLike[str]) -> Path:
@@ -135,9 +141,10 @@ def _read_one(path: Path, index: int) -> SnapshotInfo:
     where = f"snapshot {str(path)!r}"
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ValueError(f"{where} is not an emakit post-hoc snapshot (metadata format is not {FORMAT!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"{where} has format_version {metadata.get('format_version')!r}; this emakit reads {FORMAT_VERSION}"
+            f"{where} has format_version {metadata.get('format_version')!r}; this emakit reads "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}"
         )
     for key in ("index", "t", "step", "update_interval"):
         if not isinstance(metadata.get(key), int) or isinstance(metadata.get(key), bool):
@@ -151,12 +158,16 @@ def _read_one(path: Path, index: int) -> SnapshotInfo:
         raise ValueError(f"{where}: metadata 'averages' must be a non-empty list of profiles")
     profiles = tuple(profile_from_dict(p, f"{where}, averages[{j}]") for j, p in enumerate(raw_profiles))
     per_average: list[dict[str, tuple[tuple[int, ...], torch.dtype]]] = [{} for _ in profiles]
+    weights: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
     for key, value in layout.items():
         head, _, name = key.partition("/")
+        if head in (RAW, START) and name and metadata.get("format_version", 1) >= 2:
+            weights.setdefault(head, {})[name] = value
+            continue
         if not head.isdigit() or int(head) >= len(profiles) or not name:
             raise ValueError(f"{where} holds a tensor {key!r} that belongs to no average (0..{len(profiles) - 1})")
         per_average[int(head)][name] = value
-    for j, tensors in enumerate(per_average[1:], start=1):
+    for j, tensors in [*enumerate(per_average[1:], start=1), *weights.items()]:
         if tensors.keys() != per_average[0].keys():
             name = sorted(tensors.keys() ^ per_average[0].keys())[0]
             raise ValueError(f"{where}: averages 0 and {j} hold different tensors (e.g. {name!r})")
@@ -172,6 +183,8 @@ def _read_one(path: Path, index: int) -> SnapshotInfo:
         tensors=per_average[0],
         metadata=metadata,
         run=metadata.get("run"),
+        raw=RAW in weights,
+        start=START in weights,
     )
 
 

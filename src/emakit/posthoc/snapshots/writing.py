@@ -24,8 +24,10 @@ from emakit.posthoc.snapshots.format import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_KEY,
+    RAW,
     SHARDED_METADATA_FILE,
     SNAPSHOT_DTYPES,
+    START,
     _check_int,
     snapshot_name,
 )
@@ -78,6 +80,21 @@ def _check_averages(averages: Sequence[Mapping[str, torch.Tensor]]) -> list[str]
     return names
 
 
+def _check_weights(weights: object, argument: str, first: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``raw`` or ``start``: the training weights by the averages' names and shapes."""
+    if not isinstance(weights, Mapping) or set(weights) != set(first):
+        names = sorted(set(weights) ^ set(first)) if isinstance(weights, Mapping) else []
+        raise ValueError(
+            f"{argument} must be a dict of the training weights by the averages' tensor names, got "
+            + (f"a dict that differs in {names[0]!r}" if names else repr(type(weights).__name__))
+        )
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != first[name].shape:
+            shown = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{argument}[{name!r}] must be a tensor of shape {tuple(first[name].shape)}, got {shown}")
+    return {name: weights[name] for name in first}
+
+
 def write_snapshot(
     folder: str | os.PathLike[str],
     index: int,
@@ -90,6 +107,8 @@ def write_snapshot(
     dtype: torch.dtype = torch.float32,
     run: str | None = None,
     overwrite: bool = False,
+    raw: Mapping[str, torch.Tensor] | None = None,
+    start: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write snapshot ``index`` of ``averages`` (one dict of tensors by canonical name per average) into ``folder``.
 
@@ -98,6 +117,11 @@ def write_snapshot(
     in ``dtype``. ``run`` identifies the run writing the series (readers refuse a folder mixing runs). An
     existing snapshot ``index`` (in either form) is replaced only with ``overwrite``; without it, one written by
     another process even while this one is being written is kept and FileExistsError raised.
+
+    ``raw``: the training weights after update ``t`` (stored as ``"raw/{name}"``); ``start``: those at the start of
+    the averages, ``theta_0`` (``"start/{name}"``, once per series, in its first snapshot). Both by the averages'
+    names, in ``dtype`` too; each costs one model in that dtype. They serve the kernels that weigh the raw
+    weights (BEMA's, the raw weights as a sweep candidate); a snapshot that has either is format version 2.
 
     Plain tensors make one safetensors file; under a process group only rank 0 writes it and no collective
     is made. If any tensor is a DTensor (FSDP2), every rank must call this: each writes its own shards into a
@@ -120,6 +144,11 @@ def write_snapshot(
         raise ValueError(f"run must be a non-empty string or None, got {run!r}")
     names = _check_averages(averages)
     checked = _check_profiles(profiles, len(averages))
+    extra = {
+        prefix: _check_weights(weights, argument, averages[0])
+        for prefix, argument, weights in ((RAW, "raw", raw), (START, "start", start))
+        if weights is not None
+    }
     dtensor = _dtensor_type()
     sharded = dtensor is not None and any(isinstance(x, dtensor) for a in averages for x in a.values())
     world_size, rank = 1, 0
@@ -127,7 +156,7 @@ def write_snapshot(
         world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     metadata = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if extra else 1,
         "emakit_version": __version__,
         "index": index,
         "t": t,
@@ -140,8 +169,11 @@ def write_snapshot(
     }
     if run is not None:
         metadata["run"] = run
+    for prefix in extra:
+        metadata[prefix] = True
     path = folder / snapshot_name(index, sharded)
     keys = [(f"{j}/{name}", average[name]) for j, average in enumerate(averages) for name in names]
+    keys += [(f"{prefix}/{name}", weights[name]) for prefix, weights in extra.items() for name in names]
     other = folder / snapshot_name(index, not sharded)  # the same index in the other form
     if sharded:
         metadata["names"] = names  # DCP's metadata does not keep the order
