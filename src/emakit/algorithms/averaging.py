@@ -64,8 +64,8 @@ class Averaging(Algorithm):
         unit = self.averager.update_interval.unit
         if event == Event.BATCH_END:
             return unit == TimeUnit.BATCH
-        if event == Event.EPOCH_END:
-            return unit == TimeUnit.EPOCH
+        if event == Event.EPOCH_END:  # also when write-back copies at epoch ends
+            return unit == TimeUnit.EPOCH or self.averager.writeback.acts_on(TimeUnit.EPOCH)
         return event in (Event.INIT, Event.AFTER_LOAD, Event.FIT_START, Event.BATCH_START, Event.EVAL_START,
                          Event.EVAL_END, Event.FIT_END)  # fmt: skip
 
@@ -83,7 +83,7 @@ class Averaging(Algorithm):
                 )
             averager.timestamp = state.timestamp.copy()
             skipped = averager.num_skipped_nonfinite
-            averager.tick(averager.update_interval.unit)
+            averager.tick(TimeUnit.BATCH if event == Event.BATCH_END else TimeUnit.EPOCH)
             if averager.num_skipped_nonfinite != skipped:
                 logger.log_metrics(
                     {"ema/num_skipped_nonfinite": float(averager.num_skipped_nonfinite)},

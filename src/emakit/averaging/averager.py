@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -24,13 +23,14 @@ from torch import nn
 from emakit.averaging import batchnorm, epochs, momentum, replicated, states
 from emakit.averaging.averages import Averages
 from emakit.averaging.config import Options, check_at_attach, check_eval_average
-from emakit.averaging.guard import skipped_message, training_weights_finite
+from emakit.averaging.guard import finite_or_skip
 from emakit.averaging.rulestate import RuleState
 from emakit.averaging.schedules import Schedule, check_batches_per_epoch, check_duration
 from emakit.averaging.selection import Selection
 from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.swap import Swap
 from emakit.averaging.tracked import TrackedModel
+from emakit.averaging.writeback import OptimizerHook, WriteBack
 from emakit.engine.storage import FlatStorage
 from emakit.time import Time, Timestamp, TimeUnit
 
@@ -79,6 +79,8 @@ class Averager(ABC):
         self._swap = Swap(self._tracked)
         self._snapshots = SnapshotSeries(options.snapshot_raw)  # raw: the training weights too
         self._rule = RuleState(schedule)  # what the schedule keeps beyond n: amounts seen, BEMA's theta_0
+        #: Writing the average back into the training weights (:meth:`write_back`); by default nothing is.
+        self.writeback = WriteBack()
         #: Reads the training tensors; FlatStorage keeps its update plan while this same reader is passed.
         self._live_reader: Callable[[], list[torch.Tensor]] | None = None
         #: The model's NaN/Inf values as attached (a -inf mask), by name: the guard's reference before the start.
@@ -187,6 +189,7 @@ class Averager(ABC):
         self._baseline = self._tracked.nonfinite_baseline()
         self._averages.prepared = None  # it holds views of the previous model's weights
         self._setup_overlap()
+        self.writeback.check_model(self._tracked)
         check_at_attach(self.snapshot_folder, self.fp32_ema, self._tracked, self.schedule, stacklevel=3)
 
     def set_duration(self, max_duration: str | Time | None, batches_per_epoch: int | None = None) -> None:
@@ -224,14 +227,18 @@ class Averager(ABC):
         return self.tick(TimeUnit.EPOCH)
 
     def tick(self, unit: TimeUnit) -> bool:
-        """Start, blend or close the average if due at the clock's current time in ``unit``.
+        """Start, blend or close the average if due at the clock's time in ``unit``, then write it back if due.
 
         :meth:`step` and :meth:`epoch_end` call this after advancing the clock; a trainer that keeps the
         clock itself (sets :attr:`timestamp`) calls it directly. Returns whether the average changed.
         """
         self._loaded_epoch_open = False  # the clock moved on: a resume's epoch boundary is settled
-        if unit != self.update_interval.unit or self.window_closed:
-            return False
+        changed = unit == self.update_interval.unit and not self.window_closed and self._advance(unit)
+        self.writeback.after_tick(self, unit, changed)
+        return changed
+
+    def _advance(self, unit: TimeUnit) -> bool:
+        """:meth:`tick`'s work in the update unit: start, blend or close the average (write-back aside)."""
         if self._tracked.model is None:
             var = type(self).__name__.lower()
             raise RuntimeError(f"call {var}.attach(model) before the first {var}.step()")
@@ -243,10 +250,10 @@ class Averager(ABC):
             if self.schedule.start_due(self.timestamp, self.max_duration, self.batches_per_epoch):
                 if self._tracked.start():  # the set is fixed now
                     self._forget_made_for_set()
-                if self._finite_or_skip(count):
+                if finite_or_skip(self, count):
                     self._initialise(count)
                     changed = True
-        elif self.schedule.update_due(count) and self._finite_or_skip(count):
+        elif self.schedule.update_due(count) and finite_or_skip(self, count):
             self.update()
             changed = True
         if changed and self.snapshot_interval is not None and count % int(self.snapshot_interval.value) == 0:
@@ -255,25 +262,23 @@ class Averager(ABC):
             self.window_closed = True
         return changed
 
+    def write_back(
+        self,
+        every: str | Time | None = None,
+        pull: float | None = None,
+        *,
+        average: int | None = None,
+        optimizer_state: str | OptimizerHook = "keep",
+    ) -> Averager:
+        """Write the average back into the training weights from now on (see :mod:`.writeback`); returns self."""
+        self.writeback = WriteBack.checked(every, pull, average, optimizer_state, self.schedule, self._tracked)
+        return self
+
     def close_window(self) -> None:
         """Stop averaging now: later steps leave the average as it is."""
         self.window_closed = True
 
     # ------------------------------------------------------------------ starting and updating the average
-    def _finite_or_skip(self, count: int) -> bool:
-        """With ``skip_nonfinite``, False (and a warning) when the training weights hold NaN or Inf."""
-        if not self.skip_nonfinite:
-            return True
-        storage = self._averages.storages[self._eval_average] if self.started and self._averages.storages else None
-        flat = storage if self._swap.swapped is None and not self._tracked.sharded else None
-        reference = storage.tensors if storage is not None else self._baseline
-        names = self._tracked.names
-        if training_weights_finite(names, self._swap.training_tensors, flat, self._tracked.sharded, reference):
-            return True
-        self.num_skipped_nonfinite += 1
-        warnings.warn(skipped_message(self.update_interval.unit, count, self.num_skipped_nonfinite), stacklevel=4)
-        return False
-
     def _initialise(self, count: int) -> None:
         """Start (or restart) every average as a copy of the training weights, at ``count``."""
         self.wait()
@@ -282,8 +287,7 @@ class Averager(ABC):
         if self._averages.start(sources, self.fp32_ema):
             self._swap.forget_ema_model()
         self._rule.start(self.schedule, sources, self.timestamp)
-        self.start_count = count
-        self.n_averaged = 1
+        self.start_count, self.n_averaged = count, 1
         self._version += 1
 
     def update(self) -> None:
@@ -322,7 +326,7 @@ class Averager(ABC):
         self.wait()
         return self._snapshots.write(
             self.snapshot_folder,
-            self._averages_as_model_tensors(),
+            self._averages.as_model_tensors(self._tracked),
             self.schedule.profiles,
             t=self.n_averaged,
             step=self.timestamp.batch,
@@ -448,13 +452,14 @@ class Averager(ABC):
             schedule=self.schedule,
             num_skipped_nonfinite=self.num_skipped_nonfinite,
             timestamp=self.timestamp,
-            averages=self._averages_as_model_tensors() if self.started else [],
+            averages=self._averages.as_model_tensors(self._tracked) if self.started else [],
             snapshot_index=self._snapshots.index,
             snapshot_run=self._snapshots.run,
             window_closed=self.window_closed,
             bn_updated=self.bn_updated,
             rank_buffers=replicated.rank_entry(self._tracked, self._averages.storages, self._swap.training_backup()),
         )
+        self.writeback.save(state)
         return self._rule.save(self.schedule, state, self._tracked)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -469,6 +474,7 @@ class Averager(ABC):
         try:
             restored = states.read_state(state, self._tracked, self.schedule, stacklevel=3)
             kept = self._rule.read(self.schedule, state, self._tracked)
+            written = WriteBack.read(state)
             if self.snapshot_folder is not None:  # refuses a folder holding another run's snapshots
                 self._snapshots.check_folder(self.snapshot_folder, restored.snapshot_run, self._tracked.device())
         except BaseException:
@@ -480,21 +486,15 @@ class Averager(ABC):
         if self._averages.restore(restored.averages, restored.live, self.fp32_ema):
             self._swap.forget_ema_model()
         self._rule.restore(kept, self._tracked)
-        self.start_count = restored.start_count
-        self.n_averaged = restored.n_averaged
+        self.writeback.restore(written)
+        self.start_count, self.n_averaged = restored.start_count, restored.n_averaged
         self.num_skipped_nonfinite = restored.num_skipped_nonfinite
         self.window_closed, self.bn_updated = restored.window_closed, restored.bn_updated
         if restored.timestamp is not None:
             self.timestamp = restored.timestamp
-        self._snapshots.index = restored.snapshot_index
-        self._snapshots.run = restored.snapshot_run
+        self._snapshots.index, self._snapshots.run = restored.snapshot_index, restored.snapshot_run
         self._loaded_epoch_open = True  # see set_duration
         if self.snapshot_folder is not None:
             # snapshots written after the resumed point are moved aside: their updates are redone
             self._snapshots.resume(self.snapshot_folder, self.n_averaged, stacklevel=3)
         self._version += 1
-
-    def _averages_as_model_tensors(self) -> list[dict[str, torch.Tensor]]:
-        """Every tracked average by name as written (a collective under FSDP2: :func:`.replicated.written`)."""
-        assert self._averages.storages is not None
-        return replicated.written(self._tracked, [s.state_dict() for s in self._averages.storages])

@@ -13,6 +13,8 @@ from typing import TypeAlias
 import torch
 from torch import nn
 
+from emakit.averaging import replicated
+from emakit.averaging.tracked import TrackedModel
 from emakit.engine.blend import PreparedBlend, blend_averages_
 from emakit.engine.kernels import Held, hold_equal, nonfinite_positions, restore_equal
 from emakit.engine.naming import is_averaged, named_tensors
@@ -113,6 +115,14 @@ class Averages:
             self.create(live, fp32_ema)
         self.load(averages)
         return made
+
+    def as_model_tensors(self, tracked: TrackedModel) -> list[dict[str, torch.Tensor]]:
+        """Every average by name as written: the model's tensors (DTensors for a sharded model), once started.
+
+        A collective under FSDP2 with replicated buffers (:func:`.replicated.written`): call it on every rank.
+        """
+        assert self.storages is not None
+        return replicated.written(tracked, [s.state_dict() for s in self.storages])
 
     def drop(self) -> None:
         """Forget the averages (a resumed state from before the start)."""

@@ -12,7 +12,9 @@ that a tracked set chosen later (at the start, or from a resumed state) still fi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,7 +23,27 @@ from emakit.engine.storage import FlatStorage
 from emakit.parallel.ranks import all_reduce_sum
 from emakit.time import TimeUnit
 
-__all__ = ["skipped_message", "training_weights_finite"]
+if TYPE_CHECKING:
+    from emakit.averaging.averager import Averager
+
+__all__ = ["finite_or_skip", "skipped_message", "training_weights_finite"]
+
+
+def finite_or_skip(averager: Averager, count: int) -> bool:
+    """With ``skip_nonfinite``, False (a warning, ``num_skipped_nonfinite`` counted) when the training weights
+    hold NaN or Inf at ``count``; the reference is the evaluated average once started, else the model as attached."""
+    if not averager.skip_nonfinite:
+        return True
+    averages, tracked, swap = averager._averages, averager._tracked, averager._swap
+    storage = averages.storages[averager.eval_average] if averager.started and averages.storages else None
+    flat = storage if swap.swapped is None and not tracked.sharded else None
+    reference = storage.tensors if storage is not None else averager._baseline
+    if training_weights_finite(tracked.names, swap.training_tensors, flat, tracked.sharded, reference):
+        return True
+    averager.num_skipped_nonfinite += 1
+    unit = averager.update_interval.unit
+    warnings.warn(skipped_message(unit, count, averager.num_skipped_nonfinite), stacklevel=5)
+    return False
 
 
 def training_weights_finite(

@@ -17,11 +17,13 @@ import torch
 __all__ = [
     "Held",
     "copy_tensors_",
+    "grouped_pairs",
     "hold_equal",
     "kernel_key",
     "lerp_cast_",
     "lerp_cast_flat_",
     "lerp_flat_",
+    "lerp_grouped_",
     "lerp_tensors_",
     "nonfinite_positions",
     "restore_equal",
@@ -55,15 +57,16 @@ def kernel_key(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.device, torch.dt
     return (a.device, a.dtype, b.device, b.dtype)
 
 
-def _grouped(
+def grouped_pairs(
     targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
-) -> Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """The pairs grouped by :func:`kernel_key`, one multi-tensor kernel each (a caller may keep the grouping)."""
     groups: dict[tuple[torch.device, torch.dtype, torch.device, torch.dtype], tuple[list, list]] = {}
     for t, s in zip(targets, sources, strict=True):
         dst, src = groups.setdefault(kernel_key(t, s), ([], []))
         dst.append(t)
         src.append(s)
-    return groups.values()
+    return list(groups.values())
 
 
 @torch.no_grad()
@@ -72,12 +75,19 @@ def lerp_tensors_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tenso
 
     ``weight`` is ``1 - smoothing``. Pairs may differ in dtype (an fp32 EMA of a bf16 model) or device.
     """
-    if weight == 0.0 or not targets:
+    if targets:
+        lerp_grouped_(grouped_pairs(targets, sources), weight)
+
+
+@torch.no_grad()
+def lerp_grouped_(groups: Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]], weight: float) -> None:
+    """:func:`lerp_tensors_` over pairs already grouped by :func:`grouped_pairs` (a copy for ``weight`` 1)."""
+    if weight == 0.0:
         return
-    if weight == 1.0:
-        copy_tensors_(targets, sources)
-        return
-    for dst, src in _grouped(targets, sources):
+    for dst, src in groups:
+        if weight == 1.0:
+            torch._foreach_copy_(dst, src)
+            continue
         if dst[0].dtype == src[0].dtype and dst[0].device == src[0].device:
             torch._foreach_lerp_(dst, src, weight)
         else:
@@ -127,7 +137,7 @@ def _lerp_batch_(
 @torch.no_grad()
 def copy_tensors_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """In place, ``t <- s`` for every pair, grouped so that each group is one multi-tensor copy."""
-    for dst, src in _grouped(targets, sources):
+    for dst, src in grouped_pairs(targets, sources):
         torch._foreach_copy_(dst, src)
 
 
