@@ -325,3 +325,41 @@ def test_the_cli_lists_which_snapshots_hold_raw_weights(
     assert all(line.endswith("float32 + raw weights") for line in lines[1:])
     assert main([str(LEGACY / "run"), "--list"]) == 0
     assert "raw weights" not in capsys.readouterr().out
+
+
+def test_theta_0_survives_a_resume_before_the_first_snapshot(tmp_path: Path) -> None:
+    """The copy of theta_0 kept until the first snapshot is in the state: a run resumed before that snapshot
+    writes the same first snapshot (theta_0 included) as the uninterrupted run."""
+
+    def run(folder: Path, resume_at: int | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ema = EMA(half_life="3ba", snapshot_folder=folder, snapshot_interval="5ba", snapshot_raw=True)
+        ema.attach(model)
+        data = torch.randn(6, 8, 4)
+        for step in range(6):
+            if step == resume_at:  # a fresh process: new model, optimizer and EMA from the saved states
+                saved = torch.load(folder.parent / "state.pt", weights_only=True)
+                model = nn.Linear(4, 3)
+                model.load_state_dict(saved["model"])
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                opt.load_state_dict(saved["opt"])
+                ema = EMA(half_life="3ba", snapshot_folder=folder, snapshot_interval="5ba", snapshot_raw=True)
+                ema.attach(model)
+                ema.load_state_dict(saved["ema"])
+            opt.zero_grad()
+            model(data[step]).square().mean().backward()
+            opt.step()
+            ema.step()
+            if step == 2:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict()},
+                           folder.parent / "state.pt")  # fmt: skip
+        return load_file(read_snapshot_index(folder)[0].path)
+
+    whole = run(tmp_path / "a" / "snaps", None)
+    resumed = run(tmp_path / "b" / "snaps", 3)
+    assert any(key.startswith("start/") for key in whole)
+    assert whole.keys() == resumed.keys()
+    for key, tensor in whole.items():
+        assert torch.equal(resumed[key], tensor), key

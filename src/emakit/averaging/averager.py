@@ -453,8 +453,7 @@ class Averager(ABC):
             num_skipped_nonfinite=self.num_skipped_nonfinite,
             timestamp=self.timestamp,
             averages=self._averages.as_model_tensors(self._tracked) if self.started else [],
-            snapshot_index=self._snapshots.index,
-            snapshot_run=self._snapshots.run,
+            snapshots=self._snapshots,
             window_closed=self.window_closed,
             bn_updated=self.bn_updated,
             rank_buffers=replicated.rank_entry(self._tracked, self._averages.storages, self._swap.training_backup()),
@@ -492,7 +491,7 @@ class Averager(ABC):
         self.window_closed, self.bn_updated = restored.window_closed, restored.bn_updated
         if restored.timestamp is not None:
             self.timestamp = restored.timestamp
-        self._snapshots.index, self._snapshots.run = restored.snapshot_index, restored.snapshot_run
+        self._snapshots.restore(restored.snapshot_index, restored.snapshot_run, restored.snapshot_start)
         self._loaded_epoch_open = True  # see set_duration
         if self.snapshot_folder is not None:
             # snapshots written after the resumed point are moved aside: their updates are redone

@@ -8,8 +8,8 @@ resumed point aside (their updates will be redone), so that the series has neith
 
 With ``raw`` (``EMA(..., snapshot_raw=True)``) each snapshot also holds the training weights after its update, and
 the first one the weights at the start (``theta_0``): a copy of them is kept from the start until that first
-snapshot is written (one model's tensors, on their device), then dropped. A run resumed before its first snapshot
-has lost that copy: its first snapshot then holds no ``theta_0`` (the kernels that need it say so).
+snapshot is written (one model's tensors, on their device), then dropped. Until then the copy is part of the
+averager's state, so a run resumed before its first snapshot writes the same ``theta_0``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class SnapshotSeries:
         self.index = 0
         #: Whether snapshots hold the raw training weights (and the first one ``theta_0``).
         self.raw = raw
-        self._start: dict[str, torch.Tensor] | None = None
+        #: theta_0 (``raw`` only) from the start until the first snapshot holds it; in the averager's state meanwhile.
+        self.start: dict[str, torch.Tensor] | None = None
         #: Identifies this run's snapshots (None: a resumed legacy run whose snapshots carry no id).
         self.run: str | None = uuid.uuid4().hex
         #: Whether the folder was checked for another run's snapshots (before the first write).
@@ -94,7 +95,12 @@ class SnapshotSeries:
     def started(self, weights: Mapping[str, torch.Tensor]) -> None:
         """The averages (re)started from ``weights``: with ``raw``, keep a copy as ``theta_0`` for the first snapshot."""
         if self.raw and self.index == 0:
-            self._start = {name: tensor.detach().clone() for name, tensor in weights.items()}
+            self.start = {name: tensor.detach().clone() for name, tensor in weights.items()}
+
+    def restore(self, index: int, run: str | None, start: dict[str, torch.Tensor] | None) -> None:
+        """Continue a saved series: its next index, run id and the theta_0 it kept (None once written)."""
+        self.index, self.run = index, run
+        self.start = {name: tensor.clone() for name, tensor in start.items()} if self.raw and start else None
 
     def write(
         self,
@@ -128,8 +134,8 @@ class SnapshotSeries:
         )
         if self.raw and raw is not None:
             args["raw"] = raw()
-            if self.index == 0 and self._start is not None:
-                args["start"] = self._start
+            if self.index == 0 and self.start is not None:
+                args["start"] = self.start
         try:
             path = write_snapshot(dtype=dtype, **args)  # type: ignore[arg-type]
         except FileExistsError as e:
@@ -146,7 +152,7 @@ class SnapshotSeries:
                 self._overflow_warned = True
             path = write_snapshot(dtype=torch.float32, **args)  # type: ignore[arg-type]
         self.index += 1
-        self._start = None
+        self.start = None
         return path
 
     def _shared_folder(self, folder: Path) -> str:

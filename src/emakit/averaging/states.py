@@ -18,6 +18,7 @@ import torch
 
 from emakit.averaging import replicated
 from emakit.averaging.schedules import Schedule
+from emakit.averaging.snapshots import SnapshotSeries
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.storage import FlatStorage, check_state_matches
 from emakit.parallel.sharding import local_tensor
@@ -44,8 +45,7 @@ def averager_state(
     num_skipped_nonfinite: int,
     timestamp: Timestamp,
     averages: Sequence[dict[str, torch.Tensor]],
-    snapshot_index: int,
-    snapshot_run: str | None,
+    snapshots: SnapshotSeries,
     window_closed: bool,
     bn_updated: bool,
     rank_buffers: dict[str, Any] | None = None,
@@ -65,9 +65,9 @@ def averager_state(
         "ema": averages[0] if averages else None,
         # the other tracked averages (half_life or sigma_rel lists), and where the snapshot series stands
         "more_averages": list(averages[1:]),
-        "snapshot_index": snapshot_index,
+        "snapshot_index": snapshots.index,
         # the run id of the snapshot series (in every snapshot's metadata), and the averages' profiles
-        "snapshot_run": snapshot_run,
+        "snapshot_run": snapshots.run,
         "profiles": [p.to_dict() for p in schedule.profiles],
         "warmup": _warmup_of(schedule),
         "window_closed": window_closed,
@@ -75,6 +75,8 @@ def averager_state(
     }
     if rank_buffers is not None:
         state[replicated.RANK_KEY] = rank_buffers
+    if snapshots.start is not None:  # theta_0 until the first raw snapshot holds it (snapshot_raw=True)
+        state["snapshot_start"] = snapshots.start
     return state
 
 
@@ -92,6 +94,8 @@ class Restored:
     snapshot_index: int
     #: The run id of the saved snapshot series (None for states from before run ids were kept).
     snapshot_run: str | None
+    #: theta_0 kept for the first raw snapshot, when the state was saved before it was written.
+    snapshot_start: dict[str, torch.Tensor] | None
     window_closed: bool
     bn_updated: bool
 
@@ -158,10 +162,24 @@ def read_state(state: Any, tracked: TrackedModel, schedule: Schedule, stacklevel
         timestamp=timestamp,
         snapshot_index=int(state.get("snapshot_index", 0)),
         snapshot_run=state.get("snapshot_run"),
+        snapshot_start=_snapshot_start(state.get("snapshot_start"), live),
         # states of the first SWA kept these under the names below
         window_closed=bool(state.get("window_closed", state.get("swa_window_closed", False))),
         bn_updated=bool(state.get("bn_updated", state.get("swa_bn_updated", False))),
     )
+
+
+def _snapshot_start(saved: Any, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The saved theta_0 of a raw snapshot series, checked against the tracked tensors' names."""
+    if saved is None:
+        return None
+    if not isinstance(saved, Mapping) or set(saved) != set(live):
+        names = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+        raise ValueError(
+            f"EMA state's snapshot_start (theta_0 for the first raw snapshot) must hold the tracked tensors "
+            f"{sorted(live)}, got {names}"
+        )
+    return dict(saved)
 
 
 def _warmup_of(schedule: Schedule) -> dict[str, float] | None:

@@ -219,8 +219,8 @@ def _raw_fit(
         if not index[0].start:
             raise ValueError(
                 f"kernel {target} needs theta_0, the weights at the start, which the first snapshot "
-                f"{str(index[0].path)!r} does not hold (written without snapshot_raw=True, or by a run resumed before "
-                "its first snapshot)"
+                f"{str(index[0].path)!r} does not hold (written without snapshot_raw=True, or not the series' first "
+                "snapshot: snapshot-000000 is missing)"
             )
         read.append(((index[0], START), start_weight))
     if kernel is None:
