@@ -11,6 +11,7 @@ from torch import nn
 
 from emakit import bench
 from emakit.bench import peers
+from emakit.bench.rules import rule_rows, writeback_rows
 
 ROW = re.compile(r"^(?P<name>\S.*?)\s{2,}(?P<values>-?[\d.]+(?:\s+-?[\d.]+)*)$")
 
@@ -86,9 +87,24 @@ def test_quick_run_prints_parseable_tables_and_progress(capsys: pytest.CaptureFi
         assert x_floor == pytest.approx(ms / floor, rel=0.02, abs=0.002), name  # cells keep 3 decimals
         assert x_separate == pytest.approx(ms / apart, rel=0.02, abs=0.002), name
     sections = [line for line in captured.err.splitlines() if line.startswith("[")]
-    total = len(bench.SHAPES) + 5  # the shapes, step share, mixed precision, overlap, several averages, CUDA
+    total = len(bench.SHAPES) + 6  # the shapes, step share, mixed precision, overlap, several averages, rules, CUDA
     assert sections[0] == f"[1/{total}] shape resnet ..." and sections[-1] == f"[{total}/{total}] CUDA ..."
     assert len(sections) == total and "peer" not in captured.out
+
+
+def test_rules_only_prints_each_rule_and_write_back_next_to_a_plain_ema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quick", "--rules-only", "--repeats", "2"]) == 0
+    captured = capsys.readouterr()
+    (title,) = tables(captured.out)
+    assert title.startswith("rules and write-back per update, ") and title.endswith("figures not representative]")
+    rows = tables(captured.out)[title]
+    assert [name for name, _ in rows] == [*rule_rows(), *list(writeback_rows())[1:]]  # the plain EMA once
+    assert rows[0][1][1] == 1.0  # the plain EMA is the reference
+    for name, (ms, ratio) in rows:
+        assert ms > 0 and ratio == pytest.approx(ms / rows[0][1][0], rel=0.02, abs=0.002), name
+    assert "BEMA theta_0 of a float32 model: 4.000 bytes per parameter" in captured.out
+    assert [line for line in captured.err.splitlines() if line.startswith("[")] == ["[1/1] rules and write-back ..."]
+    assert "peer" not in captured.out
 
 
 def test_peers_are_imported_once_and_a_skipped_one_is_listed_once(
@@ -126,6 +142,9 @@ def test_options_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
     assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--rules-only", "--no-rules"])
+    assert "--rules-only and --no-rules: give one of them, not both" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--cpu-time", "--threads", "2"])
     assert "--cpu-time: counts only the calling thread's work, so it needs --threads 1" in capsys.readouterr().err

@@ -9,7 +9,8 @@ transformer (~86M, 152 tensors), 2,000 ``Linear(15, 16)`` (4,000 small tensors, 
 dominates) and a 9-tensor MLP (where the fixed cost of a call does). Peers (timm, torch's AveragedModel,
 ema-pytorch, torch_ema, diffusers, Composer) are used if importable (see :mod:`emakit.bench.peers`). Further
 sections: the cost of a non-finite check, the update's share of a training step, overlapping it with the next
-step, an fp32 EMA of a bf16 model, and (with CUDA) GB/s for a 1B-parameter model.
+step, an fp32 EMA of a bf16 model, each averaging rule and write-back next to a
+plain EMA (:mod:`~emakit.bench.rules`), and (with CUDA) GB/s for a 1B-parameter model.
 
 Run ``emakit bench`` or ``python benchmarks/update_cost.py``; ``--quick`` shrinks everything to a smoke test.
 Progress goes to stderr, tables to stdout.
@@ -30,6 +31,7 @@ import torch
 
 from emakit.bench.peers import SMOOTHING, Peer, load_peers
 from emakit.bench.report import Progress, Table, machine
+from emakit.bench.rules import bench_rules
 from emakit.bench.sections import (
     bench_averages,
     bench_cuda,
@@ -40,6 +42,9 @@ from emakit.bench.sections import (
 )
 from emakit.bench.shapes import SHAPES, build_model
 from emakit.bench.timing import time_interleaved
+
+#: A section: its name in the progress lines, and what measures it.
+Section = tuple[str, Callable[[], Sequence[Table | str]]]
 
 __all__ = ["SHAPES", "Table", "build_model", "main", "run", "time_interleaved"]
 
@@ -69,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-mixed", action="store_true", help="skip the fp32-EMA-of-bf16 table")
     parser.add_argument("--no-overlap", action="store_true", help="skip the overlapped-update table")
     parser.add_argument("--no-averages", action="store_true", help="skip the several-averages (post-hoc EMA) table")
+    parser.add_argument("--no-rules", action="store_true", help="skip the rules and write-back table")
+    parser.add_argument(
+        "--rules-only",
+        action="store_true",
+        help="only the table of each averaging rule and write-back per update next to a plain EMA",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     return parser
 
@@ -83,7 +94,11 @@ def _parse_shapes(text: str, parser: argparse.ArgumentParser) -> list[str]:
 
 def run(args: argparse.Namespace, peers: dict[str, Peer] | None = None) -> Iterator[Table | str]:
     """The benchmark's tables, in order, as they are measured; progress lines go to stderr."""
-    sections: list[tuple[str, Callable[[], Sequence[Table | str]]]] = [
+    rules: Section = ("rules and write-back", lambda: [bench_rules(args)])
+    if args.rules_only:
+        yield from _measured([rules])
+        return
+    sections: list[Section] = [
         (f"shape {shape}", functools.partial(bench_shape, shape, args, peers or {})) for shape in args.shapes
     ]
     if not args.no_step:
@@ -94,7 +109,14 @@ def run(args: argparse.Namespace, peers: dict[str, Peer] | None = None) -> Itera
         sections.append(("overlapped updates", lambda: [bench_overlap(args)]))
     if not args.no_averages and "resnet" in args.shapes:
         sections.append(("several averages in one pass", lambda: [bench_averages(args)]))
+    if not args.no_rules:
+        sections.append(rules)
     sections.append(("CUDA", lambda: [bench_cuda(args)]))
+    yield from _measured(sections)
+
+
+def _measured(sections: list[Section]) -> Iterator[Table | str]:
+    """Each section's tables in turn, a progress line to stderr before each."""
     progress = Progress(len(sections))
     for what, measure in sections:
         progress(what)
@@ -106,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     args.shapes = _parse_shapes(args.shapes, parser)
+    if args.rules_only and args.no_rules:
+        parser.error("--rules-only and --no-rules: give one of them, not both")
     if args.repeats is None:
         args.repeats = 3 if args.quick else 15
     if args.repeats < 1:
@@ -131,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--quick: small models and few rounds; the figures show that every row runs, not what it costs", flush=True
         )
     peers: dict[str, Peer] = {}
-    if not args.no_peers:
+    if not args.no_peers and not args.rules_only:
         print("[peers] importing ...", file=sys.stderr, flush=True)
         peers, lines = load_peers()
         print("peers:\n" + "\n".join(f"  {line}" for line in lines), flush=True)
