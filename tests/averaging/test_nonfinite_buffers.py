@@ -87,7 +87,8 @@ def test_several_averages_keep_the_mask() -> None:
     records: list = []
     train(model, 5, ema.step, records)
     for j, half_life in enumerate((2, 5)):
-        average = ema._averages.storages[j].state_dict()
+        ema.eval_average = j
+        average = ema.ema_tensors
         check(average, reference(records, 2 ** (-1 / half_life)), mask)
 
 
