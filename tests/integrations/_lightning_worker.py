@@ -24,6 +24,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from emakit.integrations.lightning import EMACallback
 
 SEED = 0
+#: Lightning's notices about this tiny CPU setup, silenced in the tests that fit with it.
+LIGHTNING_NOTICES = (
+    "ignore:.*does not have many workers.*",
+    "ignore:.*LeafSpec.*",
+    "ignore:.*GPU available.*",
+    "ignore:.*The number of training batches.*",
+    "ignore:.*litlogger.*",
+    "ignore:You defined a `validation_step` but have no `val_dataloader`.*",
+)
 DDP_EPOCHS = 2
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper module beside this file, package or not
 from _lightning_worker import (
+    LIGHTNING_NOTICES,
     EvalRecorder,
     Net,
     StepRecorder,
@@ -57,14 +58,7 @@ def _quiet_and_single_threaded() -> Any:
     torch.set_num_threads(threads)
 
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers.*",
-    "ignore:.*LeafSpec.*",
-    "ignore:.*GPU available.*",
-    "ignore:.*The number of training batches.*",
-    "ignore:.*litlogger.*",
-    "ignore:You defined a `validation_step` but have no `val_dataloader`.*",
-)
+pytestmark = pytest.mark.filterwarnings(*LIGHTNING_NOTICES)
 
 
 def reference_ema(after_step: list[dict[str, torch.Tensor]], smoothing: float, start: int = 1) -> dict[str, Any]:

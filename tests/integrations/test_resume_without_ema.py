@@ -20,18 +20,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lightning_worker import Net, make_loader, make_net, make_trainer, weights
+from _lightning_worker import LIGHTNING_NOTICES, Net, make_loader, make_net, make_trainer, weights
 
 from emakit.integrations.lightning import TRAINING_STATE_KEY, EMACallback
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers.*",
-    "ignore:.*GPU available.*",
-    "ignore:.*The number of training batches.*",
-    "ignore:.*litlogger.*",
-    "ignore:.*LeafSpec.*",
-    "ignore:You defined a `validation_step` but have no `val_dataloader`.*",
-)
+pytestmark = pytest.mark.filterwarnings(*LIGHTNING_NOTICES)
 
 
 class TrainsOnFromTrainingWeights(Net):

@@ -21,19 +21,13 @@ pytest.importorskip("lightning")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _lightning_worker import StepRecorder, make_loader, make_net, make_trainer
+from _lightning_worker import LIGHTNING_NOTICES, StepRecorder, make_loader, make_net, make_trainer
 
 import emakit.averaging.ema as ema_module
 import emakit.averaging.tracked as tracked_module
 from emakit.integrations.lightning import EMACallback
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers.*",
-    "ignore:.*GPU available.*",
-    "ignore:.*The number of training batches.*",
-    "ignore:.*litlogger.*",
-    "ignore:.*LeafSpec.*",
-)
+pytestmark = pytest.mark.filterwarnings(*LIGHTNING_NOTICES)
 
 PARAMS = ["fc1.*", "fc2.weight"]
 
