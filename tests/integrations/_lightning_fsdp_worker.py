@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -259,8 +258,18 @@ def main(out: Path) -> None:
         "tp": fit_tp(out),
     }
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
+
+
+def exit_hard() -> None:
+    """Every rank has written its results: a final barrier, then leave without tearing the process group down
+    (gloo aborts there about one run in 15 here, which must not fail the test)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_hard()
