@@ -20,6 +20,7 @@ import pytest
 import torch
 from _dist_worker import SEED, Net, eval_history, make_trainer
 
+from conftest import assert_script_finished
 from emakit._compat import FSDP2_TORCH, TORCH_VERSION
 from emakit.distributed import export_ema_weights, model_weights
 
@@ -285,7 +286,7 @@ def test_readme_fsdp_script_runs_under_torchrun(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert_script_finished(result)
     assert (tmp_path / "ckpt" / "latest" / ".metadata").is_file()
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     model.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))

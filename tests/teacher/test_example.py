@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_script_finished
 from emakit._compat import FSDP2_TORCH, TORCH_VERSION
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "teacher_distillation.py"
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 def run(command: list[str]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert_script_finished(result)
     found = re.search(r"loss (\d+\.\d+) after", result.stdout)
     assert found, result.stdout
     return float(found.group(1))
