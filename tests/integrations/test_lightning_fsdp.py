@@ -35,6 +35,7 @@ from _lightning_fsdp_worker import (
     val_data,
 )
 
+from conftest import assert_script_finished
 from emakit.integrations.lightning import EMACallback
 
 WORKER = Path(__file__).with_name("_lightning_fsdp_worker.py")
@@ -237,7 +238,7 @@ def test_docs_fsdp2_example_runs_as_written_under_torchrun(tmp_path: Path) -> No
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(paths)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert_script_finished(result)
     folder = tmp_path / "ema_weights"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     weights: dict[str, torch.Tensor] = {}
