@@ -19,9 +19,9 @@ from argument_route import follow, returns, stays
 import emakit
 
 SRC = Path(emakit.__file__).resolve().parents[1]  # the emakit this process imports
-#: The modules that may handle the half-life between a tick and the blend: the averager, its schedule, what the
-#: schedule keeps besides n, the step's epoch check, and the clock's units.
-DECIDING = {"averager.py", "schedules.py", "momentum.py", "rulestate.py", "epochs.py"}
+#: The modules that handle the half-life between a tick and the blend: the averager, its schedule and what the
+#: schedule keeps besides n (time.py, the clock's units, aside).
+DECIDING = {"averager.py", "schedules.py", "rulestate.py"}
 
 
 def test_each_updates_weight_comes_from_the_schedule_through_the_averager_alone() -> None:
