@@ -111,6 +111,9 @@ def _worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         print_tables(args, gathered, ("ddp", "fsdp2"), "FSDP2 EMA")
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)  # gloo's CPU ranks sometimes abort at teardown, after the tables are printed
 
 
 def main(argv: list[str] | None = None) -> int:
