@@ -268,7 +268,9 @@ def main() -> None:
         f"{report['vmhwm'] / mib:.1f} MiB: +{(report['vmhwm'] - report['rss_before']) / mib:.1f} MiB"
     )
     if args.json:
-        numbers.update(sweep=report, epochs=args.epochs, seed=args.seed)
+        from emakit.demo.figure import machine
+
+        numbers.update(sweep=report, epochs=args.epochs, seed=args.seed, machine=machine())
         Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
 
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from emakit.demo.figure import machine
+
 DOCS = Path(__file__).resolve().parents[1]
 PNG, NUMBERS = DOCS / "posthoc_sweep.png", DOCS / "posthoc_sweep.json"
 
@@ -42,7 +44,7 @@ def main() -> None:
         }
     summary.pop("files", None)
     summary["wall_seconds"] = {k: round(v, 2) for k, v in walls.items()}
-    summary["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    summary["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), **machine()}
     NUMBERS.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {PNG} and {NUMBERS}")
 

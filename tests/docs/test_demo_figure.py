@@ -98,3 +98,17 @@ def test_getting_started_quotes_every_number(numbers: dict[str, Any]) -> None:
 def test_readme_and_getting_started_give_the_same_test_time() -> None:
     said = [re.findall(r"about (\d+)–(\d+) minutes on 2 CPU cores", page.read_text()) for page in PAGES[:2]]
     assert said[0] and said[0] == said[1], said
+
+
+@pytest.mark.slow
+def test_a_rerun_on_the_figures_processor_gives_its_numbers(numbers: dict[str, Any], tmp_path: Path) -> None:
+    """The figure's numbers are reproduced by the demo at its defaults on the processor and torch they record."""
+    from emakit.demo.config import DemoConfig
+    from emakit.demo.figure import figure_numbers, machine
+    from emakit.demo.run import run_demo
+
+    if machine() != numbers["machine"]:
+        pytest.skip(f"the figure was made on {numbers['machine']}, this is {machine()}")
+    config = DemoConfig(out=tmp_path / "run", plot=False, progress=False)
+    rerun = figure_numbers(run_demo(config).summary, numbers["config"])
+    assert rerun == numbers

@@ -87,3 +87,23 @@ def test_the_page_quotes_the_kernel_benchmark() -> None:
     assert errors["raw"] == 0.0 and sizes["raw"] == numbers["snapshots"] * sweep["model_bytes"]
     missing = [q for q in quotes if q not in text]
     assert not missing, f"docs/posthoc.md does not quote docs/posthoc_kernels.json: {missing}"
+
+
+@pytest.mark.slow
+def test_a_rerun_on_the_figures_processor_gives_its_numbers(tmp_path: Path) -> None:
+    """`emakit demo --posthoc` at its defaults reproduces docs/posthoc_sweep.json's results (not its timings) on
+    the processor and torch the file records."""
+    import subprocess
+    import sys
+
+    from emakit.demo.figure import machine
+
+    summary = json.loads(FIGURE_NUMBERS.read_text())
+    recorded = {k: summary["machine"][k] for k in ("cpu", "torch")}
+    if machine() != recorded:
+        pytest.skip(f"the figure was made on {recorded}, this is {machine()}")
+    command = [sys.executable, "-m", "emakit", "demo", "--posthoc", "--no-plot", "--out", str(tmp_path / "run")]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    rerun = json.loads((tmp_path / "run" / "posthoc.json").read_text())
+    for key in ("sweep", "tracked", "best", "raw_final", "reconstruction_check"):
+        assert rerun[key] == summary[key], key

@@ -9,6 +9,7 @@ come from one run; ``tests/docs/test_demo_figure.py`` checks that README.md and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -19,15 +20,30 @@ from typing import Any
 
 from emakit.atomic import write_bytes
 
-__all__ = ["FIGURE_NAME", "NUMBERS_NAME", "figure_numbers", "main", "write_figure"]
+__all__ = ["FIGURE_NAME", "NUMBERS_NAME", "figure_numbers", "machine", "main", "write_figure"]
 
 FIGURE_NAME = "demo_curves.png"
 NUMBERS_NAME = "demo_curves.json"
 
 
+def machine() -> dict[str, Any]:
+    """The processor and torch a figure was made on: training at the demo's learning rate amplifies the last-bit
+    differences between processors' float kernels, so a rerun reproduces a figure's numbers on the same ones."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "torch": torch.__version__}
+
+
 def figure_numbers(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """What the pages quote from a demo ``summary``: accuracies in % to 0.1, noise in percentage points to 0.01."""
-    numbers: dict[str, Any] = {"command": "python -m emakit.demo.figure", "config": config}
+    numbers: dict[str, Any] = {"command": "python -m emakit.demo.figure", "config": config, "machine": machine()}
     for kind in ("raw", "ema"):
         row = summary[kind]
         numbers[kind] = {
