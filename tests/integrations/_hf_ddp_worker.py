@@ -6,7 +6,6 @@ saves what it ended with to ``<out>/rank<r>.pt``. Usage: ``torchrun ... _hf_ddp_
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,17 +76,10 @@ def main(out: Path) -> None:
     )
 
 
-def exit_hard() -> None:
-    """Every rank has written its results: a final barrier, then leave without tearing the process group down
-    (gloo aborts there about one run in 15 here, which must not fail the test)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     main(Path(sys.argv[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+    from conftest import exit_hard
+
     exit_hard()

@@ -10,7 +10,6 @@ emakit's EMA on the sharded model writes its snapshots, with the raw weights, in
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -161,18 +160,11 @@ def ema_run(out: Path, x: torch.Tensor, y: torch.Tensor) -> None:
     )
 
 
-def exit_hard() -> None:
-    """Every rank has written its results: a final barrier, then leave without tearing the process group down
-    (gloo aborts there about one run in 15 here, which must not fail the test)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(main)(Path(sys.argv[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest
+    from conftest import exit_hard
+
     exit_hard()
