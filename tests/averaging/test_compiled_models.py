@@ -85,3 +85,25 @@ def test_a_compiled_ema_model_follows_every_update(backend: str) -> None:
             torch.testing.assert_close(out, eager_average(model, ema)(x), rtol=0, atol=1e-6)
         outputs.append(out)
     assert (outputs[0] - outputs[-1]).abs().max() > 1e-3  # the teacher moved with the average
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ema_model_of_a_model_compiled_in_place_runs_the_average(backend: str) -> None:
+    """``model.forward = torch.compile(model.forward)`` (Lightning does this for a compiled LightningModule)
+    stores a function bound to the model in the model itself: a copy holding it would run the training weights."""
+    torch._dynamo.reset()
+    model = make()
+    model.forward = torch.compile(model.forward, backend=backend)  # type: ignore[method-assign]
+    ema = EMA(half_life="2ba")
+    ema.attach(model)
+    train(model, model, ema, 4, seed=0)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        teacher = ema.ema_model(x)
+        expected = eager_average(model, ema)
+        del expected.__dict__["forward"]  # the eager copy runs its class's forward too
+        model.eval()
+        training = model(x)
+    torch.testing.assert_close(teacher, expected(x), rtol=0, atol=1e-6)
+    assert (teacher - training).abs().max() > 1e-3
+    assert "forward" in vars(model)  # the model itself keeps its compiled forward

@@ -19,7 +19,7 @@ from torch import nn
 from emakit.averaging.tracked import TrackedModel
 from emakit.engine.naming import unwrap_model
 from emakit.engine.storage import FlatStorage
-from emakit.parallel.teacher import sharded_teacher
+from emakit.parallel.teacher import drop_copied_methods, sharded_teacher
 
 __all__ = ["Swap"]
 
@@ -190,4 +190,5 @@ class Swap:
         for kept in (*module.parameters(), *module.buffers()):  # what the EMA does not keep is shared
             memo.setdefault(id(kept), kept)
         ema_model = copy.deepcopy(module, memo)
+        drop_copied_methods(module, ema_model)  # a forward compiled in place would run the training weights
         return ema_model.eval()

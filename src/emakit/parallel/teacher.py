@@ -28,7 +28,7 @@ from torch import nn
 from emakit._compat import dtensor_type, fsdp_module_type
 from emakit.parallel.sharding import sharded_like
 
-__all__ = ["sharded_teacher"]
+__all__ = ["drop_copied_methods", "sharded_teacher"]
 
 #: Attributes FSDP2 sets on the modules it manages (for torch.compile); the teacher is not managed by FSDP.
 _FSDP_FLAGS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
@@ -56,6 +56,7 @@ def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn
             else:
                 memo[id(original)] = local
     teacher = _plain_copy(model, memo)
+    drop_copied_methods(model, teacher)
     copies = {id(m): c for m, c in zip(model.modules(), teacher.modules(), strict=True)}
     unit_ids = {id(u) for u in units}
     for unit in units:
@@ -67,6 +68,26 @@ def sharded_teacher(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return teacher.eval()
+
+
+def drop_copied_methods(original: nn.Module, copied: nn.Module) -> None:
+    """Remove from each module of ``copied`` (a copy of ``original``) the functions it shares with the original
+    under the name of a method of its class, so that the class's method, bound to the copy, runs.
+
+    ``model.forward = torch.compile(model.forward)`` (which Lightning does for a compiled LightningModule) stores
+    in the module a function that calls the original module's ``forward``; copying keeps that function, so the
+    copy would compute with the original's weights. Bound methods are rebound by copying and stay.
+    """
+    for source, target in zip(original.modules(), copied.modules(), strict=True):
+        for key, value in list(vars(target).items()):
+            shadowed = getattr(type(target), key, None)
+            if (
+                callable(value)
+                and vars(source).get(key) is value
+                and callable(shadowed)
+                and not isinstance(value, nn.Module)
+            ):
+                del target.__dict__[key]
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
