@@ -13,7 +13,7 @@ import torch
 
 from emakit._version import __version__
 
-__all__ = ["Progress", "Table", "machine"]
+__all__ = ["Progress", "Table", "cpu_name", "machine"]
 
 
 @dataclass
@@ -64,16 +64,20 @@ class Progress:
         print(f"[{self.done}/{self.total}] {what} ...", file=sys.stderr, flush=True)
 
 
-def machine() -> str:
-    """emakit, torch and Python versions, the CPU (and GPU), and the torch thread count."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """emakit, torch and Python versions, the CPU (and GPU), and the torch thread count."""
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return (
         f"emakit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, {cpu}{gpu}, "

@@ -9,7 +9,6 @@ come from one run; ``tests/docs/test_demo_figure.py`` checks that README.md and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import tempfile
@@ -29,16 +28,11 @@ NUMBERS_NAME = "demo_curves.json"
 def machine() -> dict[str, Any]:
     """The processor and torch a figure was made on: training at the demo's learning rate amplifies the last-bit
     differences between processors' float kernels, so a rerun reproduces a figure's numbers on the same ones."""
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "torch": torch.__version__}
+    from emakit.bench.report import cpu_name
+
+    return {"cpu": cpu_name(), "torch": torch.__version__}
 
 
 def figure_numbers(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
